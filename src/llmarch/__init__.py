@@ -1,1 +1,33 @@
-"""llmarch."""
+"""llmarch: the modern open-weight LLM architectures in one readable PyTorch codebase.
+
+    import llmarch
+    cfg = llmarch.get_config("qwen3-0.6b")           # a published configuration
+    print(llmarch.count_params(cfg))                  # counted on the meta device
+    model = llmarch.from_pretrained("path/to/hf_dir")  # or a .gguf file
+    logits = model(torch.tensor([[1, 2, 3]]))
+"""
+
+from .config import ModelConfig, RopeConfig
+from .errors import CheckpointError, ConfigError, GenerationError, LlmarchError
+from .families import get_config, preset_names
+from .hf import from_pretrained, save_pretrained
+from .model import Decoder, build_model
+from .params import count_params
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ModelConfig",
+    "RopeConfig",
+    "Decoder",
+    "build_model",
+    "get_config",
+    "preset_names",
+    "count_params",
+    "from_pretrained",
+    "save_pretrained",
+    "LlmarchError",
+    "ConfigError",
+    "CheckpointError",
+    "GenerationError",
+]

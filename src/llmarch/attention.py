@@ -1,0 +1,106 @@
+"""Multi-head attention with grouped KV heads, QK-norm, RoPE/NoPE and full/sliding/chunked masks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import FullCache, LayerCache, RingCache
+from .config import ModelConfig
+from .layers import L2Norm, RMSNorm, apply_rope
+
+
+def attention_mask(
+    qpos: torch.Tensor, kpos: torch.Tensor, window: int | None, chunk: int | None, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Additive mask (B, 1, T, S) from query positions (B, T) and key positions (B, S).
+
+    A key is visible when it is valid (position >= 0), not in the future, inside the sliding
+    window (q - k < window) and in the same chunk (q // chunk == k // chunk). Returns None
+    when every key is visible (no mask needed).
+    """
+    q = qpos[:, :, None]
+    k = kpos[:, None, :]
+    allowed = (k <= q) & (k >= 0)
+    if window is not None:
+        allowed &= (q - k) < window
+    if chunk is not None:
+        allowed &= torch.div(q, chunk, rounding_mode="floor") == torch.div(k, chunk, rounding_mode="floor")
+    if q.shape[1] == 1 and bool(allowed.all()):
+        return None
+    # a finite minimum (not -inf) keeps fully masked rows (padding queries) free of NaN
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.attn_scale
+        self.window = cfg.layer_window(layer_idx)
+        self.chunk = cfg.layer_chunk(layer_idx)
+        self.use_rope = cfg.layer_uses_rope(layer_idx)
+        self.rope_interleaved = cfg.rope_interleaved
+        self.qk_norm = cfg.qk_norm
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.attn_out_bias)
+        norm_args = dict(eps=cfg.norm_eps, unit_offset=cfg.norm_unit_offset, weight_fp32=cfg.norm_weight_fp32)
+        if cfg.qk_norm == "head":  # one norm over head_dim, shared by all heads (Qwen3, Gemma 3)
+            self.q_norm = RMSNorm(d, **norm_args)
+            self.k_norm = RMSNorm(d, **norm_args)
+        elif cfg.qk_norm == "proj":  # one norm over the whole projection (OLMo 2)
+            self.q_norm = RMSNorm(cfg.num_heads * d, **norm_args)
+            self.k_norm = RMSNorm(cfg.num_kv_heads * d, **norm_args)
+        elif cfg.qk_norm == "l2":  # weightless, on RoPE layers only (Llama 4)
+            self.q_norm = self.k_norm = L2Norm(cfg.norm_eps)
+
+    # -- caches -----------------------------------------------------------------------
+    def make_cache(self, batch: int, max_len: int, dtype, device) -> LayerCache:
+        span = self.window or self.chunk
+        if span is not None and span < max_len:
+            return RingCache(batch, self.num_kv_heads, self.head_dim, self.head_dim, span, dtype, device)
+        return FullCache(batch, self.num_kv_heads, self.head_dim, self.head_dim, max_len, dtype, device)
+
+    def kv_bytes_per_token(self, bytes_per_element: int) -> int:
+        return 2 * self.num_kv_heads * self.head_dim * bytes_per_element
+
+    # -- forward ----------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            cos, sin = rope
+            q = apply_rope(q, cos, sin, self.rope_interleaved)
+            k = apply_rope(k, cos, sin, self.rope_interleaved)
+            if self.qk_norm == "l2":
+                q, k = self.q_norm(q), self.k_norm(k)
+        kpos = positions
+        if cache is not None:
+            k, v, kpos = cache.update(k, v, positions)
+        mask = attention_mask(positions, kpos, self.window, self.chunk, q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

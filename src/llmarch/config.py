@@ -1,0 +1,219 @@
+"""The architecture configuration: every difference between the article's models is a field.
+
+A :class:`ModelConfig` fully determines the module tree that :class:`llmarch.model.Decoder`
+builds. Nothing in the model code looks at a model's *name*; families differ only through
+the values below (see ``llmarch/families/`` for the presets and checkpoint mappings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+# Attention kinds a layer can have (``layer_types``).
+FULL = "full"
+SLIDING = "sliding"
+CHUNKED = "chunked"
+LAYER_TYPES = (FULL, SLIDING, CHUNKED)
+
+NORM_KINDS = ("layernorm", "rmsnorm")
+NORM_PLACEMENTS = ("pre", "post", "sandwich")  # sandwich = pre + post (Gemma 2/3)
+QK_NORMS = ("none", "head", "proj", "l2")
+FFN_KINDS = ("mlp", "glu")
+ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
+POSITIONS = ("rope", "learned", "none")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class RopeConfig:
+    """Rotary position embedding of one kind of layer.
+
+    ``scaling`` follows the Hugging Face ``rope_scaling`` / ``rope_parameters`` dict:
+    ``{"rope_type": "llama3", "factor": 32, "low_freq_factor": 1, ...}``.
+    """
+
+    theta: float = 10000.0
+    scaling: dict[str, Any] | None = None
+
+    @property
+    def rope_type(self) -> str:
+        if not self.scaling:
+            return "default"
+        return self.scaling.get("rope_type", self.scaling.get("type", "default"))
+
+
+@dataclass
+class ModelConfig:
+    # --- sizes -----------------------------------------------------------------------
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    head_dim: int | None = None  # explicit: differs from hidden/heads in Qwen3, Gemma 3...
+    intermediate_size: int = 2048
+    max_position_embeddings: int = 4096
+
+    # --- attention -------------------------------------------------------------------
+    qkv_bias: bool = False  # bias on q/k/v projections (GPT-2, Qwen2)
+    attn_out_bias: bool = False  # bias on the output projection (GPT-2)
+    qk_norm: str = "none"  # none | head (Qwen3, Gemma 3) | proj (OLMo 2) | l2 (Llama 4)
+    # softmax scale is query_pre_attn_scalar ** -0.5 (Gemma); None -> head_dim ** -0.5
+    query_pre_attn_scalar: float | None = None
+    # per-layer schedule: "full", "sliding" (sliding_window) or "chunked" (attention_chunk_size)
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    attention_chunk_size: int | None = None
+
+    # --- positions -------------------------------------------------------------------
+    position: str = "rope"  # rope | learned (GPT-2) | none
+    rope: RopeConfig = field(default_factory=RopeConfig)  # full / chunked layers
+    rope_local: RopeConfig | None = None  # sliding layers, when they differ (Gemma 3)
+    rope_interleaved: bool = False  # pairs (x0,x1) rotate together instead of halves
+    # per-layer RoPE (True) or NoPE (False) schedule; None = RoPE everywhere (SmolLM3, Llama 4)
+    rope_layers: list[bool] | None = None
+
+    # --- feed-forward ----------------------------------------------------------------
+    ffn_kind: str = "glu"  # glu (SwiGLU / GeGLU) | mlp (GPT-2)
+    activation: str = "silu"  # silu -> SwiGLU, gelu_tanh -> GeGLU
+    ffn_bias: bool = False
+
+    # --- normalisation ---------------------------------------------------------------
+    norm_kind: str = "rmsnorm"  # rmsnorm | layernorm (with bias)
+    norm_eps: float = 1e-5
+    norm_unit_offset: bool = False  # weight stored as w, applied as (1 + w) (Gemma)
+    # True: multiply by the weight in float32, then cast (Gemma, OLMo 2);
+    # False: cast the normalised activations to the input dtype, then multiply (Llama)
+    norm_weight_fp32: bool = False
+    norm_placement: str = "pre"  # pre | post (OLMo 2, inside the residual) | sandwich (Gemma 3)
+
+    # --- embeddings and head ---------------------------------------------------------
+    embed_scale: float | None = None  # Gemma multiplies embeddings by sqrt(hidden)
+    tie_embeddings: bool = False
+    final_logit_softcap: float | None = None
+
+    # --- metadata (not architecture) -------------------------------------------------
+    name: str | None = None
+    hf_model_type: str | None = None  # family used for HF export
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope, dict):
+            self.rope = RopeConfig(**self.rope)
+        if isinstance(self.rope_local, dict):
+            self.rope_local = RopeConfig(**self.rope_local)
+        if self.head_dim is None:
+            if self.num_heads and self.hidden_size % self.num_heads == 0:
+                self.head_dim = self.hidden_size // self.num_heads
+        if self.layer_types is None:
+            self.layer_types = [FULL] * self.num_layers
+        else:
+            self.layer_types = list(self.layer_types)
+        if self.rope_layers is not None:
+            self.rope_layers = [bool(x) for x in self.rope_layers]
+
+    # ---------------------------------------------------------------------------------
+    def validate(self) -> "ModelConfig":
+        """Check the configuration is self-consistent; raise ConfigError naming the field."""
+
+        def bad(msg: str) -> None:
+            raise ConfigError(f"invalid config{' ' + repr(self.name) if self.name else ''}: {msg}")
+
+        for fname in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            v = getattr(self, fname)
+            if not isinstance(v, int) or v <= 0:
+                bad(f"{fname} must be a positive integer, got {v!r}")
+        if self.head_dim is None or self.head_dim <= 0:
+            bad(f"head_dim must be given when hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads != 0:
+            bad(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.position == "rope" and self.head_dim % 2:
+            bad(f"head_dim must be even for RoPE, got {self.head_dim}")
+        choices = {
+            "qk_norm": QK_NORMS,
+            "ffn_kind": FFN_KINDS,
+            "activation": ACTIVATIONS,
+            "norm_kind": NORM_KINDS,
+            "norm_placement": NORM_PLACEMENTS,
+            "position": POSITIONS,
+        }
+        for fname, allowed in choices.items():
+            if getattr(self, fname) not in allowed:
+                bad(f"{fname} must be one of {', '.join(allowed)}; got {getattr(self, fname)!r}")
+        if len(self.layer_types) != self.num_layers:
+            bad(f"layer_types has {len(self.layer_types)} entries, expected num_layers = {self.num_layers}")
+        for i, t in enumerate(self.layer_types):
+            if t not in LAYER_TYPES:
+                bad(f"layer_types[{i}] = {t!r}; expected one of {', '.join(LAYER_TYPES)}")
+        if SLIDING in self.layer_types and not (self.sliding_window and self.sliding_window > 0):
+            bad("sliding layers need a positive sliding_window")
+        if CHUNKED in self.layer_types and not (self.attention_chunk_size and self.attention_chunk_size > 0):
+            bad("chunked layers need a positive attention_chunk_size")
+        if self.rope_layers is not None and len(self.rope_layers) != self.num_layers:
+            bad(f"rope_layers has {len(self.rope_layers)} entries, expected num_layers = {self.num_layers}")
+        for rc in (self.rope, self.rope_local):
+            if rc is not None and rc.rope_type not in ROPE_TYPES:
+                bad(f"rope scaling type {rc.rope_type!r} is not supported; expected one of {', '.join(ROPE_TYPES)}")
+        if self.position == "learned" and self.max_position_embeddings <= 0:
+            bad("learned positions need max_position_embeddings > 0")
+        return self
+
+    # ---------------------------------------------------------------------------------
+    def layer_uses_rope(self, i: int) -> bool:
+        if self.position != "rope":
+            return False
+        return True if self.rope_layers is None else self.rope_layers[i]
+
+    def layer_rope(self, i: int) -> RopeConfig:
+        if self.layer_types[i] == SLIDING and self.rope_local is not None:
+            return self.rope_local
+        return self.rope
+
+    def layer_window(self, i: int) -> int | None:
+        return self.sliding_window if self.layer_types[i] == SLIDING else None
+
+    def layer_chunk(self, i: int) -> int | None:
+        return self.attention_chunk_size if self.layer_types[i] == CHUNKED else None
+
+    @property
+    def attn_scale(self) -> float:
+        base = self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim
+        return float(base) ** -0.5
+
+    # ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(names))}")
+        return cls(**d)
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def from_json(cls, path: str) -> "ModelConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        d = self.to_dict()
+        d.update(changes)
+        return type(self).from_dict(d)
+
+
+def gemma_embed_scale(hidden_size: int) -> float:
+    return math.sqrt(hidden_size)
