@@ -8,7 +8,7 @@
 """
 
 from .config import ModelConfig, RopeConfig
-from .errors import CheckpointError, ConfigError, GenerationError, LlmarchError
+from .errors import CheckpointError, ConfigError, DataError, GenerationError, LlmarchError
 from .families import get_config, preset_names
 from .hf import from_pretrained, save_pretrained
 from .model import Decoder, build_model
@@ -30,4 +30,5 @@ __all__ = [
     "ConfigError",
     "CheckpointError",
     "GenerationError",
+    "DataError",
 ]

@@ -62,6 +62,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.num_kv_heads * d, **norm_args)
         elif cfg.qk_norm == "l2":  # weightless, on RoPE layers only (Llama 4)
             self.q_norm = self.k_norm = L2Norm(cfg.norm_eps)
+        # training hook: called as observer(self, q, k) with the queries and keys that enter
+        # the softmax (QK-clip tracks each head's max logit through it); None costs nothing
+        self.logit_observer = None
 
     # -- caches -----------------------------------------------------------------------
     def make_cache(self, batch: int, max_len: int, dtype, device) -> LayerCache:
@@ -96,6 +99,8 @@ class Attention(nn.Module):
             k = apply_rope(k, cos, sin, self.rope_interleaved)
             if self.qk_norm == "l2":
                 q, k = self.q_norm(q), self.k_norm(k)
+        if self.logit_observer is not None:
+            self.logit_observer(self, q, k)
         kpos = positions
         if cache is not None:
             k, v, kpos = cache.update(k, v, positions)

@@ -20,3 +20,7 @@ class CheckpointError(LlmarchError, ValueError):
 
 class GenerationError(LlmarchError, ValueError):
     """A generation request that cannot be served (empty prompt, bad sampling parameter...)."""
+
+
+class DataError(LlmarchError, ValueError):
+    """A corpus, tokenizer or prepared data folder that is missing, empty or too small."""
