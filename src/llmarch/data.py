@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,11 +80,16 @@ def train_bpe(docs: list[str], vocab_size: int = 8192):
 
 
 def _chunks(text: str, size: int = 1 << 16) -> list[str]:
-    """Split at line ends into pieces of about ``size`` characters (for batched encoding)."""
+    """Split into pieces of about ``size`` characters for batched encoding.
+
+    Cuts fall after a newline between two non-space characters: the byte-level
+    pre-tokenizer never joins across such a point, so the pieces encode exactly as the whole.
+    """
     out, start = [], 0
+    boundary = re.compile(r"(?<=\S)\n(?=\S)")
     while start < len(text):
-        end = text.find("\n", start + size)
-        end = len(text) if end < 0 else end + 1
+        m = boundary.search(text, start + size)
+        end = m.end() if m else len(text)
         out.append(text[start:end])
         start = end
     return out
