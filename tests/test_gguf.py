@@ -55,6 +55,7 @@ def _oracle_dir(tmp_path_factory, path):
 
 
 # --------------------------------------------------------------------------- real files vs transformers
+@pytest.mark.slow  # 40-90 s each: transformers builds and dequantises the whole model
 @pytest.mark.parametrize("which", ["gemma", "qwen"])
 def test_real_checkpoint_matches_transformers(which, real_paths, real_ckpts, tmp_path_factory):
     transformers = pytest.importorskip("transformers")
@@ -187,7 +188,7 @@ def test_block_dequant_matches_transformers_kernels(qtype):
     data = rng.integers(0, 256, size=(rows, cols // block * type_size), dtype=np.uint8)
     # keep the f16 scales small and finite (first bytes of a block, or last two for Q6_K)
     blocks = data.reshape(rows, cols // block, type_size)
-    scale = np.float16(0.01).view(np.uint8)
+    scale = np.array([0.01], np.float16).view(np.uint8)
     if qtype == QT.Q6_K:
         blocks[..., -2:] = scale
     else:
