@@ -6,10 +6,10 @@ import re
 
 import pytest
 import torch
+from conftest import perturb_
 from safetensors.torch import load_file, save_file
 
 import llmarch
-from conftest import perturb_
 from llmarch.cli import main as cli_main
 from llmarch.errors import ConfigError
 from llmarch.matformer import slice_model
@@ -181,7 +181,7 @@ def test_offloaded_ple_gives_the_same_logits(model, tmp_path, to_disk):
         ref = model(ids)
     before = count_model(model)
     table = offload_ple(model, tmp_path / "ple.bin" if to_disk else None)
-    assert isinstance(model.ple.table, OffloadedTable)
+    assert isinstance(table, OffloadedTable) and model.ple.table is table
     if to_disk:  # memory-mapped from the file, not copied into memory
         assert str(tmp_path / "ple.bin") in open("/proc/self/maps").read()
     # the table is no longer a parameter: moving the model does not move it
@@ -290,3 +290,30 @@ def test_presets_count_like_transformers(name, layers, shared, ffn):
     assert n.effective == n.total - table
     assert cfg.activation_sparsity == [0.95] * 10 + [0.0] * (layers - 10)
     assert cfg.layer_types[:5] == ["sliding"] * 4 + ["full"]
+
+
+def test_altup_coefficients_are_clipped_in_training(saved, model):
+    """Training mode clips the AltUp predict/correct coefficients to +-altup_coef_clip, as
+    transformers does (it clamps the prediction weights in place)."""
+    import transformers as T
+
+    hf = T.Gemma3nForCausalLM.from_pretrained(saved[0], dtype=torch.float32, attn_implementation="eager")
+    for m in (hf.model.layers[1].altup, model.layers[1].altup):
+        with torch.no_grad():
+            m.prediction_coefs.weight[0, 0] = 300.0
+            m.correction_coefs.weight[1, 2] = -500.0
+    ids = _ids(seed=5)
+    hf.train()
+    model.train()
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = model(ids)
+        model.eval()
+        unclipped = model(ids)
+    assert _max_diff(out, ref) < TOL
+    assert _max_diff(out, unclipped) > 1e-2
+
+
+def test_cli_slice_reports_bad_input(saved, tmp_path, capsys):
+    assert cli_main(["slice", str(saved[0]), "--skip-layers", "9", "--out", str(tmp_path / "x")]) == 2
+    assert "out of range" in capsys.readouterr().err

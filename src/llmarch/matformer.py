@@ -49,7 +49,10 @@ def slice_config(
         raise ConfigError("cannot skip every layer")
     widths = _widths(cfg, ffn_widths)
     first_shared = n - cfg.num_kv_shared_layers
-    per_layer = lambda values: [values[i] for i in keep] if values is not None else None  # noqa: E731
+
+    def per_layer(values: list | None) -> list | None:
+        return [values[i] for i in keep] if values is not None else None
+
     new = cfg.replace(
         num_layers=len(keep),
         layer_types=per_layer(cfg.layer_types),

@@ -17,28 +17,22 @@ import re
 from ..config import FULL, SLIDING, ModelConfig, RopeConfig
 from ..errors import ConfigError
 from .base import Family, KeyMap, check_exportable, common_from_hf, common_to_hf, layer_types_to_hf, parse_layer_types
+from .gemma3 import GEMMA3_KEYS
 
+# Gemma 3's names, plus the per-layer embeddings, AltUp and LAuReL
 GEMMA3N_KEYS = KeyMap(
-    [
-        ("model.embed_tokens.", "embed."),
+    GEMMA3_KEYS.pairs
+    + [
         ("model.embed_tokens_per_layer.", "ple.table."),
         ("model.per_layer_model_projection.", "ple.projection."),
         ("model.per_layer_projection_norm.", "ple.norm."),
         ("model.altup_projections.", "altup_projections."),
         ("model.altup_unembed_projections.", "altup_unembed_projections."),
-        ("model.layers.{i}.input_layernorm.", "layers.{i}.attn_norm."),
-        ("model.layers.{i}.self_attn.", "layers.{i}.attn."),
-        ("model.layers.{i}.post_attention_layernorm.", "layers.{i}.attn_post_norm."),
-        ("model.layers.{i}.pre_feedforward_layernorm.", "layers.{i}.mlp_norm."),
-        ("model.layers.{i}.mlp.", "layers.{i}.mlp."),
-        ("model.layers.{i}.post_feedforward_layernorm.", "layers.{i}.mlp_post_norm."),
         ("model.layers.{i}.altup.", "layers.{i}.altup."),
         ("model.layers.{i}.laurel.", "layers.{i}.laurel."),
         ("model.layers.{i}.per_layer_input_gate.", "layers.{i}.ple.gate."),
         ("model.layers.{i}.per_layer_projection.", "layers.{i}.ple.projection."),
         ("model.layers.{i}.post_per_layer_input_norm.", "layers.{i}.ple.norm."),
-        ("model.norm.", "norm."),
-        ("lm_head.", "lm_head."),
     ]
 )
 
