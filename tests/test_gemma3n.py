@@ -317,3 +317,14 @@ def test_altup_coefficients_are_clipped_in_training(saved, model):
 def test_cli_slice_reports_bad_input(saved, tmp_path, capsys):
     assert cli_main(["slice", str(saved[0]), "--skip-layers", "9", "--out", str(tmp_path / "x")]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_e2b_shape_is_a_slice_of_e4b():
+    """FFN 16384 -> 8192 and one 4-sliding + 1-full group of KV-shared layers dropped turns the
+    E4B configuration into E2B's (the same shapes; which layers Google's E2B keeps is not claimed)."""
+    from llmarch.matformer import slice_config
+
+    e4b, e2b = llmarch.get_config("gemma3n-e4b"), llmarch.get_config("gemma3n-e2b")
+    sliced, keep = slice_config(e4b, 8192, skip_layers=range(20, 25))
+    assert sliced.to_dict() | {"name": None} == e2b.to_dict() | {"name": None}
+    assert count_params(sliced).total == count_params(e2b).total
