@@ -189,6 +189,10 @@ def test_offloaded_ple_gives_the_same_logits(model, tmp_path, to_disk):
     assert before.total - sum(p.numel() for p in model.parameters()) == PLE_VOCAB * 7 * 8
     with torch.no_grad():
         assert torch.equal(model(ids), ref)
+    # an offloaded model still exports its whole checkpoint
+    llmarch.save_pretrained(model, tmp_path / "export")
+    with torch.no_grad():
+        assert torch.equal(llmarch.from_pretrained(tmp_path / "export")(ids), ref)
 
 
 def test_offload_needs_a_ple_model():

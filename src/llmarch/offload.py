@@ -28,6 +28,10 @@ class OffloadedTable(nn.Module):
         self.weight = weight  # a plain tensor: .to(device) and state_dict leave it where it is
         self.path = path
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # still part of the checkpoint: save_pretrained writes it straight from CPU / disk
+        destination[prefix + "weight"] = self.weight
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids.to(self.weight.device), self.weight).to(ids.device)
 
