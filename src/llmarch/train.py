@@ -42,7 +42,7 @@ from .config import SLIDING, ModelConfig
 from .data import TokenData
 from .errors import CheckpointError, ConfigError
 from .layers import RMSNorm
-from .model import Decoder
+from .model import Decoder, build_model
 from .optim import OPTIMIZERS, QKClip, build_optimizer
 from .params import count_model
 
@@ -136,11 +136,44 @@ def scale_config(cfg: ModelConfig, scale: str, vocab_size: int | None = None, co
         rope=dict(theta=cfg.rope.theta, scaling=None),
         rope_local=dict(theta=cfg.rope_local.theta, scaling=None) if cfg.rope_local is not None else None,
     )
-    if cfg.query_pre_attn_scalar is not None:
+    _scale_small_device_fields(d, cfg, hidden / cfg.hidden_size, period)
+    if cfg.query_pre_attn_scalar is not None and cfg.query_pre_attn_scalar != 1.0:
         d["query_pre_attn_scalar"] = cfg.query_pre_attn_scalar * head_dim / cfg.head_dim
     if cfg.embed_scale is not None and math.isclose(cfg.embed_scale, math.sqrt(cfg.hidden_size)):
         d["embed_scale"] = math.sqrt(hidden)
     return ModelConfig.from_dict(d).validate()
+
+
+def _resample(seq: list, n: int) -> list:
+    """A per-layer list stretched or squeezed to ``n`` layers, keeping where along the depth each value sits."""
+    return [seq[i * len(seq) // n] for i in range(n)]
+
+
+def _scale_small_device_fields(d: dict[str, Any], cfg: ModelConfig, ratio: float, period: int) -> None:
+    """Gemma 3n's extras: per-layer FFN widths and sparsity follow the depth, ranks the width,
+    the KV-shared tail keeps its share of the layers (with enough layers before it to share from)."""
+    n = d["num_layers"]
+    if cfg.num_kv_shared_layers:
+        share = cfg.num_kv_shared_layers / cfg.num_layers
+        while True:
+            shared = max(1, round(n * share))
+            first = n - shared
+            if first > 0 and set(d["layer_types"][first:]) <= set(d["layer_types"][:first]):
+                break
+            n += period
+            d["layer_types"] = _schedule(cfg.layer_types, n)
+            if d.get("rope_layers") is not None:
+                d["rope_layers"] = _schedule(cfg.rope_layers, n)
+        d.update(num_layers=n, num_kv_shared_layers=shared)
+    if cfg.intermediate_sizes is not None:
+        d["intermediate_sizes"] = [_round(w * ratio, 8) for w in _resample(cfg.intermediate_sizes, n)]
+    if cfg.activation_sparsity is not None:
+        d["activation_sparsity"] = _resample(cfg.activation_sparsity, n)
+    if cfg.laurel_rank is not None:
+        d["laurel_rank"] = max(2, round(cfg.laurel_rank * ratio))
+    if cfg.hidden_size_per_layer_input is not None:
+        d["hidden_size_per_layer_input"] = max(4, round(cfg.hidden_size_per_layer_input * ratio))
+        d["vocab_size_per_layer_input"] = d["vocab_size"]
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -483,7 +516,7 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
     _setup_distributed(dev)
 
     torch.manual_seed(cfg.seed)
-    model = init_weights(Decoder(model_cfg)).to(dev)
+    model = init_weights(build_model(model_cfg, device="cpu")).to(dev)
     counts = count_model(model)
     routers = router_modules(model)
     load = ExpertLoad(routers)
