@@ -3,6 +3,7 @@
 import gzip
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -219,25 +220,26 @@ def test_qk_clip_caps_max_logit(data_dir):
 
 
 class StandInMoE(nn.Module):
-    """Top-k router over ``n`` experts exposing the interface llmarch.balance expects."""
+    """Top-k router over ``n`` experts with llmarch.moe.MoE's balancing interface
+    (``last_routing.logits / .indices``, ``router.e_score_correction_bias``)."""
 
     def __init__(self, dim=16, n=8, k=2):
         super().__init__()
         self.router = nn.Linear(dim, n, bias=False)
+        self.router.register_buffer("e_score_correction_bias", torch.zeros(n))
         self.k = k
-        self.register_buffer("e_score_correction_bias", torch.zeros(n))
-        self.last_router_logits = self.last_selected_experts = None
+        self.last_routing = None
 
     def forward(self, x):
         logits = self.router(x)
-        self.last_router_logits = logits
-        self.last_selected_experts = (torch.sigmoid(logits) + self.e_score_correction_bias).topk(self.k, -1).indices
+        chosen = (torch.sigmoid(logits) + self.router.e_score_correction_bias).topk(self.k, -1).indices
+        self.last_routing = SimpleNamespace(logits=logits, indices=chosen)
         return x
 
 
 def _imbalance(moe, x):
     moe(x)
-    counts = torch.bincount(moe.last_selected_experts.flatten(), minlength=8).float()
+    counts = torch.bincount(moe.last_routing.indices.flatten(), minlength=8).float()
     return float(counts.max() / counts.mean())
 
 
@@ -257,13 +259,13 @@ def test_bias_update_moves_toward_equal_load():
         load.update_bias(0.001, totals)
         load.reset()
     assert start > 2.0 and _imbalance(moe, x) < 1.2
-    assert moe.e_score_correction_bias[0] < 0 and moe.e_score_correction_bias[0] == moe.e_score_correction_bias.min()
+    bias = moe.router.e_score_correction_bias
+    assert bias[0] < 0 and bias[0] == bias.min()
 
 
 def test_aux_loss_is_one_when_balanced_and_reduces_imbalance():
     moe = StandInMoE()
-    moe.last_router_logits = torch.zeros(8, 8, requires_grad=True)
-    moe.last_selected_experts = torch.arange(16).view(8, 2) % 8
+    moe.last_routing = SimpleNamespace(logits=torch.zeros(8, 8, requires_grad=True), indices=torch.arange(16).view(8, 2) % 8)
     assert float(load_balancing_loss([moe]).detach()) == pytest.approx(1.0)
     torch.manual_seed(0)
     moe = StandInMoE()

@@ -1,11 +1,13 @@
 """Load balancing of mixture-of-experts routers during training.
 
-Works with any module that exposes, after its forward pass,
+Works with any module (``llmarch.moe.MoE``) that exposes, after its forward pass,
+``last_routing`` with
 
-* ``last_router_logits``: (tokens, num_experts) router logits, still attached to the graph;
-* ``last_selected_experts``: (tokens, top_k) indices of the experts each token was sent to;
-* optionally a buffer ``e_score_correction_bias`` (num_experts,) added to the scores used
-  for *selection* only (DeepSeek-V3).
+* ``logits``: (tokens, num_experts) router logits, still attached to the graph;
+* ``indices``: (tokens, top_k) the experts each token was sent to;
+
+and optionally a buffer ``router.e_score_correction_bias`` (num_experts,) added to the
+scores used for *selection* only (DeepSeek-V3).
 
 Two ways to balance the load:
 
@@ -27,16 +29,20 @@ from torch import nn
 
 def router_modules(model: nn.Module) -> list[nn.Module]:
     """The MoE layers of a model, in module order (those that expose router outputs)."""
-    return [m for m in model.modules() if hasattr(m, "last_router_logits")]
+    return [m for m in model.modules() if hasattr(m, "last_routing")]
+
+
+def _bias(m: nn.Module) -> torch.Tensor | None:
+    return getattr(getattr(m, "router", None), "e_score_correction_bias", None)
 
 
 def load_balancing_loss(routers: list[nn.Module]) -> torch.Tensor | None:
     """Mean over MoE layers of ``E * sum_i f_i * P_i`` for the last forward pass."""
     losses = []
     for m in routers:
-        logits, chosen = m.last_router_logits, m.last_selected_experts
-        if logits is None or chosen is None:
+        if m.last_routing is None:
             continue
+        logits, chosen = m.last_routing.logits, m.last_routing.indices
         n_exp = logits.shape[-1]
         probs = torch.softmax(logits.float(), dim=-1).mean(0)  # P_i
         frac = torch.bincount(chosen.reshape(-1), minlength=n_exp).float() / chosen.numel()  # f_i
@@ -54,10 +60,10 @@ class ExpertLoad:
     def record(self) -> None:
         """Add the experts chosen in the last forward pass (call after each micro-batch)."""
         for i, m in enumerate(self.routers):
-            chosen = m.last_selected_experts
-            if chosen is None:
+            if m.last_routing is None:
                 continue
-            c = torch.bincount(chosen.detach().reshape(-1), minlength=m.last_router_logits.shape[-1]).float()
+            logits, chosen = m.last_routing.logits, m.last_routing.indices
+            c = torch.bincount(chosen.detach().reshape(-1), minlength=logits.shape[-1]).float()
             self.counts[i] = c if self.counts[i] is None else self.counts[i] + c
 
     def totals(self) -> list[torch.Tensor]:
@@ -76,7 +82,7 @@ class ExpertLoad:
     def update_bias(self, gamma: float, totals: list[torch.Tensor]) -> None:
         """DeepSeek-V3's update: ``b_i += gamma * sign(mean_load - load_i)``."""
         for m, load in zip((m for m, c in zip(self.routers, self.counts) if c is not None), totals):
-            bias = getattr(m, "e_score_correction_bias", None)
+            bias = _bias(m)
             if bias is not None:
                 bias.add_(gamma * torch.sign(load.mean() - load).to(bias.dtype))
 

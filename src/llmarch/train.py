@@ -109,8 +109,12 @@ def scale_config(cfg: ModelConfig, scale: str, vocab_size: int | None = None, co
     periods = [_period(cfg.layer_types)]
     if cfg.rope_layers is not None:
         periods.append(_period(cfg.rope_layers))
+    moe_layers = getattr(cfg, "moe_layers", None)
+    dense_first = _dense_first(moe_layers)
+    if moe_layers is not None and dense_first is None:
+        periods.append(_period(moe_layers))  # an interleaving such as Llama 4's dense/MoE
     period = math.lcm(*periods)
-    layers = max(s["num_layers"], period)
+    layers = max(s["num_layers"], period, 2 if dense_first else 1)
     layers = -(-layers // period) * period
     orig_ctx = cfg.max_position_embeddings
 
@@ -137,6 +141,7 @@ def scale_config(cfg: ModelConfig, scale: str, vocab_size: int | None = None, co
         rope_local=dict(theta=cfg.rope_local.theta, scaling=None) if cfg.rope_local is not None else None,
     )
     _scale_small_device_fields(d, cfg, hidden / cfg.hidden_size, period)
+    _scale_moe_mla(d, hidden / cfg.hidden_size, (hidden / heads) / (cfg.hidden_size / cfg.num_heads), dense_first)
     if cfg.query_pre_attn_scalar is not None and cfg.query_pre_attn_scalar != 1.0:
         d["query_pre_attn_scalar"] = cfg.query_pre_attn_scalar * head_dim / cfg.head_dim
     if cfg.embed_scale is not None and math.isclose(cfg.embed_scale, math.sqrt(cfg.hidden_size)):
@@ -147,6 +152,40 @@ def scale_config(cfg: ModelConfig, scale: str, vocab_size: int | None = None, co
 def _resample(seq: list, n: int) -> list:
     """A per-layer list stretched or squeezed to ``n`` layers, keeping where along the depth each value sits."""
     return [seq[i * len(seq) // n] for i in range(n)]
+
+
+def _dense_first(moe_layers: list[bool] | None) -> int | None:
+    """How many leading dense layers precede all-MoE layers (DeepSeek-V3: 3); None if another pattern."""
+    if moe_layers is None:
+        return 0
+    k = moe_layers.index(True) if True in moe_layers else len(moe_layers)
+    return k if all(moe_layers[k:]) else None
+
+
+def _scale_moe_mla(d: dict[str, Any], ratio: float, head_ratio: float, dense_first: int | None) -> None:
+    """MoE keeps its shape (experts, top-k, groups, shared expert, dense-first layers), experts
+    get narrower with the width; MLA ranks follow the width, its head dims the head width."""
+    n = d["num_layers"]
+    if d.get("moe"):
+        moe = dict(d["moe"])
+        for key in ("expert_size", "shared_expert_size"):
+            if moe.get(key):
+                moe[key] = _round(moe[key] * ratio, 8)
+        d["moe"] = moe
+        if d.get("moe_layers") is not None:
+            if dense_first is None:
+                d["moe_layers"] = _schedule(d["moe_layers"], n)
+            else:
+                k = min(n - 1, max(1, round(dense_first * n / len(d["moe_layers"])))) if dense_first else 0
+                d["moe_layers"] = [False] * k + [True] * (n - k)
+    if d.get("mla"):
+        mla = dict(d["mla"])
+        for key in ("q_lora_rank", "kv_lora_rank"):
+            if mla.get(key):
+                mla[key] = _round(mla[key] * ratio, 8)
+        for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            mla[key] = _round(mla[key] * head_ratio, 2)
+        d["mla"] = mla
 
 
 def _scale_small_device_fields(d: dict[str, Any], cfg: ModelConfig, ratio: float, period: int) -> None:
