@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from llmarch.data import TokenData, prepare
+from llmarch.errors import DataError
+from llmarch.families.llama import llama_config
 from llmarch.hf import save_pretrained
 from llmarch.model import build_model
 from llmarch.optim import build_optimizer
 from llmarch.params import count_model
-from llmarch.families.llama import llama_config
 from llmarch.train import init_weights
 
 
@@ -63,7 +64,7 @@ def main() -> None:
 
     try:
         data = TokenData.open(args.data)
-    except Exception:
+    except DataError:
         prepare("default", args.data, "bpe", 8192)
         data = TokenData.open(args.data)
     cfg = make_config(data.vocab_size, args.seq_len)

@@ -17,7 +17,14 @@ from llmarch.data import DEFAULT_CORPUS, TokenData, prepare
 from llmarch.errors import CheckpointError, ConfigError, DataError
 from llmarch.model import Decoder
 from llmarch.optim import NS_COEFFICIENTS, QKClip, build_optimizer
-from llmarch.train import TrainConfig, init_weights, lr_factor, read_metrics, scale_config, train
+from llmarch.train import (
+    TrainConfig,
+    init_weights,
+    lr_factor,
+    read_metrics,
+    scale_config,
+    train,
+)
 
 CHARS = 300_000  # a slice of the bundled corpus: enough for the tests, fast to tokenise
 

@@ -162,7 +162,7 @@ def run_spec(path: str | Path, out: str | None = None, only: list[str] | None = 
         cmd = [sys.executable, "-m", "llmarch.cli", "train", *_train_args(fields, model_json, data_dir, run_dir)]
         (run_dir / "command.txt").write_text(" ".join(cmd[1:]) + "\n")
         with open(run_dir / "train.log", "w") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)).returncode
+            rc = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)).returncode
         if rc != 0:
             raise ConfigError(f"variant {fields['name']!r} failed (exit {rc}); see {run_dir / 'train.log'}")
     rows = collect(out_dir, [(f, c) for f, c in variant_configs(spec, data.vocab_size)])
@@ -242,4 +242,4 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> None:
         plt.close(fig)
 
 
-__all__ = ["run_spec", "load_spec", "variant_configs", "match_params", "write_table", "plot"]
+__all__ = ["load_spec", "match_params", "plot", "run_spec", "variant_configs", "write_table"]

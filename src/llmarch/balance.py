@@ -95,4 +95,4 @@ def load_fractions(totals: list[torch.Tensor]) -> list[list[float]]:
     return [[round(float(x), 5) for x in (c / c.sum().clamp(min=1))] for c in totals]
 
 
-__all__ = ["router_modules", "load_balancing_loss", "ExpertLoad", "load_fractions"]
+__all__ = ["ExpertLoad", "load_balancing_loss", "load_fractions", "router_modules"]

@@ -167,7 +167,7 @@ class TokenData:
     path: Path
 
     @classmethod
-    def open(cls, path: str | Path) -> "TokenData":
+    def open(cls, path: str | Path) -> TokenData:
         path = Path(path)
         meta_path = path / "meta.json"
         if not meta_path.is_file():
@@ -225,4 +225,4 @@ class TokenData:
         return [self._window(self.val, starts[i : i + batch], seq_len) for i in range(0, n, batch)]
 
 
-__all__ = ["DEFAULT_CORPUS", "TokenData", "prepare", "read_documents", "train_bpe", "tokenize"]
+__all__ = ["DEFAULT_CORPUS", "TokenData", "prepare", "read_documents", "tokenize", "train_bpe"]

@@ -123,7 +123,7 @@ def build_optimizer(
 
 def _max_logits_per_head(q: torch.Tensor, k: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
     """Largest causal (and in-window) pre-softmax logit of each query head: (heads,)."""
-    b, h, t, d = q.shape
+    h, t = q.shape[1], q.shape[2]
     k = k.repeat_interleave(h // k.shape[1], dim=1)
     logits = (q.float() @ k.float().transpose(-1, -2)) * scale
     i = torch.arange(t, device=q.device)
@@ -182,16 +182,16 @@ class QKClip:
 
     @staticmethod
     def _rescale(att: nn.Module, gamma: torch.Tensor) -> None:
-        h, kv, d = att.num_heads, att.num_kv_heads, att.head_dim
+        h, kv = att.num_heads, att.num_kv_heads
         group = gamma.view(kv, h // kv)
         k_scale = group.min(dim=1).values.sqrt()  # (kv,)
         q_scale = (group / k_scale[:, None]).reshape(h)  # q * k scale = gamma per head
         for proj, scale in ((att.q_proj, q_scale), (att.k_proj, k_scale)):
-            rows = scale.repeat_interleave(d).to(proj.weight.dtype)
+            rows = scale.repeat_interleave(att.head_dim).to(proj.weight.dtype)
             proj.weight.mul_(rows[:, None])
             if proj.bias is not None:
                 proj.bias.mul_(rows)
 
 
-__all__ = ["build_optimizer", "split_params", "Optimizers", "QKClip", "NS_COEFFICIENTS", "NS_STEPS", "OPTIMIZERS"]
+__all__ = ["NS_COEFFICIENTS", "NS_STEPS", "OPTIMIZERS", "Optimizers", "QKClip", "build_optimizer", "split_params"]
 

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import statistics
@@ -75,7 +76,7 @@ def _schedule(seq: list, n: int) -> list:
 
 
 def _round(x: float, multiple: int) -> int:
-    return max(multiple, int(round(x / multiple)) * multiple)
+    return max(multiple, round(x / multiple) * multiple)
 
 
 def scale_config(cfg: ModelConfig, scale: str, vocab_size: int | None = None, context: int = 256) -> ModelConfig:
@@ -395,7 +396,7 @@ def count_spikes(losses: list[float], factor: float = 1.5, window: int = 50) -> 
 
 
 def _world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _setup_distributed(device: torch.device) -> tuple[int, int]:
@@ -441,7 +442,10 @@ def _state_dicts(model: nn.Module, opt) -> tuple[dict, list[dict] | dict]:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.module.state_dict(), opt.state_dict()
     if dist.is_initialized():  # FSDP2: gather full tensors
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+        )
 
         return get_state_dict(model, opt.optimizers, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return model.state_dict(), opt.state_dict()
@@ -452,7 +456,10 @@ def _load_state_dicts(model: nn.Module, opt, model_state: dict, opt_state) -> No
         model.module.load_state_dict(model_state)
         opt.load_state_dict(opt_state)
     elif dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_state_dict,
+        )
 
         set_state_dict(model, opt.optimizers, model_state_dict=model_state, optim_state_dict=opt_state,
                        options=StateDictOptions(full_state_dict=True))
@@ -484,7 +491,7 @@ def read_checkpoint(run_dir: str | Path) -> dict:
         raise CheckpointError(f"no {CHECKPOINT} in {run_dir}; --resume expects the --out folder of an earlier run")
     try:
         return torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated or foreign
         raise CheckpointError(f"cannot read {f}: {e}") from None
 
 
@@ -550,7 +557,7 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
         resume_config(resume, cfg.arch, model_cfg)
         ckpt = read_checkpoint(resume)
     if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
     _setup_distributed(dev)
 
@@ -679,11 +686,11 @@ def _summary(metrics_path: Path, cfg: TrainConfig, model_cfg: ModelConfig, count
 
 __all__ = [
     "TrainConfig",
-    "train",
-    "scale_config",
-    "init_weights",
-    "resolve_model_config",
-    "lr_factor",
     "count_spikes",
+    "init_weights",
+    "lr_factor",
     "read_metrics",
+    "resolve_model_config",
+    "scale_config",
+    "train",
 ]
