@@ -364,12 +364,11 @@ def test_ablation_matches_params_and_writes_results(data_dir, tmp_path):
     assert c1.num_kv_heads == 4 and c1.intermediate_size < c0.intermediate_size  # MHA's extra K/V paid by the FFN
     assert abs(active_non_embedding(c1) - active_non_embedding(c0)) <= 3 * c0.hidden_size * 8
     assert muon["optimizer"] == "muon" and c2.to_dict() == c0.replace(name="Muon").to_dict()
-    rows = run_spec(tmp_path / "spec.yaml")
-    assert [r["variant"] for r in rows] == ["GQA", "MHA", "Muon"] and all(r["finished"] for r in rows)
+    rows = run_spec(tmp_path / "spec.yaml", only=["GQA", "MHA"])
+    assert [r["variant"] for r in rows] == ["GQA", "MHA"] and all(r["finished"] for r in rows)
     out = tmp_path / "abl"
     for f in ("results.md", "results.csv", "loss.png", "loss.svg", "grad_norm.png", "grad_norm.svg"):
         assert (out / f).stat().st_size > 0, f
     table = (out / "results.md").read_text()
     assert "| MHA |" in table and "final val loss" in table
-    muon_cmd = (out / "runs" / "muon" / "command.txt").read_text()
-    assert "--optimizer muon" in muon_cmd
+    assert "--tokens 512" in (out / "runs" / "mha" / "command.txt").read_text()
