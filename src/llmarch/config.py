@@ -112,7 +112,7 @@ class ModelConfig:
     mla: MLAConfig | None = None
     # Llama 4 NoPE layers: queries scaled by log1p(floor((pos + 1) / floor_scale)) * scale + 1
     attn_temperature_tuning: bool = False
-    attn_temperature_floor_scale: float = 8192.0
+    attn_temperature_floor_scale: int = 8192
     attn_temperature_scale: float = 0.1
 
     # --- positions -------------------------------------------------------------------

@@ -73,7 +73,7 @@ def from_hf(d: dict) -> ModelConfig:
     kw["qk_norm"] = "l2" if d.get("use_qk_norm", True) else "none"
     kw["norm_eps"] = float(d.get("rms_norm_eps", 1e-5))
     kw["attn_temperature_tuning"] = bool(d.get("attn_temperature_tuning", True))
-    kw["attn_temperature_floor_scale"] = float(d.get("floor_scale", 8192))
+    kw["attn_temperature_floor_scale"] = int(d.get("floor_scale", 8192))
     kw["attn_temperature_scale"] = float(d.get("attn_scale", 0.1))
     expert = kw["intermediate_size"]  # HF's intermediate_size is the expert width ...
     kw["intermediate_size"] = int(d.get("intermediate_size_mlp") or expert)  # ... dense layers use intermediate_size_mlp
