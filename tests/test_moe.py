@@ -167,6 +167,18 @@ def test_sorted_dispatch_equals_dense_mixture(kind, tokens):
         torch.testing.assert_close(moe(x), _dense_reference(moe, x), rtol=1e-5, atol=1e-5)
 
 
+def test_looped_and_batched_expert_paths_agree():
+    torch.manual_seed(0)
+    ex = MoE(_moe_cfg()).experts
+    expert = torch.tensor([0, 0, 2, 5, 5, 5, 7])  # sorted assignments, experts 1, 3, 4, 6 idle
+    counts = torch.bincount(expert, minlength=8)
+    xs = torch.randn(7, 20)
+    with torch.no_grad():
+        looped = ex._looped(xs, counts.tolist())
+        torch.testing.assert_close(ex._batched(xs, expert, counts), looped, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(looped[2], ex.expert(2, xs[2:3])[0])
+
+
 def test_group_limited_routing_only_picks_from_kept_groups():
     torch.manual_seed(0)
     moe = MoE(_moe_cfg())
