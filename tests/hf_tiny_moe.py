@@ -8,7 +8,6 @@ chunk, L2 QK-norm and attention-temperature tuning with a small floor so it vari
 """
 
 import torch
-
 from conftest import perturb_
 from hf_tiny import TOK, VOCAB
 
@@ -69,9 +68,7 @@ def make_moe_model(arch: str, seed: int = 0):
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # routing must depend on the bias too
                 buf.copy_(torch.randn(buf.shape, generator=g) * 0.3)
-            if name.endswith("mlp.gate.weight") or name.endswith("router.weight"):
-                buf.mul_(10)
         for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight") or name.endswith("router.weight"):
+            if name.endswith(("mlp.gate.weight", "router.weight")):
                 p.mul_(5)  # spread the router logits so tokens pick different experts
     return model.float().eval()

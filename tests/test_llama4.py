@@ -1,10 +1,10 @@
 """Llama 4 specifics beyond logit parity (tests/test_moe.py): the features are really exercised."""
 
 import torch
-
-import llmarch
 from hf_tiny import SEQ, VOCAB
 from hf_tiny_moe import make_moe_model
+
+import llmarch
 
 
 def test_temperature_tuning_acts_on_nope_layers_only(tmp_path):

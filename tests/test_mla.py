@@ -5,10 +5,10 @@ import warnings
 
 import pytest
 import torch
-
-import llmarch
 from hf_tiny import SEQ, VOCAB
 from hf_tiny_moe import make_moe_model
+
+import llmarch
 from llmarch.families.deepseek import KEYS
 from llmarch.families.experts import PER_EXPERT
 from llmarch.fp8 import dequantize_blocks
@@ -117,7 +117,7 @@ def test_dequantize_ragged_blocks():
 def test_fp8_checkpoint_loads_dequantised_and_skips_mtp(ds_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    d, hf = ds_dir
+    d, _ = ds_dir
     state = load_file(str(d / "model.safetensors"))
     cfg = json.loads((d / "config.json").read_text())
     quantised, originals = {}, {}

@@ -3,10 +3,10 @@ plus the MoE module's dispatch, active-parameter accounting and published parame
 
 import pytest
 import torch
-
-import llmarch
 from hf_tiny import SEQ, VOCAB
 from hf_tiny_moe import make_moe_model, moe_configs
+
+import llmarch
 from llmarch.config import ModelConfig, MoEConfig
 from llmarch.moe import MoE
 

@@ -8,7 +8,7 @@ not a multiple of 128.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -28,9 +28,8 @@ checkpoint) from that load, outside the gradient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

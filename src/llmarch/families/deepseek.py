@@ -17,7 +17,15 @@ from __future__ import annotations
 from ..config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
 from ..errors import ConfigError
 from ..fp8 import dequantize_stream
-from .base import LLAMA_KEYS, Family, KeyMap, check_exportable, common_from_hf, common_to_hf, require
+from .base import (
+    LLAMA_KEYS,
+    Family,
+    KeyMap,
+    check_exportable,
+    common_from_hf,
+    common_to_hf,
+    require,
+)
 from .experts import skip_layers_from, stack_experts, unstack_experts
 
 KEYS = KeyMap(

@@ -15,7 +15,15 @@ from __future__ import annotations
 
 from ..config import CHUNKED, FULL, ModelConfig, MoEConfig, RopeConfig
 from ..errors import ConfigError
-from .base import Family, KeyMap, check_exportable, common_from_hf, common_to_hf, layer_types_to_hf, parse_layer_types
+from .base import (
+    Family,
+    KeyMap,
+    check_exportable,
+    common_from_hf,
+    common_to_hf,
+    layer_types_to_hf,
+    parse_layer_types,
+)
 from .llama import LLAMA3_SCALING_32, llama_config
 
 KEYS = KeyMap(

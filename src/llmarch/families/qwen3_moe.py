@@ -5,10 +5,17 @@ no shared expert."""
 from __future__ import annotations
 
 from ..config import FULL, ModelConfig, MoEConfig, RopeConfig
-from .base import LLAMA_KEYS, Family, KeyMap, check_exportable, common_from_hf, common_to_hf
+from .base import (
+    LLAMA_KEYS,
+    Family,
+    KeyMap,
+    check_exportable,
+    common_from_hf,
+    common_to_hf,
+)
 from .experts import stack_experts, unstack_experts
-from .qwen import _sliding
 from .llama import llama_config
+from .qwen import _sliding
 
 KEYS = KeyMap(LLAMA_KEYS.pairs + [("model.layers.{i}.mlp.gate.", "layers.{i}.mlp.router.")])
 
