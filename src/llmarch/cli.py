@@ -20,15 +20,15 @@ def _cmd_params(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="Parameters (counted from the module tree on the meta device)")
+    table = Table(title="Parameters", caption="counted from the module tree on the meta device; active = per token; --json for exact counts")
     effective = any(r.get("effective") is not None for r in rows)
-    cols = ("model", "total", "active / token", "embedding", "non-embedding") + (("effective",) if effective else ())
+    cols = ("model", "total", "active", "embedding", "non-emb.") + (("effective",) if effective else ())
     for col in cols:
-        table.add_column(col, justify="left" if col == "model" else "right")
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
     for r in rows:
         cells = [
             r["name"],
-            f"{human(r['total'])} ({r['total']:,})",
+            human(r["total"]),
             human(r["active"]),
             human(r["embedding"]),
             human(r["non_embedding"]),
