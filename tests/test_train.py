@@ -222,48 +222,40 @@ def test_qk_clip_caps_max_logit(data_dir):
 
 
 # ----------------------------------------------------------------------------------------
-# MoE balancing (against the router interface; a stand-in MoE layer until moe.py lands)
+# MoE balancing, on llmarch.moe.MoE
 # ----------------------------------------------------------------------------------------
 
 
-class StandInMoE(nn.Module):
-    """Top-k router over ``n`` experts with llmarch.moe.MoE's balancing interface
-    (``last_routing.logits / .indices``, ``router.e_score_correction_bias``)."""
+def tiny_moe(score: str, bias: bool) -> nn.Module:
+    from llmarch.config import MoEConfig, ModelConfig
+    from llmarch.moe import MoE
 
-    def __init__(self, dim=16, n=8, k=2):
-        super().__init__()
-        self.router = nn.Linear(dim, n, bias=False)
-        self.router.register_buffer("e_score_correction_bias", torch.zeros(n))
-        self.k = k
-        self.last_routing = None
-
-    def forward(self, x):
-        logits = self.router(x)
-        chosen = (torch.sigmoid(logits) + self.router.e_score_correction_bias).topk(self.k, -1).indices
-        self.last_routing = SimpleNamespace(logits=logits, indices=chosen)
-        return x
+    moe = MoEConfig(num_experts=8, top_k=2, expert_size=8, score=score, score_correction_bias=bias)
+    torch.manual_seed(0)
+    m = MoE(ModelConfig(vocab_size=8, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2, moe=moe))
+    with torch.no_grad():
+        m.router.weight.normal_(0.0, 0.3)
+        m.router.weight[0] += 0.5  # expert 0 favoured
+        m.router.weight[1] += 0.3
+    return m
 
 
 def _imbalance(moe, x):
     moe(x)
-    counts = torch.bincount(moe.last_routing.indices.flatten(), minlength=8).float()
+    counts = moe.last_routing.expert_load().float()
     return float(counts.max() / counts.mean())
 
 
 def test_bias_update_moves_toward_equal_load():
-    torch.manual_seed(0)
-    moe = StandInMoE()
-    with torch.no_grad():
-        moe.router.weight[0] += 0.5  # expert 0 favoured
-        moe.router.weight[1] += 0.3
-    x = torch.randn(512, 16) + 1.0
+    moe = tiny_moe("sigmoid", bias=True)
+    x = torch.randn(1, 512, 16) + 1.0
     load = ExpertLoad(router_modules(nn.Sequential(moe)))
     start = _imbalance(moe, x)
     for _ in range(1000):
-        moe(x)
+        with torch.no_grad():  # only the router matters here: skip the experts (as MoE.forward routes)
+            moe.last_routing = moe.router(x.view(-1, 16))
         load.record()
-        totals = load.totals()
-        load.update_bias(0.001, totals)
+        load.update_bias(0.001, load.totals())
         load.reset()
     assert start > 2.0 and _imbalance(moe, x) < 1.2
     bias = moe.router.e_score_correction_bias
@@ -271,23 +263,32 @@ def test_bias_update_moves_toward_equal_load():
 
 
 def test_aux_loss_is_one_when_balanced_and_reduces_imbalance():
-    moe = StandInMoE()
-    moe.last_routing = SimpleNamespace(logits=torch.zeros(8, 8, requires_grad=True), indices=torch.arange(16).view(8, 2) % 8)
-    assert float(load_balancing_loss([moe]).detach()) == pytest.approx(1.0)
-    torch.manual_seed(0)
-    moe = StandInMoE()
-    with torch.no_grad():
-        moe.router.weight[0] += 0.5
-    x = torch.randn(512, 16) + 1.0
+    balanced = SimpleNamespace(last_routing=SimpleNamespace(
+        logits=torch.zeros(8, 8, requires_grad=True), indices=torch.arange(16).view(8, 2) % 8))
+    assert float(load_balancing_loss([balanced]).detach()) == pytest.approx(1.0)
+    moe = tiny_moe("softmax", bias=False)
+    x = torch.randn(1, 512, 16) + 1.0
     start = _imbalance(moe, x)
-    opt = torch.optim.SGD(moe.parameters(), lr=0.5)
-    for _ in range(100):
+    opt = torch.optim.SGD([moe.router.weight], lr=1.0)
+    for _ in range(40):
         moe(x)
         loss = load_balancing_loss([moe])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert _imbalance(moe, x) < start * 0.7
+    assert start > 2.0 and _imbalance(moe, x) < start * 0.7
+
+
+def test_moe_training_logs_load_and_updates_bias(data_dir, tmp_path):
+    train(run_cfg(data_dir, tmp_path, arch="deepseek-v3", tokens=4 * 32 * 4, aux_loss=0.01, bias_update=0.001))
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    n_moe = sum(scale_config(get_config("deepseek-v3"), "tiny", 512, 32).moe_layers)
+    for r in rows:
+        assert len(r["expert_load"]) == n_moe and len(r["expert_load"][0]) == 256
+        assert sum(r["expert_load"][0]) == pytest.approx(1.0, abs=1e-3) and r["aux_loss"] > 0
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    bias = [v for k, v in state.items() if k.endswith("e_score_correction_bias")]
+    assert bias and all(float(b.abs().max()) == pytest.approx(0.004, abs=1e-6) for b in bias)  # 4 steps of gamma
 
 
 # ----------------------------------------------------------------------------------------
