@@ -15,7 +15,7 @@ from llmarch.balance import ExpertLoad, load_balancing_loss, router_modules
 from llmarch.cli import main as cli_main
 from llmarch.data import DEFAULT_CORPUS, TokenData, prepare
 from llmarch.errors import CheckpointError, ConfigError, DataError
-from llmarch.model import Decoder
+from llmarch.model import Decoder, build_model
 from llmarch.optim import NS_COEFFICIENTS, QKClip, build_optimizer
 from llmarch.train import (
     TrainConfig,
@@ -199,13 +199,16 @@ def test_muon_update_is_orthogonal_newton_schulz():
     assert float(torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min()) > 3
 
 
-def test_qk_clip_caps_max_logit(data_dir):
-    cfg = scale_config(get_config("llama3.2-1b"), "tiny", 512, 32)
+@pytest.mark.parametrize("preset", ["llama3.2-1b", "deepseek-v3"])  # GQA, and MLA (K2's per-part rule)
+def test_qk_clip_caps_max_logit(preset):
+    cfg = scale_config(get_config(preset), "tiny", 512, 32)
     torch.manual_seed(0)
-    model = init_weights(Decoder(cfg))
+    model = init_weights(build_model(cfg, device="cpu"))
+    att = model.layers[0].attn
+    q_proj = att.q_proj if getattr(att, "q_proj", None) is not None else att.q_b_proj
     with torch.no_grad():
-        model.layers[0].attn.q_proj.weight[:32].mul_(100)  # large logits in heads 0 and 1 of layer 0
-        model.layers[0].attn.k_proj.weight.mul_(10)
+        q_proj.weight[: q_proj.weight.shape[0] // 2].mul_(100)  # large logits in heads 0 and 1 of layer 0
+        (att.k_proj if hasattr(att, "k_proj") else att.kv_b_proj).weight.mul_(10)
     clip = QKClip(model, tau=5.0)
     x = torch.randint(0, 512, (2, 32))
     model(x)

@@ -74,17 +74,14 @@ def active_non_embedding(cfg: ModelConfig) -> int:
 
 def _width_field(cfg: ModelConfig) -> str:
     """The FFN width that matching adjusts: the routed experts' when the model has MoE."""
-    moe = getattr(cfg, "moe", None)
-    if moe is not None and hasattr(moe, "expert_intermediate_size"):
-        return "moe.expert_intermediate_size"
-    return "intermediate_size"
+    return "moe.expert_size" if cfg.moe is not None else "intermediate_size"
 
 
 def _with_width(cfg: ModelConfig, field: str, width: int) -> ModelConfig:
     if field == "intermediate_size":
         return cfg.replace(intermediate_size=width)
     d = cfg.to_dict()
-    d["moe"] = dict(d["moe"], expert_intermediate_size=width)
+    d["moe"] = dict(d["moe"], expert_size=width)
     return ModelConfig.from_dict(d)
 
 

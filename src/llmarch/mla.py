@@ -87,6 +87,8 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * m.v_head_dim, h, bias=cfg.attn_out_bias)
+        # training hook, as in Attention: observer(self, q, k) with the (expanded) queries and keys
+        self.logit_observer = None
 
     # -- caches -----------------------------------------------------------------------
     def make_cache(self, batch: int, max_len: int, dtype, device) -> LatentCache:
@@ -125,6 +127,8 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
+        if self.logit_observer is not None:
+            self.logit_observer(self, q, k)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:

@@ -17,6 +17,8 @@ QK-clip (MuonClip, Kimi K2)
     smallest factor in its group and each query head the rest, which again scales every head's
     logits by exactly its own factor. The max logits come from a hook on the attention module
     (``Attention.logit_observer``), called with the post-norm, post-RoPE queries and keys.
+    For MLA only the per-head parts are rescaled, as in the K2 report: q_nope and k_nope (the
+    rows of ``kv_b_proj``) by sqrt(gamma), q_rope by gamma, the shared RoPE key not at all.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ class QKClip:
         if not torch.is_grad_enabled():  # evaluation passes do not count
             return
         with torch.no_grad():
-            m = _max_logits_per_head(q.detach(), k.detach(), att.scale, att.window)
+            m = _max_logits_per_head(q.detach(), k.detach(), att.scale, getattr(att, "window", None))
         prev = self.max_logits.get(id(att))
         self.max_logits[id(att)] = m if prev is None else torch.maximum(prev, m)
 
@@ -182,6 +184,9 @@ class QKClip:
 
     @staticmethod
     def _rescale(att: nn.Module, gamma: torch.Tensor) -> None:
+        if hasattr(att, "kv_b_proj"):
+            QKClip._rescale_mla(att, gamma)
+            return
         h, kv = att.num_heads, att.num_kv_heads
         group = gamma.view(kv, h // kv)
         k_scale = group.min(dim=1).values.sqrt()  # (kv,)
@@ -191,6 +196,19 @@ class QKClip:
             proj.weight.mul_(rows[:, None])
             if proj.bias is not None:
                 proj.bias.mul_(rows)
+
+
+    @staticmethod
+    def _rescale_mla(att: nn.Module, gamma: torch.Tensor) -> None:
+        """MLA (Kimi K2): q_nope and k_nope rows of a head by sqrt(gamma), its q_rope rows by
+        gamma; the decoupled RoPE key is shared by all heads and stays as it is."""
+        nope, rope, v = att.nope_dim, att.rope_dim, att.v_dim
+        root = gamma.sqrt()
+        q_rows = torch.cat([root[:, None].expand(-1, nope), gamma[:, None].expand(-1, rope)], dim=1).reshape(-1)
+        k_rows = torch.cat([root[:, None].expand(-1, nope), torch.ones_like(gamma)[:, None].expand(-1, v)], dim=1)
+        q_proj = att.q_proj if getattr(att, "q_proj", None) is not None else att.q_b_proj
+        q_proj.weight.mul_(q_rows.to(q_proj.weight.dtype)[:, None])
+        att.kv_b_proj.weight.mul_(k_rows.reshape(-1).to(att.kv_b_proj.weight.dtype)[:, None])
 
 
 __all__ = ["NS_COEFFICIENTS", "NS_STEPS", "OPTIMIZERS", "Optimizers", "QKClip", "build_optimizer", "split_params"]
