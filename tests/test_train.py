@@ -230,7 +230,7 @@ def test_qk_clip_caps_max_logit(preset):
 
 
 def tiny_moe(score: str, bias: bool) -> nn.Module:
-    from llmarch.config import MoEConfig, ModelConfig
+    from llmarch.config import ModelConfig, MoEConfig
     from llmarch.moe import MoE
 
     moe = MoEConfig(num_experts=8, top_k=2, expert_size=8, score=score, score_correction_bias=bias)
@@ -364,7 +364,7 @@ def test_ablation_matches_params_and_writes_results(data_dir, tmp_path):
                 variants=[dict(name="GQA"), dict(name="MHA", set=dict(num_kv_heads=4)),
                           dict(name="Muon", optimizer="muon")])
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    (gqa, c0), (mha, c1), (muon, c2) = variant_configs(spec, 512)
+    (_, c0), (_, c1), (muon, c2) = variant_configs(spec, 512)
     assert c1.num_kv_heads == 4 and c1.intermediate_size < c0.intermediate_size  # MHA's extra K/V paid by the FFN
     assert abs(active_non_embedding(c1) - active_non_embedding(c0)) <= 3 * c0.hidden_size * 8
     assert muon["optimizer"] == "muon" and c2.to_dict() == c0.replace(name="Muon").to_dict()
