@@ -322,7 +322,7 @@ def test_cli_empty_and_small_corpus(capsys, tmp_path, data_dir):
     prepare(tmp_path / "small.txt", tmp_path / "s", str(data_dir / "tokenizer.json"), progress=False)
     rc, err = _cli(capsys, "train", "--arch", "llama3.2-1b", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "r"),
                    "--seq-len", "32", "--no-progress")
-    assert rc == 2 and "fewer than one sequence" in err
+    assert rc == 2 and "fewer than one batch of 8 sequences x 32 tokens" in err
     with pytest.raises(DataError):
         TokenData.open(tmp_path / "nowhere")
 
@@ -376,3 +376,19 @@ def test_ablation_matches_params_and_writes_results(data_dir, tmp_path):
     table = (out / "results.md").read_text()
     assert "| MHA |" in table and "final val loss" in table
     assert "--tokens 512" in (out / "runs" / "mha" / "command.txt").read_text()
+
+
+def test_peak_rss_is_the_child_process_own():
+    """ablate forks a process per variant: its peak memory must not include the parent's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    ballast = bytearray(300 * 1024 * 1024)
+    ballast[:: 4096] = b"\1" * len(ballast[:: 4096])  # touch every page: the parent's RSS grows by 300 MB
+    code = "from llmarch.train import _peak_rss_mb; print(_peak_rss_mb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+    assert float(out.stdout) < 280, out.stdout  # torch + llmarch alone: ~225 MB
+    del ballast

@@ -183,18 +183,19 @@ class TokenData:
 
         return cls(load("train"), load("val"), int(meta["vocab_size"]), path)
 
-    def check_fits(self, seq_len: int, global_batch: int) -> None:
-        """Raise DataError unless both splits hold at least one sequence (+1 target)."""
-        for name, arr in (("train", self.train), ("validation", self.val)):
-            if len(arr) < seq_len + 1:
-                raise DataError(
-                    f"the {name} split of {self.path} has {len(arr)} tokens, fewer than one sequence of "
-                    f"seq_len + 1 = {seq_len + 1}; use a larger corpus or a shorter --seq-len"
-                )
-        if len(self.train) < global_batch * 2:
+    def check_fits(self, seq_len: int, sequences: int) -> None:
+        """Raise DataError unless the train split holds one global batch of ``sequences``
+        windows and the validation split one window (each window is seq_len + 1 tokens)."""
+        need = sequences * seq_len + 1
+        if len(self.train) < need:
             raise DataError(
-                f"the train split of {self.path} has {len(self.train)} tokens, too few for one global batch of "
-                f"{global_batch} sequences; use a larger corpus or a smaller batch"
+                f"the train split of {self.path} has {len(self.train)} tokens, fewer than one batch of {sequences} "
+                f"sequences x {seq_len} tokens (+1); use a larger corpus or a smaller --batch-size / --seq-len"
+            )
+        if len(self.val) < seq_len + 1:
+            raise DataError(
+                f"the validation split of {self.path} has {len(self.val)} tokens, fewer than one sequence of "
+                f"seq_len + 1 = {seq_len + 1}; use a larger corpus or a shorter --seq-len"
             )
 
     @staticmethod

@@ -359,8 +359,11 @@ class TrainConfig:
             raise ConfigError(f"dtype must be auto, float32 or bf16, got {self.dtype!r}")
         if self.dist not in ("ddp", "fsdp"):
             raise ConfigError(f"dist must be ddp or fsdp, got {self.dist!r}")
-        if self.dist == "fsdp" and self.optimizer == "muon" and _world()[1] > 1:
-            raise ConfigError("Muon orthogonalises whole matrices, FSDP2 holds shards of them: use --dist ddp with Muon")
+        if self.dist == "fsdp" and _world()[1] > 1:
+            if self.optimizer == "muon":
+                raise ConfigError("Muon orthogonalises whole matrices, FSDP2 holds shards of them: use --dist ddp with Muon")
+            if self.qk_clip:
+                raise ConfigError("QK-clip rescales whole heads of W_q/W_k, FSDP2 holds shards of them: use --dist ddp")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -533,6 +536,15 @@ def evaluate(model: nn.Module, batches, device: torch.device, cfg: TrainConfig) 
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM starts afresh at exec; ru_maxrss
+    would carry the peak of a parent that forked us (e.g. ``llmarch ablate``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
