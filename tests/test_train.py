@@ -43,6 +43,15 @@ def data_dir(tmp_path_factory, corpus_text):
     return d / "tok"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one thread is many times faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def run_cfg(data_dir, out, **kw):
     base = dict(arch="llama3.2-1b", data=str(data_dir), out=str(out), tokens=4 * 32 * 12, batch_size=4, seq_len=32,
                 lr=3e-3, warmup=2, eval_every=4, eval_batches=2, progress=False)
@@ -137,18 +146,7 @@ def test_schedules():
 # ----------------------------------------------------------------------------------------
 
 
-def _presets_one_fast_per_family():
-    from llmarch.families import FAMILIES
-
-    out = []
-    for fam in FAMILIES:
-        for i, name in enumerate(fam.presets):
-            out.append(pytest.param(name, marks=() if i == 0 else pytest.mark.slow))
-    assert {p.values[0] for p in out} == set(preset_names())
-    return out
-
-
-@pytest.mark.parametrize("preset", _presets_one_fast_per_family())
+@pytest.mark.parametrize("preset", preset_names())
 def test_loss_decreases_for_every_preset(preset, data_dir, tmp_path):
     summary = train(run_cfg(data_dir, tmp_path, arch=preset, tokens=4 * 32 * 15, lr=5e-3))
     losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")]

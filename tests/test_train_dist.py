@@ -56,7 +56,6 @@ def test_two_processes_equal_one(kind, data_dir, tmp_path):
     assert_same(one, two)
 
 
-@pytest.mark.slow
 def test_fsdp_resume_equals_uninterrupted(data_dir, tmp_path):
     full = run(tmp_path / "full", data_dir, 2, "--batch-size", "2", "--dist", "fsdp")
     run(tmp_path / "cut", data_dir, 2, "--batch-size", "2", "--dist", "fsdp", "--stop-at", "4")

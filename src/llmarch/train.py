@@ -345,6 +345,9 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU | float32 | bf16
     dist: str = "ddp"  # under torchrun: ddp | fsdp
+    # intra-op CPU threads (None: torch's default, one per core). On a machine shared with other
+    # jobs 1 is often much faster: an op split over 2 threads waits for the slower one.
+    threads: int | None = None
     progress: bool = True
 
     def check(self) -> None:
@@ -555,6 +558,8 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
     step, so a bad run fails fast with a ConfigError / DataError / CheckpointError.
     """
     cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world = _world()
     data = TokenData.open(cfg.data)

@@ -32,7 +32,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
             warmup=args.warmup, optimizer=args.optimizer, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
             qk_clip=args.qk_clip, aux_loss=args.aux_loss, bias_update=args.bias_update, eval_every=args.eval_every,
             eval_batches=args.eval_batches, save_every=args.save_every, stop_at=args.stop_at, seed=args.seed,
-            dtype=args.dtype, dist=args.dist, progress=not args.no_progress,
+            dtype=args.dtype, dist=args.dist, threads=args.threads, progress=not args.no_progress,
         )
     summary = train(cfg, resume=args.resume, device=args.device)
     if summary:
@@ -83,6 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bf16"])
     tp.add_argument("--dist", default="ddp", choices=["ddp", "fsdp"], help="data parallelism under torchrun")
+    tp.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     tp.add_argument("--device", default=None)
     tp.add_argument("--out", default=None, help="run folder (metrics.jsonl, checkpoint.pt, summary.json)")
     tp.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
