@@ -261,7 +261,7 @@ def profile(cfg: ModelConfig, context: int = 8192, dtype: str = "bf16", name: st
         "logit soft-cap": "none" if not cfg.final_logit_softcap else f"{cfg.final_logit_softcap:g}",
     }
     if cfg.position == "rope":
-        short["RoPE"] = positions.split("; ", 1)[1]
+        short["RoPE"] = positions.split("; ", 1)[1].removeprefix("RoPE ")
     if not any(f["moe"] for f in (b.mlp.describe() for b in model.layers)):
         short["FFN width"] = ffn_text.split("width ")[-1]
     numbers = dict(

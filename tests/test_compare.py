@@ -1,0 +1,263 @@
+"""The comparison is computed from the models: its parameter counts are the module tree's, its
+KV-cache bytes are what the engine allocates, its FLOPs agree with torch's FLOP counter, and
+its diffs name the differences the configs define."""
+
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import llmarch
+from llmarch import analysis as an
+from llmarch.attention import attention_mask
+from llmarch.cli import main
+from llmarch.compare import diff, load_config, profile, profiles
+from llmarch.config import ModelConfig
+from llmarch.model import build_model
+
+PRESETS = llmarch.preset_names()
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+                intermediate_size=80, max_position_embeddings=64, name="tiny")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+# the attention kinds whose caches and FLOPs differ: global, sliding (window shorter than the
+# context), chunked, NoPE, and all of them mixed in one model
+KINDS = {
+    "full": tiny(),
+    "sliding": tiny(layer_types=["sliding"] * 3 + ["full"], sliding_window=5),
+    "chunked": tiny(layer_types=["chunked"] * 3 + ["full"], attention_chunk_size=4),
+    "nope": tiny(rope_layers=[True, True, True, False]),
+    "mixed": tiny(layer_types=["sliding", "full", "chunked", "full"], sliding_window=5, attention_chunk_size=4,
+                  rope_layers=[True, True, True, False], qk_norm="head", tie_embeddings=True),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# parameters
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_params_are_the_module_tree_and_breakdown_sums_to_total(name):
+    p = profile(llmarch.get_config(name), context=1024)
+    tree = sum(t.numel() for t in p.model.parameters())
+    assert p.numbers["total_params"] == tree
+    assert sum(p.breakdown.values()) == tree
+    assert "other" not in p.breakdown, f"{name}: parameters owned by no known component: {p.breakdown}"
+    assert p.numbers["embedding_params"] + p.numbers["non_embedding_params"] == tree
+    has_head = p.model.lm_head is not None
+    assert ("head" in p.breakdown) == has_head
+
+
+def test_published_parameter_counts():
+    # totals published with the checkpoints (safetensors index total_size / 2 bytes)
+    assert profile(llmarch.get_config("llama3-8b")).numbers["total_params"] == 8_030_261_248
+    assert profile(llmarch.get_config("gpt2")).numbers["total_params"] == 124_439_808
+
+
+def test_breakdown_matches_the_formulas():
+    cfg = llmarch.get_config("llama3-8b")
+    b = profile(cfg).breakdown
+    h, n, d, hq, hkv, f, v = 4096, 32, 128, 32, 8, 14336, 128256
+    assert b["attention"] == n * (2 * h * hq * d + 2 * h * hkv * d)
+    assert b["dense FFN"] == n * 3 * h * f
+    assert b["norms"] == (2 * n + 1) * h
+    assert b["embedding"] == b["head"] == v * h
+
+
+# ----------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kv_bytes_equal_the_allocated_cache(kind, dtype):
+    cfg = KINDS[kind]
+    context = 12  # longer than the window (5) and the chunk (4)
+    model = build_model(cfg, device="cpu")
+    cache = model.new_cache(1, context, dtype=an.DTYPES[dtype])
+    assert profile(cfg, context=context, dtype=dtype).numbers["kv_bytes"] == cache.nbytes
+
+
+@pytest.mark.parametrize("name", ["gemma3-27b", "gemma3-270m", "llama3-8b", "smollm3-3b", "mistral-small-3.1-24b"])
+@pytest.mark.parametrize("context", [512, 32768, 131072])
+def test_kv_bytes_equal_the_allocated_cache_of_presets(name, context):
+    cfg = llmarch.get_config(name)
+    model = build_model(cfg, device="meta")  # the cache is allocated on meta: sizes only
+    assert profile(cfg, context=context).numbers["kv_bytes"] == model.new_cache(1, context, dtype=torch.bfloat16).nbytes
+
+
+def test_sliding_layers_hold_only_their_window():
+    # Gemma 3 27B at 128k: 52 sliding layers hold 1024 tokens, 10 global layers hold all
+    cfg = llmarch.get_config("gemma3-27b")
+    per_token = 2 * 16 * 128 * 2
+    expected = (52 * 1024 + 10 * 131072) * per_token
+    assert profile(cfg, context=131072).numbers["kv_bytes"] == expected
+    # NoPE layers still cache K and V
+    smol = profile(llmarch.get_config("smollm3-3b"), context=4096).numbers
+    assert smol["kv_bytes"] == 36 * 4096 * 2 * 4 * 128 * 2
+
+
+# ----------------------------------------------------------------------------------------
+# FLOPs
+# ----------------------------------------------------------------------------------------
+
+
+def _counted(fn) -> int:
+    # the math SDPA kernel runs as matmuls that the counter sees; the fused CPU kernel is not counted
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_flops_match_torch_flop_counter(kind):
+    """FlopCounterMode counts matmuls and the attention matmuls (bmm), not norms, softmax,
+    RoPE, activations or bias adds; neither does llmarch. The engine's dense SDPA multiplies
+    every key it is given, masked ones included, which is what keys="computed" counts."""
+    cfg = KINDS[kind]
+    torch.manual_seed(0)
+    model = build_model(cfg, device="cpu").eval()
+    t = 12
+    ids = torch.randint(0, cfg.vocab_size, (1, t))
+
+    prefill = _counted(lambda: model(ids))
+    ours = an.prefill_flops_per_token(model, t, keys="computed").total * t
+    assert abs(prefill - ours) / prefill < 0.01, (prefill, ours)
+
+    cache = model.new_cache(1, t)
+    with torch.no_grad():
+        model(ids[:, : t - 1], cache=cache)
+    decode = _counted(lambda: model(ids[:, t - 1 :], cache=cache))
+    ours = an.decode_flops_per_token(model, t, keys="computed").total
+    assert abs(decode - ours) / decode < 0.01, (decode, ours)
+
+
+@pytest.mark.parametrize("layer", ["full", "sliding", "chunked"])
+def test_visible_keys_are_the_attention_mask(layer):
+    """The FLOPs the comparison reports count the keys the engine's mask lets each query see."""
+    cfg = tiny(layer_types=[layer] * 4, sliding_window=5, attention_chunk_size=4)
+    model = build_model(cfg, device="meta")
+    desc = model.layers[0].attn.describe()
+    for t in (1, 3, 4, 5, 11, 12, 23):
+        pos = torch.arange(t)[None]
+        mask = attention_mask(pos, pos, desc["window"], desc["chunk"], torch.float32)
+        allowed = t * t if mask is None else int((mask == 0).sum())
+        assert an.visible_keys_sum(desc, t) == allowed, (layer, t)
+        assert an.visible_keys(desc, t - 1) == int((mask[0, 0, -1] == 0).sum()) if mask is not None else t
+
+
+def test_flops_of_a_preset_by_hand():
+    cfg = llmarch.get_config("llama3-8b")
+    p = profile(cfg, context=8192).numbers
+    matmul = 2 * (8_030_261_248 - 128256 * 4096 - 65 * 4096)  # every weight but the embedding table and norms
+    attention = 32 * 2 * 32 * (128 + 128) * 8192  # scores + values over 8192 keys, 32 layers
+    assert p["decode_flops_per_token"] == matmul + attention
+    # a causal prefill sees on average (T + 1) / 2 keys per query
+    assert p["prefill_flops_per_token"] == matmul + round(32 * 2 * 32 * 256 * 8192 * 8193 / 2 / 8192)
+
+
+def test_sliding_window_caps_decode_flops():
+    gemma = llmarch.get_config("gemma3-27b")
+    short, long = (profile(gemma, context=c).numbers["decode_flops_per_token"] for c in (1024, 131072))
+    per_key = 2 * 32 * 256
+    assert long - short == 10 * per_key * (131072 - 1024)  # only the 10 global layers grow
+
+
+# ----------------------------------------------------------------------------------------
+# schedules and diffs
+# ----------------------------------------------------------------------------------------
+
+
+def test_pattern_summaries():
+    assert an.summarize((["sliding(512)"] * 5 + ["full"]) * 3) == "5x sliding(512) + 1x full, repeated 3x"
+    assert an.summarize((["a"] * 5 + ["b"]) * 4 + ["a"] * 2) == "5x a + 1x b, repeated 4x + 2x a"
+    assert an.summarize(["dense"] * 3 + ["moe"] * 58) == "3x dense + 58x moe"
+    assert an.summarize(["full"] * 7) == "full (all 7 layers)"
+    assert an.ratio((["sliding(512)"] * 5 + ["full"]) * 3, {"full": "global"}) == "5:1 sliding(512):global"
+
+
+def test_compare_table_rows_from_config():
+    g = profile(llmarch.get_config("gemma3-27b"))
+    assert g.row("attention pattern").text == "5x sliding(1024) + 1x full, repeated 10x + 2x sliding(1024)"
+    assert g.row("norm").text == "RMSNorm (1 + w), pre+post (sandwich)"
+    assert g.row("FFN").text == "GeGLU, width 21504"
+    assert g.row("heads / KV heads / head_dim").text == "32 / 16 / 128"
+    s = profile(llmarch.get_config("smollm3-3b"))
+    assert s.row("attention pattern").text == "3x full/RoPE + 1x full/NoPE, repeated 9x"
+    assert s.row("positions").text.startswith("NoPE every 4th layer")
+    assert profile(llmarch.get_config("gpt2")).row("FFN").text == "GELU MLP, width 3072"
+
+
+def _diff(a, b):
+    pa, pb = profiles([a, b])
+    return diff(pa, pb)
+
+
+def test_diff_llama3_olmo2():
+    d = _diff("llama3-8b", "olmo2-7b")
+    assert "norm: pre -> post inside residual" in d
+    assert "QK-norm: none -> RMSNorm over the q/k projections" in d
+    assert "attention: GQA 8 KV heads -> MHA 32 heads" in d
+    assert not any(line.startswith(("attention pattern", "FFN kind", "positions", "norm form")) for line in d)
+
+
+def test_diff_gemma3_qwen3():
+    d = _diff("gemma3-27b", "qwen3-32b")
+    assert "attention pattern: 5:1 sliding(1024):global -> global" in d
+    assert "norm: pre+post (sandwich) -> pre" in d
+    assert "norm form: RMSNorm (1 + w) -> RMSNorm" in d
+    assert "FFN kind: GeGLU -> SwiGLU" in d
+    assert not any(line.startswith("QK-norm") for line in d)  # both normalise q and k per head
+
+
+def test_diff_positions_and_identity():
+    assert "positions: RoPE every layer -> NoPE every 4th layer" in _diff("llama3-8b", "smollm3-3b")
+    assert _diff("qwen3-8b", "qwen3-8b") == []
+
+
+# ----------------------------------------------------------------------------------------
+# inputs and command line
+# ----------------------------------------------------------------------------------------
+
+
+def test_compare_reads_a_checkpoint_config_only(tmp_path):
+    import transformers as T
+
+    hf = T.Qwen3Config(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    hf.save_pretrained(tmp_path)  # config.json only: no weights needed
+    cfg = load_config(str(tmp_path))
+    assert cfg.name == tmp_path.name and cfg.num_layers == 2 and cfg.qk_norm == "head"
+    p = profile(cfg, context=100)
+    assert p.numbers["kv_bytes"] == 2 * 100 * 2 * 2 * 32 * 2
+
+
+def test_cli_compare_formats(capsys):
+    assert main(["compare", "gpt2", "qwen3-0.6b", "--json", "--context", "2048"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["gpt2", "qwen3-0.6b"]
+    assert rows[1]["kv_bytes"] == 28 * 2048 * 2 * 8 * 128 * 2
+    assert main(["compare", "gpt2", "qwen3-0.6b", "--csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("model,total params") and lines[1].startswith("gpt2,124439808")
+    assert main(["compare", "gpt2", "qwen3-0.6b", "--markdown"]) == 0
+    md = capsys.readouterr().out
+    assert "| gpt2 | qwen3-0.6b |" in md and "| tied head | yes | yes |" in md
+    assert main(["diff", "llama3-8b", "olmo2-7b"]) == 0
+    assert "norm: pre -> post inside residual" in capsys.readouterr().out
+
+
+def test_cli_errors_are_clean(capsys):
+    assert main(["compare", "gpt3"]) == 2
+    assert "Did you mean 'gpt2'" in capsys.readouterr().err
+    assert main(["compare", "gpt2", "--context", "0"]) == 2
+    assert "context" in capsys.readouterr().err
