@@ -8,8 +8,8 @@ import sys
 from .analysis import DTYPES
 
 
-def _add_context(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--context", type=int, default=8192, help="context length for KV-cache and FLOPs (default 8192)")
+def _add_context(sp: argparse.ArgumentParser, default: int = 8192) -> None:
+    sp.add_argument("--context", type=int, default=default, help=f"context length for KV-cache and FLOPs (default {default})")
     sp.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="KV-cache element type (default bf16)")
 
 
@@ -79,7 +79,7 @@ def register(sub) -> None:
     sp.add_argument("kind", choices=["kv", "params", "breakdown"])
     sp.add_argument("models", nargs="+")
     sp.add_argument("--out", required=True, help="output directory")
-    _add_context(sp)
+    _add_context(sp, default=131072)
     sp.set_defaults(func=_cmd_plot)
 
     sp = sub.add_parser("diagram", help="architecture diagram of one or two models (SVG + PNG)")
