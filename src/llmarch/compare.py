@@ -218,7 +218,7 @@ def profile(cfg: ModelConfig, context: int = 8192, dtype: str = "bf16", name: st
     form, placement, qk = _norms(model)
     ffn_text, moe_text, ffn_short, ffn_kind = _ffn(model)
     kinds = sorted({d["label"] for d in attn})
-    attn_text = " / ".join(kinds) + f" (head_dim {a0['head_dim']}); cache: {a0['cache']}"
+    attn_text = " / ".join(kinds)
     shapes = f"{a0['heads']} / {a0['kv_heads']} / {a0['head_dim']}"
 
     rows = [
@@ -230,6 +230,7 @@ def profile(cfg: ModelConfig, context: int = 8192, dtype: str = "bf16", name: st
         Row("hidden size", str(cfg.hidden_size), cfg.hidden_size),
         Row("heads / KV heads / head_dim", shapes),
         Row("attention", attn_text),
+        Row("KV cache holds", a0["cache"]),
         Row("attention pattern", pattern),
         Row("positions", positions),
         Row("norm", f"{form}, {placement}"),
