@@ -3,7 +3,12 @@ KV-cache bytes are what the engine allocates, its FLOPs agree with torch's FLOP 
 its diffs name the differences the configs define."""
 
 import json
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -261,3 +266,200 @@ def test_cli_errors_are_clean(capsys):
     assert "Did you mean 'gpt2'" in capsys.readouterr().err
     assert main(["compare", "gpt2", "--context", "0"]) == 2
     assert "context" in capsys.readouterr().err
+
+
+def test_compare_reads_only_the_config_of_a_gguf(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
+    for add, value in ((w.add_block_count, 3), (w.add_context_length, 256), (w.add_embedding_length, 64),
+                       (w.add_feed_forward_length, 96), (w.add_head_count, 4), (w.add_head_count_kv, 1),
+                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0)):
+        add(value)
+    w.add_tensor("token_embd.weight", np.zeros((50, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    p = profile(load_config(str(tmp_path / "tiny.gguf")), context=10)
+    assert p.name == "tiny" and p.short["attention"] == "MQA 1 KV head"
+    assert p.numbers["kv_bytes"] == 3 * 10 * 2 * 1 * 16 * 2
+
+
+# ----------------------------------------------------------------------------------------
+# plots, diagrams, report
+# ----------------------------------------------------------------------------------------
+
+
+def _variance(png_path) -> float:
+    from PIL import Image
+
+    px = np.asarray(Image.open(png_path).convert("L"), dtype=np.float64)
+    return float(px.std())
+
+
+def test_kv_plot_lines_are_the_cache_sizes(tmp_path):
+    from llmarch import plots
+
+    profs = profiles(["gemma3-27b", "llama3-8b"])
+    fig = plots.kv_figure(profs, 131072)
+    lines = {ln.get_label(): ln for ln in fig.axes[0].lines if not ln.get_label().startswith("_")}
+    assert set(lines) == {"gemma3-27b", "llama3-8b"}
+    for p in profs:
+        xs, ys = lines[p.name].get_data()
+        for x, y in zip(xs, ys):
+            assert y == pytest.approx(an.kv_cache_bytes(p.model, int(x), 2) / 2**30)
+    gx, gy = lines["gemma3-27b"].get_data()  # sliding layers stop growing past the window
+    assert gy[-1] / gy[0] < gx[-1] / gx[0] / 4
+    paths = plots.plot("kv", ["gemma3-27b", "llama3-8b"], tmp_path)
+    assert [p.name for p in paths] == ["kv.png", "kv.svg"]
+    assert _variance(paths[0]) > 10
+    root = ET.parse(paths[1]).getroot()
+    assert root.tag.endswith("svg")
+    assert "gemma3-27b" in paths[1].read_text()  # matplotlib keeps each label as a comment
+
+
+def test_breakdown_plot_shares_sum_to_100():
+    from llmarch import plots
+
+    profs = profiles(["gpt2", "gemma3-270m"])
+    fig = plots.breakdown_figure(profs)
+    totals = [0.0, 0.0]
+    for patch in fig.axes[0].patches:
+        row = round(patch.get_y() + patch.get_height() / 2)
+        totals[row] += patch.get_width()
+    assert totals == [pytest.approx(100), pytest.approx(100)]
+    fig = plots.params_figure(profs)
+    heights = sorted(round(b.get_height() * 1e9) for b in fig.axes[0].patches)
+    assert heights == sorted([p.numbers["total_params"] for p in profs] + [p.numbers["active_params"] for p in profs])
+
+
+def _boxes(g):
+    out = []
+    for box in g.iter(f"{SVG}g"):
+        if box.get("class") == "box":
+            rect = box.find(f"{SVG}rect")
+            text = " ".join(t.text or "" for t in box.iter(f"{SVG}tspan"))
+            out.append((box.get("data-role"), float(rect.get("x")), float(rect.get("y")), text))
+    return out
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+@pytest.mark.parametrize("pair", [("llama3-8b", "olmo2-7b"), ("gemma3-27b", "gpt2")])
+def test_diagram_svg_structure(tmp_path, pair):
+    from llmarch.diagram import COL_W, write
+
+    svg, png = write(list(pair), tmp_path / "d.svg")
+    root = ET.parse(svg).getroot()
+    models = [g for g in root.iter(f"{SVG}g") if g.get("class") == "model"]
+    assert [g.get("data-model") for g in models] == list(pair)
+    for col, (g, name) in enumerate(zip(models, pair)):
+        cfg = llmarch.get_config(name)
+        boxes = _boxes(g)
+        assert all(col * COL_W <= x < (col + 1) * COL_W for _, x, _, _ in boxes), "columns side by side"
+        roles = [r for r, *_ in boxes]
+        for role in ("embedding", "attention", "ffn", "head", "block"):
+            assert roles.count(role) == 1, (name, role, roles)
+        texts = [t.text for t in g.iter(f"{SVG}text") if t.get("class") == "repeat"]
+        assert texts == [f"x {cfg.num_layers}"]
+        block_norms = roles.count("norm") - 1  # minus the final norm
+        assert block_norms == {"pre": 2, "post": 2, "sandwich": 4}[cfg.norm_placement]
+        attn = next(b for b in boxes if b[0] == "attention")
+        first_norm = max((b for b in boxes if b[0] == "norm"), key=lambda b: b[2])  # lowest on the page
+        # a pre-norm sits below attention (it comes first); a post-norm sits above
+        assert (first_norm[2] > attn[2]) == (cfg.norm_placement != "post")
+        caption = " ".join(t.text for t in g.iter(f"{SVG}text") if t.get("class") == "pattern")
+        assert profile(cfg).row("attention pattern").text.split(",")[0] in caption
+    boxes = {name: _boxes(g) for g, name in zip(models, pair)}
+    attn_text = {n: next(t for r, _, _, t in b if r == "attention") for n, b in boxes.items()}
+    if "gemma3-27b" in pair:
+        assert "5:1 sliding(1024):global" in attn_text["gemma3-27b"]
+        assert "Multi-head attention" in attn_text["gpt2"]
+        assert "GeGLU" in next(t for r, _, _, t in boxes["gemma3-27b"] if r == "ffn")
+    else:
+        assert "Grouped-query attention" in attn_text["llama3-8b"] and "8 KV heads" in attn_text["llama3-8b"]
+        assert "QK-norm" in attn_text["olmo2-7b"] and "QK-norm" not in attn_text["llama3-8b"]
+    assert float(root.get("width")) == 2 * COL_W
+    assert _variance(png) > 10
+
+
+REPORT_MODELS = ["llama3-8b", "olmo2-7b", "gemma3-27b"]
+
+
+@pytest.fixture(scope="module")
+def report_path(tmp_path_factory):
+    from llmarch.report import write_report
+
+    return write_report(tmp_path_factory.mktemp("report"), REPORT_MODELS, context=4096)
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows, self.imgs, self.svgs, self.external, self.scripts = [], [], 0, [], 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "tr" and "data-model" in a:
+            self.rows.append(a["data-model"])
+        if tag == "img":
+            self.imgs.append(a)
+        if tag == "svg":
+            self.svgs += 1
+        if tag in ("script", "link", "iframe", "object"):
+            self.scripts += 1
+        for k in ("src", "href"):
+            if k in a and not a[k].startswith(("data:", "#")):
+                self.external.append(a[k])
+
+
+def test_report_html_structure(report_path):
+    import base64
+
+    html = report_path.read_text()
+    page = _Page()
+    page.feed(html)
+    assert page.rows == REPORT_MODELS
+    assert sorted(i["data-plot"] for i in page.imgs) == ["breakdown", "kv", "params"]
+    for img in page.imgs:
+        head, data = img["src"].split(",", 1)
+        assert head == "data:image/png;base64"
+        assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.svgs == 2  # the diagrams, two models per figure
+    assert page.external == [] and page.scripts == 0
+    assert "norm: pre -&gt; post inside residual" in html  # the llama3 -> olmo2 diff
+    kv = profile(llmarch.get_config("gemma3-27b"), context=4096).row("KV cache @ 4,096 (bf16)").text
+    assert kv in html
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _chromium(url: str, shot, profile_dir) -> list[str]:
+    """Screenshot ``url`` headless; returns the page's console messages."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile_dir}",
+           "--enable-logging=stderr", "--v=0", "--hide-scrollbars", "--window-size=1400,2400",
+           f"--screenshot={shot}", url]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return [line for line in res.stderr.splitlines() if ":CONSOLE" in line]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(report_path, tmp_path):
+    # the harness sees console errors: a page with a script error must report one
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><p>x</p><script>undefinedFunction()</script></body></html>")
+    assert _chromium(bad.as_uri(), tmp_path / "bad.png", tmp_path / "profile-bad")
+    console = _chromium(report_path.as_uri(), tmp_path / "shot.png", tmp_path / "profile")
+    assert console == []
+    from PIL import Image
+
+    px = np.asarray(Image.open(tmp_path / "shot.png").convert("RGB"), dtype=np.float64)
+    assert px.shape[:2] == (2400, 1400)
+    assert px.std() > 20, "blank screenshot"
+    # the table, the plots and the diagrams all drew something: no horizontal band is empty
+    bands = [px[i : i + 600].std() for i in range(0, 2400, 600)]
+    assert min(bands) > 5, bands
