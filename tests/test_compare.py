@@ -442,7 +442,7 @@ def _chromium(url: str, shot, profile_dir) -> list[str]:
            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile_dir}",
            "--enable-logging=stderr", "--v=0", "--hide-scrollbars", "--window-size=1400,2400",
            f"--screenshot={shot}", url]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     return [line for line in res.stderr.splitlines() if ":CONSOLE" in line]
 

@@ -22,7 +22,6 @@ from .errors import ConfigError
 from .model import Decoder
 from .params import count_model, human
 
-
 # ----------------------------------------------------------------------------------------
 # what to compare: presets or checkpoints (config only)
 # ----------------------------------------------------------------------------------------
@@ -158,6 +157,11 @@ _QK_NORMS = {"none": "none", "head": "RMSNorm per head", "proj": "RMSNorm over t
              "l2": "L2 norm without weight"}
 
 
+def norm_name(norm) -> str:
+    """"RMSNorm", "LayerNorm", "RMSNorm (1 + w)" (Gemma's offset weight) from the module."""
+    return type(norm).__name__ + (" (1 + w)" if getattr(norm, "unit_offset", False) else "")
+
+
 def _norms(model: Decoder) -> tuple[str, str, str]:
     """(form, placement, qk-norm) from the first block's modules."""
     blk = model.layers[0]
@@ -165,9 +169,7 @@ def _norms(model: Decoder) -> tuple[str, str, str]:
     post = blk.attn_post_norm is not None
     placement = "pre+post (sandwich)" if pre and post else ("post inside residual" if post else "pre")
     norm = next(n for n in (blk.attn_norm, blk.attn_post_norm, model.norm) if n is not None)
-    form = type(norm).__name__
-    if getattr(norm, "unit_offset", False):
-        form += " (1 + w)"
+    form = norm_name(norm)
     qk = sorted({d["qk_norm"] for d in (b.attn.describe() for b in model.layers)})
     return form, placement, " / ".join(_QK_NORMS.get(q, q) for q in qk)
 

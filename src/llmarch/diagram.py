@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from .compare import Profile, load_config, profile
+from .compare import Profile, load_config, norm_name, profile
 from .errors import ConfigError
 
 COL_W = 360  # one model's column
@@ -98,7 +99,7 @@ def _wrap(lines: list[str]) -> list[str]:
 def attention_lines(p: Profile) -> list[str]:
     d = p.model.layers[0].attn.describe()
     title = ATTENTION_TITLES.get(d["kind"], d["kind"])
-    heads = p.short["attention"] if d["kind"] == "MLA" else f"{d['heads']} heads, {d['kv_heads']} KV heads, head_dim {d['head_dim']}"
+    heads = f"{d['label']}, {d['heads']} query heads, head_dim {d['head_dim']}"
     pattern = p.short["attention pattern"]
     pattern = "global attention in every layer" if pattern == "global" else pattern
     qk = p.short["QK-norm"]
@@ -179,7 +180,7 @@ def column(p: Profile, x0: float) -> Column:
         elif role == "norm":
             if what is None:
                 continue  # this block has no norm here (the placement is in the module tree)
-            block_items.append(_box(col, y, [type(what).__name__ + (" (1 + w)" if getattr(what, "unit_offset", False) else "")], "norm", cx, 170))
+            block_items.append(_box(col, y, [norm_name(what)], "norm", cx, 170))
             y = block_items[-1].y + block_items[-1].h + 18
         else:
             block_items.append(_box(col, y, what, role, cx))
@@ -210,7 +211,7 @@ def column(p: Profile, x0: float) -> Column:
     col.items.append(Text(cx, y, "Tokenized text", "input", size=11))
     flow.append(Plus(cx, y - 12, 0))  # the arrow from the input text
 
-    for upper, lower in zip(flow, flow[1:]):
+    for upper, lower in pairwise(flow):
         top = lower.y if isinstance(lower, Box) else lower.cy - lower.r
         bottom = upper.y + upper.h if isinstance(upper, Box) else upper.cy + upper.r
         col.items.append(Arrow(cx, top, cx, bottom))
@@ -233,9 +234,9 @@ def layout(profs: list[Profile]) -> Layout:
 def _svg_item(it, uid: str) -> str:
     if isinstance(it, Box):
         dash = ' stroke-dasharray="6 4"' if it.dashed else ""
-        out = [f'<g class="box" data-role="{it.role}">',
-               f'<rect x="{it.x:.1f}" y="{it.y:.1f}" width="{it.w:.1f}" height="{it.h:.1f}" rx="8" '
-               f'fill="{FILLS[it.role]}" stroke="#555"{dash}/>']
+        rect = (f'<rect x="{it.x:.1f}" y="{it.y:.1f}" width="{it.w:.1f}" height="{it.h:.1f}" rx="8" '
+                f'fill="{FILLS[it.role]}" stroke="#555"{dash}/>')
+        out = [f'<g class="box" data-role="{it.role}">', rect]
         if it.lines:
             out.append(f'<text x="{it.x + it.w / 2:.1f}" y="{it.y + 5:.1f}" text-anchor="middle" font-size="11">')
             for i, line in enumerate(it.lines):
@@ -258,13 +259,11 @@ def _svg_item(it, uid: str) -> str:
 
 def to_svg(lay: Layout, uid: str = "llmarch") -> str:
     """Plain, readable SVG; ``uid`` prefixes the ids so several diagrams can share a page."""
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{lay.width:.0f}" height="{lay.height:.0f}" '
-        f'viewBox="0 0 {lay.width:.0f} {lay.height:.0f}" font-family="{FONT}">',
-        f'<defs><marker id="{uid}-arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
-        'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#333"/></marker></defs>',
-        f'<rect width="{lay.width:.0f}" height="{lay.height:.0f}" fill="white"/>',
-    ]
+    w, h = f"{lay.width:.0f}", f"{lay.height:.0f}"
+    svg = f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="{FONT}">'
+    marker = (f'<defs><marker id="{uid}-arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
+              'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#333"/></marker></defs>')
+    parts = [svg, marker, f'<rect width="{w}" height="{h}" fill="white"/>']
     for col in lay.columns:
         parts.append(f'<g class="model" data-model="{escape(col.model)}">')
         parts.extend(s for s in (_svg_item(it, uid) for it in col.items) if s)
@@ -274,13 +273,10 @@ def to_svg(lay: Layout, uid: str = "llmarch") -> str:
 
 
 def to_png(lay: Layout, path: str | Path, dpi: int = 100) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.patches import Circle, FancyBboxPatch
 
-    fig = plt.figure(figsize=(lay.width / 72, lay.height / 72))  # 1 SVG unit = 1 point
+    fig = Figure(figsize=(lay.width / 72, lay.height / 72))  # 1 SVG unit = 1 point
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_xlim(0, lay.width)
     ax.set_ylim(lay.height, 0)
@@ -304,7 +300,6 @@ def to_png(lay: Layout, path: str | Path, dpi: int = 100) -> Path:
                 ax.add_patch(Circle((it.cx, it.cy), it.r, fc="white", ec="#333"))
                 ax.text(it.cx, it.cy + 4.5, "+", ha="center", va="baseline", fontsize=13)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return Path(path)
 
 

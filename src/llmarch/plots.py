@@ -7,21 +7,17 @@ import io
 from pathlib import Path
 
 import matplotlib
+from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from . import analysis as an  # noqa: E402
-from .compare import Profile, load_config, profile  # noqa: E402
-from .errors import ConfigError  # noqa: E402
+from . import analysis as an
+from .compare import Profile, load_config, profile
+from .errors import ConfigError
 
 KINDS = ("kv", "params", "breakdown")
 COMPONENT_COLORS = {
     "embedding": "#8dd3c7", "attention": "#80b1d3", "dense FFN": "#fdb462", "experts": "#fb8072",
     "router": "#bebada", "norms": "#b3de69", "head": "#fccde5", "other": "#d9d9d9",
 }
-plt.rcParams.update({"svg.fonttype": "path", "font.size": 9})  # SVG text as paths: no fonts needed
 
 
 def contexts_up_to(longest: int) -> list[int]:
@@ -36,14 +32,15 @@ def kv_figure(profs: list[Profile], longest: int = 131072, dtype: str = "bf16") 
     """KV-cache GiB per sequence against context; dotted beyond a model's maximum context."""
     bpe = an.dtype_bytes(dtype)
     ctx = contexts_up_to(longest)
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    cmap = plt.get_cmap("tab20")
+    fig = Figure(figsize=(9, 5.5))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["tab20"]
     for i, p in enumerate(profs):
         gib = [an.kv_cache_bytes(p.model, c, bpe) / 2**30 for c in ctx]
         limit = p.model.config.max_position_embeddings
         inside = [j for j, c in enumerate(ctx) if c <= limit]
         color = cmap(i % 20)
-        (line,) = ax.plot([ctx[j] for j in inside], [gib[j] for j in inside], "-o", ms=3, color=color, label=p.name)
+        ax.plot([ctx[j] for j in inside], [gib[j] for j in inside], "-o", ms=3, color=color, label=p.name)
         beyond = [j for j in range(len(ctx)) if j >= (inside[-1] if inside else 0)]
         if len(beyond) > 1:
             ax.plot([ctx[j] for j in beyond], [gib[j] for j in beyond], ":", color=color)
@@ -59,7 +56,8 @@ def kv_figure(profs: list[Profile], longest: int = 131072, dtype: str = "bf16") 
 
 
 def params_figure(profs: list[Profile]) -> Figure:
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(profs) + 2), 4.5))
+    fig = Figure(figsize=(max(6, 0.55 * len(profs) + 2), 4.5))
+    ax = fig.subplots()
     xs = range(len(profs))
     total = [p.numbers["total_params"] / 1e9 for p in profs]
     active = [p.numbers["active_params"] / 1e9 for p in profs]
@@ -77,7 +75,8 @@ def params_figure(profs: list[Profile]) -> Figure:
 
 def breakdown_figure(profs: list[Profile]) -> Figure:
     """Share of each component in each model (100% bars), total annotated."""
-    fig, ax = plt.subplots(figsize=(9, 0.38 * len(profs) + 1.6))
+    fig = Figure(figsize=(9, 0.38 * len(profs) + 1.6))
+    ax = fig.subplots()
     names = [p.name for p in profs]
     left = [0.0] * len(profs)
     for comp in an.COMPONENTS:
@@ -120,6 +119,6 @@ def plot(kind: str, specs: list[str], out: str | Path, context: int = 131072, dt
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{kind}.png", out / f"{kind}.svg"]
     fig.savefig(paths[0], dpi=110, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-    plt.close(fig)
+    with matplotlib.rc_context({"svg.fonttype": "path"}):  # text as paths: the SVG needs no fonts
+        fig.savefig(paths[1], bbox_inches="tight")
     return paths

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 from html import escape
+from itertools import pairwise
 from pathlib import Path
 
 from tqdm import tqdm
@@ -38,7 +39,8 @@ def _table(profs: list[Profile]) -> str:
     for p in profs:
         cells = "".join(f"<td>{escape(r.text)}</td>" for r in p.rows)
         body.append(f'<tr data-model="{escape(p.name)}"><td class="model">{escape(p.name)}</td>{cells}</tr>')
-    return f'<div class="scroll"><table class="compare">\n<thead>{head}</thead>\n<tbody>\n' + "\n".join(body) + "\n</tbody></table></div>"
+    rows = "\n".join(body)
+    return f'<div class="scroll"><table class="compare">\n<thead>{head}</thead>\n<tbody>\n{rows}\n</tbody></table></div>'
 
 
 def _png_img(png: bytes, alt: str, kind: str) -> str:
@@ -47,8 +49,6 @@ def _png_img(png: bytes, alt: str, kind: str) -> str:
 
 
 def _plot_section(profs: list[Profile], context: int, dtype: str) -> str:
-    import matplotlib.pyplot as plt
-
     captions = {
         "kv": f"KV-cache memory per sequence against context length ({dtype}); sliding-window layers hold "
               "only their window, chunked layers their chunk, MLA layers their latent.",
@@ -60,7 +60,6 @@ def _plot_section(profs: list[Profile], context: int, dtype: str) -> str:
         fig = plots.figure(kind, profs, max(context, 131072) if kind == "kv" else context, dtype)
         out.append(f"<figure>{_png_img(plots.png_bytes(fig), captions[kind], kind)}"
                    f"<figcaption>{escape(captions[kind])}</figcaption></figure>")
-        plt.close(fig)
     return "\n".join(out)
 
 
@@ -78,7 +77,7 @@ def _diagram_section(profs: list[Profile]) -> str:
 
 def _diff_section(profs: list[Profile]) -> str:
     out = []
-    for a, b in zip(profs, profs[1:]):
+    for a, b in pairwise(profs):
         lines = diff(a, b) or ["(no architectural difference)"]
         items = "".join(f"<li>{escape(line)}</li>" for line in lines)
         out.append(f"<h3>{escape(a.name)} &rarr; {escape(b.name)}</h3><ul class=\"diff\">{items}</ul>")
