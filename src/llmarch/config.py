@@ -98,6 +98,25 @@ class ModelConfig:
     tie_embeddings: bool = False
     final_logit_softcap: float | None = None
 
+    # --- Gemma 3n: small-device extensions (see llmarch/gemma3n.py); all off by default ---
+    # per-layer FFN widths (MatFormer); None = intermediate_size everywhere
+    intermediate_sizes: list[int] | None = None
+    # per-layer Gaussian top-k sparsity of the FFN gate: keep activations above
+    # mean + std * Phi^-1(s); 0 = dense layer; None = dense everywhere
+    activation_sparsity: list[float] | None = None
+    v_norm: bool = False  # weightless RMSNorm on the values
+    # the last n layers compute no K/V: each reuses those of the last earlier layer of its type
+    num_kv_shared_layers: int = 0
+    laurel_rank: int | None = None  # LAuReL: low-rank learned residual beside attention
+    # AltUp: the residual stream is widened to n streams, one of which goes through the layer
+    altup_num_inputs: int | None = None
+    altup_active_idx: int = 0
+    altup_coef_clip: float | None = None  # clip of the predict/correct coefficients (training)
+    altup_correct_scale: bool = True
+    # Per-layer embeddings (PLE): a vocab_size_per_layer_input x (num_layers * this) table
+    hidden_size_per_layer_input: int | None = None
+    vocab_size_per_layer_input: int | None = None
+
     # --- metadata (not architecture) -------------------------------------------------
     name: str | None = None
     hf_model_type: str | None = None  # family used for HF export
@@ -119,6 +138,10 @@ class ModelConfig:
             self.layer_types = list(self.layer_types)
         if self.rope_layers is not None:
             self.rope_layers = [bool(x) for x in self.rope_layers]
+        if self.intermediate_sizes is not None:
+            self.intermediate_sizes = [int(x) for x in self.intermediate_sizes]
+        if self.activation_sparsity is not None:
+            self.activation_sparsity = [float(x) for x in self.activation_sparsity]
 
     # ---------------------------------------------------------------------------------
     def validate(self) -> "ModelConfig":
@@ -164,7 +187,37 @@ class ModelConfig:
                 bad(f"rope scaling type {rc.rope_type!r} is not supported; expected one of {', '.join(ROPE_TYPES)}")
         if self.position == "learned" and self.max_position_embeddings <= 0:
             bad("learned positions need max_position_embeddings > 0")
+        self._validate_small_device_fields(bad)
         return self
+
+    def _validate_small_device_fields(self, bad) -> None:
+        n = self.num_layers
+        for fname in ("intermediate_sizes", "activation_sparsity"):
+            v = getattr(self, fname)
+            if v is not None and len(v) != n:
+                bad(f"{fname} has {len(v)} entries, expected num_layers = {n}")
+        if self.intermediate_sizes is not None and min(self.intermediate_sizes) <= 0:
+            bad(f"intermediate_sizes must be positive, got {self.intermediate_sizes}")
+        if self.activation_sparsity is not None and any(not 0.0 <= s < 1.0 for s in self.activation_sparsity):
+            bad(f"activation_sparsity values must be in [0, 1), got {self.activation_sparsity}")
+        if not 0 <= self.num_kv_shared_layers < n:
+            bad(f"num_kv_shared_layers must be in [0, num_layers), got {self.num_kv_shared_layers}")
+        first_shared = n - self.num_kv_shared_layers
+        missing = set(self.layer_types[first_shared:]) - set(self.layer_types[:first_shared])
+        if missing:
+            bad(f"KV-shared layers of type {sorted(missing)} have no earlier layer of that type to share K/V with")
+        if self.altup_num_inputs is not None:
+            if self.altup_num_inputs < 1:
+                bad(f"altup_num_inputs must be >= 1, got {self.altup_num_inputs}")
+            if not 0 <= self.altup_active_idx < self.altup_num_inputs:
+                bad(f"altup_active_idx must be in [0, altup_num_inputs), got {self.altup_active_idx}")
+        if self.hidden_size_per_layer_input is not None:
+            if (self.altup_num_inputs or 1) < 2:
+                bad("per-layer embeddings are added to the AltUp streams other than the first: they need altup_num_inputs >= 2")
+            if not self.vocab_size_per_layer_input or self.vocab_size_per_layer_input <= 0:
+                bad("hidden_size_per_layer_input needs a positive vocab_size_per_layer_input")
+        if self.laurel_rank is not None and self.laurel_rank <= 0:
+            bad(f"laurel_rank must be positive, got {self.laurel_rank}")
 
     # ---------------------------------------------------------------------------------
     def layer_uses_rope(self, i: int) -> bool:
@@ -182,6 +235,36 @@ class ModelConfig:
 
     def layer_chunk(self, i: int) -> int | None:
         return self.attention_chunk_size if self.layer_types[i] == CHUNKED else None
+
+    def layer_intermediate_size(self, i: int) -> int:
+        return self.intermediate_size if self.intermediate_sizes is None else self.intermediate_sizes[i]
+
+    def layer_activation_sparsity(self, i: int) -> float:
+        return 0.0 if self.activation_sparsity is None else self.activation_sparsity[i]
+
+    def layer_kv_source(self, i: int) -> int | None:
+        """The layer whose keys/values layer i reuses (Gemma 3n KV sharing), or None.
+
+        Layers in the last ``num_kv_shared_layers`` reuse the K/V of the last layer of the same
+        attention type before that range.
+        """
+        first_shared = self.num_layers - self.num_kv_shared_layers
+        if i < first_shared:
+            return None
+        return max(j for j in range(first_shared) if self.layer_types[j] == self.layer_types[i])
+
+    @property
+    def uses_gemma3n_layers(self) -> bool:
+        """True when the layers need the Gemma 3n decoder (AltUp streams, PLE, LAuReL, KV sharing...)."""
+        return (
+            self.altup_num_inputs is not None
+            or self.hidden_size_per_layer_input is not None
+            or self.laurel_rank is not None
+            or self.num_kv_shared_layers > 0
+            or self.intermediate_sizes is not None
+            or self.activation_sparsity is not None
+            or self.v_norm
+        )
 
     @property
     def attn_scale(self) -> float:
