@@ -92,7 +92,8 @@ def test_kv_bytes_equal_the_allocated_cache(kind, dtype):
     assert profile(cfg, context=context, dtype=dtype).numbers["kv_bytes"] == cache.nbytes
 
 
-@pytest.mark.parametrize("name", ["gemma3-27b", "gemma3-270m", "llama3-8b", "smollm3-3b", "mistral-small-3.1-24b"])
+@pytest.mark.parametrize("name", ["gemma3-27b", "gemma3-270m", "llama3-8b", "smollm3-3b", "mistral-small-3.1-24b",
+                                  "gemma3n-e2b"])
 @pytest.mark.parametrize("context", [512, 32768, 131072])
 def test_kv_bytes_equal_the_allocated_cache_of_presets(name, context):
     cfg = llmarch.get_config(name)
@@ -222,6 +223,20 @@ def test_diff_gemma3_qwen3():
     assert "norm form: RMSNorm (1 + w) -> RMSNorm" in d
     assert "FFN kind: GeGLU -> SwiGLU" in d
     assert not any(line.startswith("QK-norm") for line in d)  # both normalise q and k per head
+
+
+def test_gemma3n_components_and_kv_sharing():
+    p = profile(llmarch.get_config("gemma3n-e4b"), context=32768)
+    assert {"AltUp", "LAuReL", "per-layer inputs"} <= set(p.breakdown)
+    # the per-layer embedding table counts as embedding, like the token table
+    table = p.model.ple.table.weight.numel()
+    assert p.breakdown["embedding"] == p.model.embed.weight.numel() + table
+    assert p.numbers["effective_params"] == p.numbers["total_params"] - table
+    # the last 15 layers reuse K/V: 20 layers cache, 4 of every 5 of them sliding(512)
+    assert p.numbers["kv_bytes"] == (16 * 512 + 4 * 32768) * 2 * 2 * 256 * 2
+    d = diff(profile(llmarch.get_config("gemma3-4b")), p)
+    assert "other per-layer modules: none -> AltUp, Laurel, PerLayerInput" in d
+    assert "attention pattern: 5:1 sliding(1024):global -> 4:1 sliding(512):global" in d
 
 
 def test_diff_positions_and_identity():

@@ -53,7 +53,8 @@ def meta_model(cfg: ModelConfig) -> Decoder:
 
 
 def param_breakdown(model: Decoder) -> dict[str, int]:
-    """Parameters per component; a parameter belongs to the innermost module that names one.
+    """Parameters per component; a parameter belongs to the innermost module that names one
+    (``param_component``, or its parent's ``child_components[name]``).
 
     Sums to the model's parameter count (a tied head is counted once, as the embedding).
     """
@@ -66,8 +67,9 @@ def param_breakdown(model: Decoder) -> dict[str, int]:
             if id(p) not in found:
                 found[id(p)] = comp or ("head" if p is model.head_weight else "other")
                 sizes[id(p)] = p.numel()
-        for child in mod.children():
-            visit(child, comp)
+        named = getattr(mod, "child_components", {})
+        for name, child in mod.named_children():
+            visit(child, named.get(name, comp))
 
     visit(model, None)
     out = dict.fromkeys(COMPONENTS, 0)

@@ -200,6 +200,24 @@ def _ffn(model: Decoder) -> tuple[str, str, str, str]:
     return f"{kind}", moe_text, f"MoE {shape}, {where}", kind
 
 
+_STANDARD_BLOCK = {"attn", "mlp", "attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm"}
+
+
+def block_extras(model: Decoder) -> list[str]:
+    """Modules a block has beyond attention, FFN and norms (Gemma 3n: AltUp, Laurel, ...)."""
+    seen: dict[str, None] = {}
+    for blk in model.layers:
+        for name, child in blk.named_children():
+            if name not in _STANDARD_BLOCK:
+                seen[type(child).__name__] = None
+    return list(seen)
+
+
+def _cache_text(model: Decoder, first: dict) -> str:
+    idle = sum(1 for b in model.layers if b.attn.kv_bytes_per_token(1) == 0)
+    return first["cache"] + (f"; {idle} layers cache nothing (they reuse another layer's K and V)" if idle else "")
+
+
 def profile(cfg: ModelConfig, context: int = 8192, dtype: str = "bf16", name: str | None = None) -> Profile:
     """Build ``cfg`` on the meta device and describe it; KV and FLOPs at ``context`` tokens."""
     if context < 1:
@@ -226,19 +244,22 @@ def profile(cfg: ModelConfig, context: int = 8192, dtype: str = "bf16", name: st
     rows = [
         Row("total params", f"{human(counts.total)} ({counts.total:,})", counts.total),
         Row("active params", human(counts.active), counts.active),
+        Row("effective params (without offloadable tables)", human(counts.effective) if counts.effective else "—",
+            counts.effective),
         Row("embedding params", human(counts.embedding), counts.embedding),
         Row("non-embedding params", human(counts.non_embedding), counts.non_embedding),
         Row("layers", str(cfg.num_layers), cfg.num_layers),
         Row("hidden size", str(cfg.hidden_size), cfg.hidden_size),
         Row("heads / KV heads / head_dim", shapes),
         Row("attention", attn_text),
-        Row("KV cache holds", a0["cache"]),
+        Row("KV cache holds", _cache_text(model, a0)),
         Row("attention pattern", pattern),
         Row("positions", positions),
         Row("norm", f"{form}, {placement}"),
         Row("QK-norm", qk),
         Row("FFN", ffn_text),
         Row("MoE", moe_text),
+        Row("other per-layer modules", ", ".join(block_extras(model)) or "—"),
         Row("vocabulary", f"{cfg.vocab_size:,}", cfg.vocab_size),
         Row("tied head", "yes" if model.lm_head is None else "no"),
         Row("KV cache / token", _bytes(kv_tok), kv_tok),
@@ -255,6 +276,8 @@ def profile(cfg: ModelConfig, context: int = 8192, dtype: str = "bf16", name: st
         "QK-norm": qk,
         "FFN": ffn_short,
         "FFN kind": ffn_kind,
+        "other per-layer modules": ", ".join(block_extras(model)) or "none",
+        "KV cache holds": _cache_text(model, a0),
         "layers": str(cfg.num_layers),
         "hidden size": str(cfg.hidden_size),
         "heads / KV heads / head_dim": shapes,
@@ -269,7 +292,7 @@ def profile(cfg: ModelConfig, context: int = 8192, dtype: str = "bf16", name: st
         short["FFN width"] = ffn_text.split("width ")[-1]
     numbers = dict(
         total_params=counts.total, active_params=counts.active, embedding_params=counts.embedding,
-        non_embedding_params=counts.non_embedding, context=context, dtype=dtype, kv_bytes_per_token=kv_tok,
+        non_embedding_params=counts.non_embedding, effective_params=counts.effective, context=context, dtype=dtype, kv_bytes_per_token=kv_tok,
         kv_bytes=kv, prefill_flops_per_token=pre.total, decode_flops_per_token=dec.total,
         matmul_flops_per_token=pre.matmul,
     )

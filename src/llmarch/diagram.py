@@ -143,6 +143,8 @@ def column(p: Profile, x0: float) -> Column:
     caption = [f"layers: {p.row('attention pattern').text}"]
     if p.row("MoE").text != "—":
         caption.append(f"FFN: {p.row('MoE').text.split('; ')[-1]}")
+    if p.row("other per-layer modules").text != "—":
+        caption.append(f"each layer also has: {p.row('other per-layer modules').text}")
     for line in textwrap.wrap("; ".join(caption), 56):
         col.items.append(Text(cx, y, line, "pattern", size=10))
         y += 13

@@ -79,10 +79,12 @@ def breakdown_figure(profs: list[Profile]) -> Figure:
     ax = fig.subplots()
     names = [p.name for p in profs]
     left = [0.0] * len(profs)
-    for comp in an.COMPONENTS:
+    extra = sorted({c for p in profs for c in p.breakdown} - set(an.COMPONENTS))
+    spare = iter(matplotlib.colormaps["Pastel2"].colors)
+    for comp in [*an.COMPONENTS, *extra]:
         share = [p.breakdown.get(comp, 0) / p.numbers["total_params"] * 100 for p in profs]
         if any(share):
-            ax.barh(names, share, left=left, color=COMPONENT_COLORS[comp], label=comp)
+            ax.barh(names, share, left=left, color=COMPONENT_COLORS.get(comp) or next(spare), label=comp)
             left = [a + b for a, b in zip(left, share)]
     for i, p in enumerate(profs):
         ax.text(101, i, f"{p.numbers['total_params'] / 1e9:.2f}B", va="center", fontsize=8)
