@@ -50,6 +50,8 @@ class Attention(nn.Module):
         self.use_rope = cfg.layer_uses_rope(layer_idx)
         self.rope_interleaved = cfg.rope_interleaved
         self.qk_norm = cfg.qk_norm
+        self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
+        self.temperature_floor, self.temperature_scale = cfg.attn_temperature_floor_scale, cfg.attn_temperature_scale
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
@@ -128,6 +130,10 @@ class Attention(nn.Module):
             k = apply_rope(k, cos, sin, self.rope_interleaved)
             if self.qk_norm == "l2":
                 q, k = self.q_norm(q), self.k_norm(k)
+        elif self.temperature_tuning:
+            # Llama 4 NoPE layers sharpen attention with distance: q *= 1 + scale * log1p(floor((pos + 1) / floor))
+            t_scale = torch.log1p(torch.floor((positions.float() + 1.0) / self.temperature_floor)) * self.temperature_scale + 1.0
+            q = (q * t_scale[:, None, :, None]).to(q.dtype)
         kpos = positions
         if cache is not None:
             k, v, kpos = cache.update(k, v, positions)

@@ -11,6 +11,8 @@ from .attention import Attention
 from .cache import KVCache
 from .config import ModelConfig
 from .layers import Rotary, make_ffn, make_norm
+from .mla import MLAttention
+from .moe import MoE
 
 
 class Block(nn.Module):
@@ -29,10 +31,10 @@ class Block(nn.Module):
         post = cfg.norm_placement in ("post", "sandwich")
         h = cfg.hidden_size
         self.attn_norm = make_norm(cfg, h) if pre else None
-        self.attn = Attention(cfg, layer_idx)
+        self.attn = MLAttention(cfg, layer_idx) if cfg.attention_kind == "mla" else Attention(cfg, layer_idx)
         self.attn_post_norm = make_norm(cfg, h) if post else None
         self.mlp_norm = make_norm(cfg, h) if pre else None
-        self.mlp = make_ffn(cfg)
+        self.mlp = MoE(cfg) if cfg.layer_is_moe(layer_idx) else make_ffn(cfg)
         self.mlp_post_norm = make_norm(cfg, h) if post else None
 
     def forward(self, x, positions, rope, cache=None):
