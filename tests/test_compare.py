@@ -19,7 +19,7 @@ from llmarch import analysis as an
 from llmarch.attention import attention_mask
 from llmarch.cli import main
 from llmarch.compare import diff, load_config, profile, profiles
-from llmarch.config import ModelConfig
+from llmarch.config import MLAConfig, ModelConfig, MoEConfig
 from llmarch.model import build_model
 
 PRESETS = llmarch.preset_names()
@@ -41,6 +41,15 @@ KINDS = {
     "nope": tiny(rope_layers=[True, True, True, False]),
     "mixed": tiny(layer_types=["sliding", "full", "chunked", "full"], sliding_window=5, attention_chunk_size=4,
                   rope_layers=[True, True, True, False], qk_norm="head", tie_embeddings=True),
+    # MLA: the cache holds a latent (24) + one RoPE key (8) per token; prefill expands it, a
+    # decoding step attends over the latents (absorbed)
+    "mla": tiny(attention_kind="mla", mla=MLAConfig(q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16,
+                                                    qk_rope_head_dim=8, v_head_dim=12)),
+    # MoE: 32 experts, top-1, a shared expert, first layer dense; 12 tokens reach at most 12 < 32 / 2
+    # experts, which keeps the engine on its per-expert path (its all-experts path pads tokens,
+    # see test_flops_match_torch_flop_counter)
+    "moe": tiny(moe=MoEConfig(num_experts=32, top_k=1, expert_size=24, shared_expert_size=24),
+                moe_layers=[False, True, True, True]),
 }
 
 
@@ -128,7 +137,11 @@ def _counted(fn) -> int:
 def test_flops_match_torch_flop_counter(kind):
     """FlopCounterMode counts matmuls and the attention matmuls (bmm), not norms, softmax,
     RoPE, activations or bias adds; neither does llmarch. The engine's dense SDPA multiplies
-    every key it is given, masked ones included, which is what keys="computed" counts."""
+    every key it is given, masked ones included, which is what keys="computed" counts.
+
+    Not compared: MoE prefills where most experts are active, which the engine runs as a
+    batched matmul over all experts padded to the busiest one's token count (more FLOPs than
+    the k experts per token that llmarch reports)."""
     cfg = KINDS[kind]
     torch.manual_seed(0)
     model = build_model(cfg, device="cpu").eval()
@@ -223,6 +236,44 @@ def test_diff_gemma3_qwen3():
     assert "norm form: RMSNorm (1 + w) -> RMSNorm" in d
     assert "FFN kind: GeGLU -> SwiGLU" in d
     assert not any(line.startswith("QK-norm") for line in d)  # both normalise q and k per head
+
+
+def test_moe_and_mla_presets():
+    ds = profile(llmarch.get_config("deepseek-v3"), context=131072)
+    h, w, e, moe_layers = 7168, 2048, 256, 58
+    assert ds.breakdown["experts"] == moe_layers * e * 3 * h * w
+    assert ds.breakdown["shared expert"] == moe_layers * 3 * h * w
+    assert ds.breakdown["router"] == moe_layers * e * h
+    assert ds.numbers["total_params"] - ds.numbers["active_params"] == moe_layers * (e - 8) * 3 * h * w
+    # MLA caches 512 latent + 64 RoPE numbers per token per layer
+    assert ds.numbers["kv_bytes"] == 61 * 131072 * (512 + 64) * 2
+    assert ds.row("MoE").text == "256 experts, 8 active + 1 shared, expert width 2048; dense FFN width 18432; first 3 layers dense"
+    scout = profile(llmarch.get_config("llama4-scout"), context=131072)
+    assert scout.row("attention pattern").text == "3x chunked(8192)/RoPE + 1x full/NoPE, repeated 12x"
+    assert scout.numbers["kv_bytes"] == (36 * 8192 + 12 * 131072) * 2 * 8 * 128 * 2
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "kimi-k2", "llama4-scout", "llama4-maverick", "qwen3-30b-a3b"])
+def test_kv_bytes_of_moe_presets_equal_the_allocated_cache(name):
+    cfg = llmarch.get_config(name)
+    model = build_model(cfg, device="meta")
+    for context in (4096, 131072):
+        assert profile(cfg, context=context).numbers["kv_bytes"] == model.new_cache(1, context, dtype=torch.bfloat16).nbytes
+
+
+def test_diff_dense_to_moe_and_mla():
+    d = _diff("llama3-8b", "deepseek-v3")
+    assert "attention: GQA 8 KV heads -> MLA latent 512" in d
+    assert "FFN: dense -> MoE 256 experts, 8 active + 1 shared, first 3 layers dense" in d
+    d = _diff("qwen3-32b", "qwen3-235b-a22b")
+    assert "FFN: dense -> MoE 128 experts, 8 active, every layer" in d
+    assert "attention: GQA 8 KV heads -> GQA 4 KV heads" in d
+    assert not any(line.startswith(("norm", "QK-norm", "positions", "FFN kind")) for line in d)
+    d = _diff("llama4-scout", "llama4-maverick")
+    assert "FFN: MoE 16 experts, 1 active + 1 shared, every layer -> MoE 128 experts, 1 active + 1 shared, MoE every 2nd layer" in d
+    d = _diff("llama3-8b", "llama4-scout")
+    assert "attention pattern: global -> 3:1 chunked(8192):global" in d
+    assert "positions: RoPE every layer -> NoPE every 4th layer" in d
 
 
 def test_gemma3n_components_and_kv_sharing():

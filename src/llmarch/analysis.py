@@ -33,7 +33,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 
 # torch's own modules cannot carry a ``param_component`` attribute; llmarch's modules do
 BUILTIN_COMPONENTS: dict[type, str] = {nn.Embedding: "embedding", nn.LayerNorm: "norms"}
-COMPONENTS = ("embedding", "attention", "dense FFN", "experts", "router", "norms", "head", "other")
+COMPONENTS = ("embedding", "attention", "dense FFN", "experts", "shared expert", "router", "norms", "head", "other")
 
 
 def dtype_bytes(name: str) -> int:
@@ -61,15 +61,15 @@ def param_breakdown(model: Decoder) -> dict[str, int]:
     found: dict[int, str] = {}
     sizes: dict[int, int] = {}
 
-    def visit(mod: nn.Module, inherited: str | None) -> None:
-        comp = getattr(mod, "param_component", None) or BUILTIN_COMPONENTS.get(type(mod)) or inherited
+    def visit(mod: nn.Module, inherited: str | None, named: str | None = None) -> None:
+        comp = named or getattr(mod, "param_component", None) or BUILTIN_COMPONENTS.get(type(mod)) or inherited
         for p in mod.parameters(recurse=False):
             if id(p) not in found:
                 found[id(p)] = comp or ("head" if p is model.head_weight else "other")
                 sizes[id(p)] = p.numel()
-        named = getattr(mod, "child_components", {})
+        names = getattr(mod, "child_components", {})
         for name, child in mod.named_children():
-            visit(child, named.get(name, comp))
+            visit(child, comp, names.get(name))
 
     visit(model, None)
     out = dict.fromkeys(COMPONENTS, 0)
@@ -165,12 +165,15 @@ def prefill_flops_per_token(model: Decoder, tokens: int, keys: str = "visible") 
 
 
 def decode_flops_per_token(model: Decoder, context: int, keys: str = "visible") -> Flops:
-    """Forward FLOPs of the token at position context-1, attending over a cache of the rest."""
+    """Forward FLOPs of the token at position context-1, attending over a cache of the rest.
+
+    An attention kind whose decoding differs from its prefill (MLA's absorbed path) reports
+    ``decode_flops_per_key``."""
     attn = 0
     for blk in model.layers:
         d = blk.attn.describe()
         n_keys = _computed_decode_keys(d, context) if keys == "computed" else visible_keys(d, context - 1)
-        attn += d["flops_per_key"] * n_keys
+        attn += d.get("decode_flops_per_key", d["flops_per_key"]) * n_keys
     return Flops(2 * matmul_params(model), attn)
 
 

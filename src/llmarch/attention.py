@@ -102,7 +102,7 @@ class Attention(nn.Module):
             window=self.window,
             chunk=self.chunk,
             rope=self.use_rope,
-            qk_norm=self.qk_norm,
+            qk_norm="none" if self.qk_norm == "l2" and not self.use_rope else self.qk_norm,  # see forward
             flops_per_key=2 * self.num_heads * (self.head_dim + self.head_dim),
             cache=f"K and V, {self.num_kv_heads} heads x {self.head_dim}",
         )

@@ -170,8 +170,13 @@ def _norms(model: Decoder) -> tuple[str, str, str]:
     placement = "pre+post (sandwich)" if pre and post else ("post inside residual" if post else "pre")
     norm = next(n for n in (blk.attn_norm, blk.attn_post_norm, model.norm) if n is not None)
     form = norm_name(norm)
-    qk = sorted({d["qk_norm"] for d in (b.attn.describe() for b in model.layers)})
-    return form, placement, " / ".join(_QK_NORMS.get(q, q) for q in qk)
+    qk = [b.attn.describe()["qk_norm"] for b in model.layers]
+    used = sorted(set(qk) - {"none"})
+    if not used:
+        return form, placement, "none"
+    text = " / ".join(_QK_NORMS.get(q, q) for q in used)
+    normed = sum(q != "none" for q in qk)
+    return form, placement, text + (f" on {normed} of {len(qk)} layers" if normed < len(qk) else "")
 
 
 def _ffn(model: Decoder) -> tuple[str, str, str, str]:
@@ -191,7 +196,7 @@ def _ffn(model: Decoder) -> tuple[str, str, str, str]:
     if not dense:
         where = "every layer"
     elif rs[0][1] == "dense" and len(rs) == 2:
-        where = f"first {rs[0][0]} layers dense"
+        where = f"first {rs[0][0]} layer{'s' if rs[0][0] > 1 else ''} dense"
     else:
         every = _every(layers, "MoE")
         where = f"MoE {every}" if every else an.summarize(layers)

@@ -192,6 +192,12 @@ def activation_fn(name: str):
 
 
 _GLU_NAMES = {"silu": "SwiGLU", "gelu_tanh": "GeGLU", "gelu": "GeGLU", "relu": "ReGLU"}
+
+
+def glu_name(activation: str) -> str:
+    """SwiGLU, GeGLU, ... : what the article calls a gated FFN with this activation."""
+    return _GLU_NAMES.get(activation, f"{activation}-GLU")
+
 _ACT_NAMES = {"silu": "SiLU", "gelu_tanh": "GELU", "gelu": "GELU", "relu": "ReLU"}
 
 
@@ -213,7 +219,7 @@ class GLU(nn.Module):
 
     def describe(self) -> dict:
         """The FFN in the article's terms (read by llmarch.analysis); MoE layers add expert counts."""
-        return dict(kind=_GLU_NAMES.get(self.activation, f"{self.activation}-GLU"), width=self.up_proj.out_features, moe=False)
+        return dict(kind=glu_name(self.activation), width=self.up_proj.out_features, moe=False)
 
 
 class MLP(nn.Module):

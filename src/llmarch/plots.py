@@ -16,7 +16,7 @@ from .errors import ConfigError
 KINDS = ("kv", "params", "breakdown")
 COMPONENT_COLORS = {
     "embedding": "#8dd3c7", "attention": "#80b1d3", "dense FFN": "#fdb462", "experts": "#fb8072",
-    "router": "#bebada", "norms": "#b3de69", "head": "#fccde5", "other": "#d9d9d9",
+    "shared expert": "#e5c494", "router": "#bebada", "norms": "#b3de69", "head": "#fccde5", "other": "#d9d9d9",
 }
 
 
