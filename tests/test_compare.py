@@ -412,7 +412,7 @@ def _boxes(g):
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-@pytest.mark.parametrize("pair", [("llama3-8b", "olmo2-7b"), ("gemma3-27b", "gpt2")])
+@pytest.mark.parametrize("pair", [("llama3-8b", "olmo2-7b"), ("gemma3-27b", "gpt2"), ("qwen3-8b", "deepseek-v3")])
 def test_diagram_svg_structure(tmp_path, pair):
     from llmarch.diagram import COL_W, write
 
@@ -425,7 +425,8 @@ def test_diagram_svg_structure(tmp_path, pair):
         boxes = _boxes(g)
         assert all(col * COL_W <= x < (col + 1) * COL_W for _, x, _, _ in boxes), "columns side by side"
         roles = [r for r, *_ in boxes]
-        for role in ("embedding", "attention", "ffn", "head", "block"):
+        ffn_role = "moe" if cfg.moe is not None else "ffn"
+        for role in ("embedding", "attention", ffn_role, "head", "block"):
             assert roles.count(role) == 1, (name, role, roles)
         texts = [t.text for t in g.iter(f"{SVG}text") if t.get("class") == "repeat"]
         assert texts == [f"x {cfg.num_layers}"]
@@ -439,7 +440,11 @@ def test_diagram_svg_structure(tmp_path, pair):
         assert profile(cfg).row("attention pattern").text.split(",")[0] in caption
     boxes = {name: _boxes(g) for g, name in zip(models, pair)}
     attn_text = {n: next(t for r, _, _, t in b if r == "attention") for n, b in boxes.items()}
-    if "gemma3-27b" in pair:
+    if "deepseek-v3" in pair:
+        assert "Multi-head latent attention" in attn_text["deepseek-v3"] and "MLA latent 512" in attn_text["deepseek-v3"]
+        moe = next(t for r, _, _, t in boxes["deepseek-v3"] if r == "moe")
+        assert "256 experts, 8 active + 1 shared" in moe and "expert width 2,048" in moe
+    elif "gemma3-27b" in pair:
         assert "5:1 sliding(1024):global" in attn_text["gemma3-27b"]
         assert "Multi-head attention" in attn_text["gpt2"]
         assert "GeGLU" in next(t for r, _, _, t in boxes["gemma3-27b"] if r == "ffn")
