@@ -247,7 +247,8 @@ def test_moe_and_mla_presets():
     assert ds.numbers["total_params"] - ds.numbers["active_params"] == moe_layers * (e - 8) * 3 * h * w
     # MLA caches 512 latent + 64 RoPE numbers per token per layer
     assert ds.numbers["kv_bytes"] == 61 * 131072 * (512 + 64) * 2
-    assert ds.row("MoE").text == "256 experts, 8 active + 1 shared, expert width 2048; dense FFN width 18432; first 3 layers dense"
+    assert ds.row("MoE").text == ("256 experts, 8 active + 1 shared, expert width 2048; dense FFN width 18432; "
+                                  "first 3 layers dense")
     scout = profile(llmarch.get_config("llama4-scout"), context=131072)
     assert scout.row("attention pattern").text == "3x chunked(8192)/RoPE + 1x full/NoPE, repeated 12x"
     assert scout.numbers["kv_bytes"] == (36 * 8192 + 12 * 131072) * 2 * 8 * 128 * 2
@@ -270,7 +271,8 @@ def test_diff_dense_to_moe_and_mla():
     assert "attention: GQA 8 KV heads -> GQA 4 KV heads" in d
     assert not any(line.startswith(("norm", "QK-norm", "positions", "FFN kind")) for line in d)
     d = _diff("llama4-scout", "llama4-maverick")
-    assert "FFN: MoE 16 experts, 1 active + 1 shared, every layer -> MoE 128 experts, 1 active + 1 shared, MoE every 2nd layer" in d
+    assert ("FFN: MoE 16 experts, 1 active + 1 shared, every layer -> "
+            "MoE 128 experts, 1 active + 1 shared, MoE every 2nd layer") in d
     d = _diff("llama3-8b", "llama4-scout")
     assert "attention pattern: global -> 3:1 chunked(8192):global" in d
     assert "positions: RoPE every layer -> NoPE every 4th layer" in d

@@ -297,7 +297,8 @@ def profile(cfg: ModelConfig, context: int = 8192, dtype: str = "bf16", name: st
         short["FFN width"] = ffn_text.split("width ")[-1]
     numbers = dict(
         total_params=counts.total, active_params=counts.active, embedding_params=counts.embedding,
-        non_embedding_params=counts.non_embedding, effective_params=counts.effective, context=context, dtype=dtype, kv_bytes_per_token=kv_tok,
+        non_embedding_params=counts.non_embedding, effective_params=counts.effective, context=context, dtype=dtype,
+        kv_bytes_per_token=kv_tok,
         kv_bytes=kv, prefill_flops_per_token=pre.total, decode_flops_per_token=dec.total,
         matmul_flops_per_token=pre.matmul,
     )
