@@ -36,6 +36,8 @@ def attention_mask(
 
 
 class Attention(nn.Module):
+    param_component = "attention"  # how llmarch.analysis files this module's parameters
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -74,6 +76,36 @@ class Attention(nn.Module):
 
     def kv_bytes_per_token(self, bytes_per_element: int) -> int:
         return 2 * self.num_kv_heads * self.head_dim * bytes_per_element
+
+    # -- description (read by llmarch.analysis, .compare and .diagram) ------------------
+    @property
+    def kind(self) -> str:
+        if self.num_kv_heads == self.num_heads:
+            return "MHA"
+        return "MQA" if self.num_kv_heads == 1 else "GQA"
+
+    def describe(self) -> dict:
+        """This layer's attention in the article's terms; every attention kind reports these keys.
+
+        ``flops_per_key``: multiply-adds x 2 of one query against one visible key, scores
+        (q.k over all heads) plus the weighted sum of values.
+        """
+        label = {"MHA": f"MHA {self.num_heads} heads", "MQA": "MQA 1 KV head"}.get(
+            self.kind, f"GQA {self.num_kv_heads} KV heads"
+        )
+        return dict(
+            kind=self.kind,
+            label=label,
+            heads=self.num_heads,
+            kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            window=self.window,
+            chunk=self.chunk,
+            rope=self.use_rope,
+            qk_norm="none" if self.qk_norm == "l2" and not self.use_rope else self.qk_norm,  # see forward
+            flops_per_key=2 * self.num_heads * (self.head_dim + self.head_dim),
+            cache=f"K and V, {self.num_kv_heads} heads x {self.head_dim}",
+        )
 
     # -- forward ----------------------------------------------------------------------
     def forward(

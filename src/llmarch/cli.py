@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("presets", help="list preset names")
     sp.set_defaults(func=_cmd_presets)
+
+    from .compare_cli import register as register_compare
+
+    register_compare(sub)
     return p
 
 
