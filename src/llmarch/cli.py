@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .cli_generate import add_parser as add_generate_parser
 from .errors import LlmarchError
 
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("presets", help="list preset names")
     sp.set_defaults(func=_cmd_presets)
+    add_generate_parser(sub)
     return p
 
 
