@@ -10,7 +10,8 @@ penalises them alike; the median of the rounds is reported.
 
 transformers' prefill/decode split comes from a streamer that timestamps the first new
 token; llmarch's from its own generation stats (same definition: prefill = prompt forward +
-first token, decode = the remaining tokens).
+first token, decode = the remaining tokens). llmarch runs as ``llmarch generate`` does, with
+its linear layers pre-packed for oneDNN (``llmarch.packed``); transformers as it comes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from llmarch.assets import resolve_model
 from llmarch.generate import GenerationConfig, generate
 from llmarch.hf import from_pretrained
+from llmarch.packed import pack_linears
 from llmarch.tokenizer import Tokenizer
 
 PROMPT = (
@@ -95,7 +97,7 @@ def load_all(alias: str, dtype: torch.dtype, threads: int):
     import transformers
 
     path = resolve_model(alias)
-    runners = {"llmarch": (run_llmarch, from_pretrained(path, dtype=dtype))}
+    runners = {"llmarch": (run_llmarch, pack_linears(from_pretrained(path, dtype=dtype)))}
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     runners["transformers"] = (run_transformers, hf.eval())
     try:

@@ -475,14 +475,18 @@ def generate(
     return Generation(model, tokenizer, prompts, config).run()
 
 
-def load(name_or_path: str | None = None, dtype: torch.dtype | None = torch.float32):
+def load(name_or_path: str | None = None, dtype: torch.dtype | None = torch.float32, pack: bool = True):
     """Model and tokenizer from an alias (``gemma-3-270m``, the default), a .gguf file or an
-    HF checkpoint directory (with its tokenizer.json)."""
+    HF checkpoint directory (with its tokenizer.json). ``pack``: pre-pack the linear layers
+    for fast CPU decoding (:func:`llmarch.packed.pack_linears`)."""
     from .assets import resolve_model
     from .hf import from_pretrained
+    from .packed import pack_linears
     from .tokenizer import Tokenizer
 
     path = resolve_model(name_or_path)
     model = from_pretrained(path, dtype=dtype)
+    if pack:
+        pack_linears(model)
     tokenizer = Tokenizer.from_file(path) if path.is_dir() else Tokenizer.from_gguf(path)
     return model, tokenizer
