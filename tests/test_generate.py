@@ -308,9 +308,9 @@ def test_stream_yields_one_step_per_token_with_stats(tiny):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(temperature=-0.1), dict(min_p=1.0),
-        dict(min_p=-0.1), dict(repetition_penalty=0.0), dict(repetition_penalty=-1.0), dict(max_new_tokens=0),
-        dict(stop=[""]), dict(max_context=0),
+        {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"temperature": -0.1}, {"min_p": 1.0},
+        {"min_p": -0.1}, {"repetition_penalty": 0.0}, {"repetition_penalty": -1.0}, {"max_new_tokens": 0},
+        {"stop": [""]}, {"max_context": 0},
     ],
 )
 def test_bad_sampling_parameters(tiny, kwargs):
@@ -326,10 +326,10 @@ def test_bad_sampling_parameters(tiny, kwargs):
         ([], {}, "no prompt"),
         ([[]], {}, "empty"),
         (["abc", ""], {}, "empty"),
-        ("abcdefghij", dict(max_context=8), "context"),  # 11 tokens with BOS
-        ("abcdef", dict(max_context=12, max_new_tokens=6), "max_new_tokens"),
-        ("abc", dict(max_new_tokens=300), "context"),  # the model's 256 positions
-        ("abc", dict(max_context=10_000), "exceeds"),
+        ("abcdefghij", {"max_context": 8}, "context"),  # 11 tokens with BOS
+        ("abcdef", {"max_context": 12, "max_new_tokens": 6}, "max_new_tokens"),
+        ("abc", {"max_new_tokens": 300}, "context"),  # the model's 256 positions
+        ("abc", {"max_context": 10_000}, "exceeds"),
         ([[5, VOCAB]], {}, "vocabulary"),
     ],
 )
@@ -346,8 +346,8 @@ def test_bad_prompts(tiny, prompt, kwargs, message):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "llmarch.cli", "generate", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    cmd = [sys.executable, "-m", "llmarch.cli", "generate", *args]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_cli_streams_the_same_text_as_the_api(tiny):
