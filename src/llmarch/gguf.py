@@ -99,6 +99,57 @@ _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"^(\w+)\.(weight|bias)$")
 
 
+def _reader_class():
+    """``gguf.GGUFReader`` with a fast path for metadata arrays.
+
+    Stock ``GGUFReader`` builds two numpy views per element of every metadata
+    array, which takes ~10 s for Gemma's 262k-token vocabulary.  This subclass
+    parses arrays of strings with ``struct`` into memoryview slices and keeps
+    numeric arrays as one numpy view, which ``ReaderField.contents()`` reads the
+    same way.  Anything unusual (big-endian files, nested arrays) goes through
+    the stock code.
+    """
+    import struct
+
+    from gguf import GGUFReader, GGUFValueType
+
+    class _FastReader(GGUFReader):
+        def _get_field_parts(self, orig_offs, raw_type):
+            if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            itype = GGUFValueType(int(raw_itype[0]))
+            count = int(alen[0])
+            offs = orig_offs + 12
+            parts: list[Any] = [raw_itype, alen]
+            if itype == GGUFValueType.STRING:
+                view = getattr(self, "_llmarch_view", None)
+                if view is None:
+                    view = self._llmarch_view = memoryview(self.data)
+                data: list[int] = []
+                unpack = struct.Struct("<Q").unpack_from
+                for _ in range(count):
+                    (n,) = unpack(view, offs)
+                    parts.append(view[offs:offs + 8])
+                    parts.append(view[offs + 8:offs + 8 + n])
+                    data.append(len(parts) - 1)
+                    offs += 8 + n
+                if offs > len(view):
+                    raise ValueError("string array extends past the end of the file")
+                return offs - orig_offs, parts, data, [GGUFValueType.ARRAY, itype]
+            nptype = self.gguf_scalar_to_np.get(itype)
+            if nptype is None:
+                return super()._get_field_parts(orig_offs, raw_type)
+            values = self._get(offs, nptype, count)
+            if len(values) != count:
+                raise ValueError("array extends past the end of the file")
+            parts.append(values)
+            return 12 + int(values.nbytes), parts, [2], [GGUFValueType.ARRAY, itype]
+
+    return _FastReader
+
+
 def is_gguf_file(path: str | os.PathLike) -> bool:
     """True when ``path`` is a file starting with the GGUF magic."""
     try:
@@ -174,10 +225,8 @@ class GGUFCheckpoint:
                 f"not a GGUF file (bad magic {magic!r}, expected {GGUF_MAGIC!r}): {self.path}"
             )
 
-        from gguf import GGUFReader
-
         try:
-            self._reader = GGUFReader(self.path, "r")
+            self._reader = _reader_class()(self.path, "r")
             size = self.path.stat().st_size
             for t in self._reader.tensors:
                 if t.data_offset + int(t.n_bytes) > size:
@@ -248,8 +297,11 @@ class GGUFCheckpoint:
         if vocab_size is None:
             if tokens is not None:
                 vocab_size = len(tokens)
-            else:
+            elif "token_embd.weight" in self._tensors:
                 vocab_size = int(self._tensors["token_embd.weight"].shape[1])
+            else:
+                raise CheckpointError(f"cannot determine vocab_size of {self.path}: no tokenizer "
+                                      f"metadata and no token_embd.weight tensor")
 
         default_theta = 10000.0
         cfg: dict[str, Any] = {

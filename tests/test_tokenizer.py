@@ -1,0 +1,171 @@
+"""Tokenizer: GGUF-built tokenizers against transformers' GGUF tokenizers, chat templates, streaming."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from llmarch.assets import MODELS, resolve_model
+from llmarch.errors import CheckpointError
+from llmarch.gguf import GGUFCheckpoint
+from llmarch.tokenizer import StreamDecoder, Tokenizer
+
+REAL = {"gemma": "gemma-3-270m", "qwen": "qwen2.5-coder-0.5b"}
+
+SAMPLES = [
+    "Hello world",
+    "Hello world, this is a test of the tokenizer.",
+    " leading space",
+    "  two leading spaces",
+    "trailing spaces   ",
+    "a\n\nb\n\n\n c\n",
+    "日本語のテキスト、中文文本和한국어 텍스트",
+    "emoji 😀🎉 family 👩‍👩‍👧 flags 🇫🇷 café naïve Ångström",
+    "def f(x):\n\tif x:\n\t\treturn  x  *  2\n    else:\n        pass\n",
+    "for (int i = 0; i < n; ++i) {\n    sum += a[i];\t// accumulate\n}",
+    "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nhey<|im_end|>\n<|endoftext|>",
+    "numbers 1234567 3.14159 -42 and      many     spaces",
+    "",
+    " ",
+    "\n",
+    "\u00a0non-breaking\u200bzero-width",
+    "I'm sure they'RE fine, we'll see",
+    "Ⅻ ﬁ ẞ µ ∑ ≈ ∞",
+    "ab\r\ncd\r\n",
+]
+
+MESSAGES = [
+    {"role": "system", "content": "You are a terse assistant."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 日本 + emoji 😀?\n"},
+]
+
+
+def _installed(alias):
+    try:
+        MODELS[alias].part_paths()
+        return True
+    except CheckpointError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def real_paths():
+    missing = [a for a in REAL.values() if not _installed(a)]
+    if missing:
+        pytest.skip(f"packaged models not installed: {missing}")
+    return {k: resolve_model(a, progress=False) for k, a in REAL.items()}
+
+
+@pytest.fixture(scope="session")
+def ours(real_paths):
+    return {k: Tokenizer.from_gguf(GGUFCheckpoint(p)) for k, p in real_paths.items()}
+
+
+@pytest.fixture(scope="session")
+def oracle(real_paths, tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    toks = {}
+    for k, p in real_paths.items():
+        d = tmp_path_factory.mktemp(f"oracle_{k}")
+        os.symlink(p, d / p.name)
+        toks[k] = transformers.AutoTokenizer.from_pretrained(d, gguf_file=p.name)
+    return toks
+
+
+@pytest.mark.parametrize("which", ["gemma", "qwen"])
+@pytest.mark.parametrize("add_special", [True, False])
+def test_encode_matches_transformers(which, add_special, ours, oracle):
+    for text in SAMPLES:
+        assert ours[which].encode(text, add_special_tokens=add_special) == \
+            oracle[which].encode(text, add_special_tokens=add_special), repr(text)
+
+
+@pytest.mark.parametrize("which", ["gemma", "qwen"])
+def test_decode_matches_transformers_and_round_trips(which, ours, oracle):
+    tok = ours[which]
+    for text in SAMPLES:
+        ids = tok.encode(text, add_special_tokens=True)
+        for skip in (True, False):
+            assert tok.decode(ids, skip_special_tokens=skip) == \
+                oracle[which].decode(ids, skip_special_tokens=skip), repr(text)
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_special_tokens_and_ids(ours, oracle):
+    gemma, qwen = ours["gemma"], ours["qwen"]
+    assert gemma.bos_token_id == 2 and gemma.add_bos_token
+    assert gemma.encode("hi")[0] == 2 and gemma.encode("hi", add_special_tokens=False)[0] != 2
+    assert gemma.eos_token_ids == {1, gemma.token_to_id("<end_of_turn>")}
+    assert gemma.encode("<start_of_turn>", add_special_tokens=False) == [gemma.token_to_id("<start_of_turn>")]
+    assert not qwen.add_bos_token
+    assert qwen.token_to_id("<|im_end|>") in qwen.eos_token_ids
+    assert qwen.encode("<|im_start|>", add_special_tokens=False) == [qwen.token_to_id("<|im_start|>")]
+    for k in ("gemma", "qwen"):
+        assert ours[k].vocab_size == len(oracle[k])
+        assert ours[k].bos_token_id == oracle[k].bos_token_id
+        assert ours[k].eos_token_id == oracle[k].eos_token_id
+
+
+@pytest.mark.parametrize("which", ["gemma", "qwen"])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_matches_transformers(which, add_generation_prompt, ours, oracle):
+    tok = ours[which]
+    # Gemma GGUF files carry no chat template: ours falls back to Gemma 3's; give transformers the same
+    template = tok.chat_template if oracle[which].chat_template is None else None
+    expected = oracle[which].apply_chat_template(MESSAGES, tokenize=False, chat_template=template,
+                                                 add_generation_prompt=add_generation_prompt)
+    got = tok.apply_chat_template(MESSAGES, add_generation_prompt=add_generation_prompt)
+    assert got == expected
+    if which == "gemma":
+        assert got.startswith("<bos><start_of_turn>user\nYou are a terse assistant.\n\nWhat is 2+2?")
+    else:
+        assert got.startswith("<|im_start|>system\nYou are a terse assistant.<|im_end|>")
+
+
+def test_chat_template_raise_exception(ours):
+    import jinja2
+
+    with pytest.raises(jinja2.TemplateError, match="alternate"):
+        ours["gemma"].apply_chat_template([{"role": "assistant", "content": "x"}])
+
+
+@pytest.mark.parametrize("which", ["gemma", "qwen"])
+def test_stream_decoder(which, ours):
+    tok = ours[which]
+    text = "Streaming 😀 emoji, 日本語, and ünïcödé\n\tindented  text 👩‍👩‍👧 done."
+    ids = tok.encode(text, add_special_tokens=True)
+    stream = tok.stream_decoder()
+    pieces = [stream.feed(i) for i in ids]
+    pieces.append(stream.flush())
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert isinstance(stream, StreamDecoder)
+
+
+def test_stream_decoder_holds_partial_utf8(ours):
+    tok = ours["gemma"]  # byte-fallback tokens: an emoji unknown to the vocabulary is 4 byte tokens
+    byte_ids = [tok.token_to_id(f"<0x{b:02X}>") for b in "🫠".encode()]
+    stream = StreamDecoder(tok)
+    assert [stream.feed(i) for i in byte_ids] == ["", "", "", "🫠"]
+
+
+def test_from_file_hf_directory(ours, oracle, tmp_path):
+    """An HF tokenizer directory (saved by transformers) loads with the same behaviour."""
+    hf = oracle["qwen"]
+    hf.save_pretrained(tmp_path)
+    tok = Tokenizer.from_file(tmp_path)
+    assert tok.chat_template == ours["qwen"].chat_template
+    assert tok.bos_token == ours["qwen"].bos_token and tok.eos_token_id == ours["qwen"].eos_token_id
+    for text in SAMPLES:
+        assert tok.encode(text) == hf.encode(text)
+    assert tok.apply_chat_template(MESSAGES) == ours["qwen"].apply_chat_template(MESSAGES)
+    assert Tokenizer.from_file(tmp_path / "tokenizer.json").encode("hi") == tok.encode("hi")
+
+
+def test_from_file_missing(tmp_path):
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        Tokenizer.from_file(tmp_path)
