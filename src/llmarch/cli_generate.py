@@ -50,6 +50,7 @@ def _usage_error(message: str) -> None:
 def run(args: argparse.Namespace) -> None:
     import torch
 
+    from .assets import DEFAULT_MODEL
     from .generate import GenerationConfig, chat_prompt, load, stream
 
     if not args.prompts:
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
         max_context=args.max_context,
     )
     config.validate()  # before the (slow) model load
-    print(f"loading {args.model or 'the default model'} ...", file=sys.stderr, flush=True)
+    print(f"loading {args.model or DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
     model, tokenizer = load(args.model, getattr(torch, args.dtype))
     prompts = [chat_prompt(tokenizer, p, args.system) for p in args.prompts] if args.chat else list(args.prompts)
     generation = stream(model, tokenizer, prompts, config)
