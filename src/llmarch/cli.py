@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .cli_generate import add_parser as add_generate_parser
 from .errors import LlmarchError
 
 
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .compare_cli import register as register_compare
 
     register_compare(sub)
+
+    add_generate_parser(sub)
     return p
 
 
