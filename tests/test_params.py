@@ -81,8 +81,10 @@ def test_unknown_preset_suggests_closest():
 
 def test_params_cli_all_presets_fast_and_lean():
     # run the CLI in a fresh process that reports its own peak memory
-    code = ("import json, resource, sys; from llmarch.cli import main; rc = main(sys.argv[1:]); "
-            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+    # (VmHWM, not ru_maxrss: the latter carries the forking parent's peak through exec)
+    code = ("import re, sys; from llmarch.cli import main; rc = main(sys.argv[1:]); "
+            "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+            "print('MAXRSS', hwm, file=sys.stderr); sys.exit(rc)")
     t0 = time.time()
     out = subprocess.run([sys.executable, "-c", code, "params", *DENSE, "--json"], capture_output=True, text=True,
                          check=True)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .cli_generate import add_parser as add_generate_parser
 from .errors import LlmarchError
 
 
@@ -72,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("presets", help="list preset names")
     sp.set_defaults(func=_cmd_presets)
+
+    from .compare_cli import register as register_compare
+
+    register_compare(sub)
+
+    add_generate_parser(sub)
 
     from .train_cli import register as register_training
 

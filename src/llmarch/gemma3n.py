@@ -100,6 +100,15 @@ class SharedKVAttention(Attention):
             return None
         return super().make_cache(batch, max_len, dtype, device)
 
+    def kv_bytes_per_token(self, bytes_per_element: int) -> int:
+        return 0 if self.kv_source is not None else super().kv_bytes_per_token(bytes_per_element)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if self.kv_source is not None:
+            d["cache"] = f"none: reuses layer {self.kv_source}'s K and V"
+        return d
+
     def _heads(self, x: torch.Tensor, proj: nn.Linear, n: int) -> torch.Tensor:
         b, t, _ = x.shape
         return proj(x).view(b, t, n, self.head_dim).transpose(1, 2)
@@ -143,6 +152,8 @@ class SharedKVAttention(Attention):
 class Laurel(nn.Module):
     """Learned Augmented Residual Layer: x + norm(right(left(x))), a rank-r residual branch."""
 
+    param_component = "LAuReL"  # how llmarch.analysis files the parameters
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.linear_left = nn.Linear(cfg.hidden_size, cfg.laurel_rank, bias=False)
@@ -162,6 +173,8 @@ class AltUp(nn.Module):
     stream with per-token weights (plus one). Coefficients are clipped to +-``altup_coef_clip``
     in training.
     """
+
+    param_component = "AltUp"
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -203,6 +216,8 @@ class AltUp(nn.Module):
 class PerLayerInput(nn.Module):
     """A layer's use of its per-layer embedding: norm(proj(act(gate(x)) * per_layer_input))."""
 
+    param_component = "per-layer inputs"
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = nn.Linear(cfg.hidden_size, cfg.hidden_size_per_layer_input, bias=False)
@@ -222,6 +237,8 @@ class PerLayerEmbedding(nn.Module):
     the token's (scaled) embedding. ``table`` is the part ``llmarch.offload.offload_ple`` moves
     off the accelerator: only the rows of the current tokens are ever needed.
     """
+
+    param_component = "per-layer inputs"  # its table is an embedding
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -315,6 +332,9 @@ def _rescale(x: torch.Tensor, target_rms: torch.Tensor) -> torch.Tensor:
 class Gemma3nDecoder(Decoder):
     """The decoder over AltUp streams with per-layer embeddings (selected by ``build_model``
     whenever a config uses any field of this module)."""
+
+    # how llmarch.analysis files the parameters of these direct children
+    child_components = {"altup_projections": "AltUp", "altup_unembed_projections": "AltUp"}
 
     block_class = Gemma3nBlock
 

@@ -64,6 +64,8 @@ def mla_softmax_scale(cfg: ModelConfig) -> float:
 
 
 class MLAttention(nn.Module):
+    param_component = "attention"  # how llmarch.analysis files this module's parameters
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         m = cfg.mla
@@ -96,6 +98,29 @@ class MLAttention(nn.Module):
 
     def kv_bytes_per_token(self, bytes_per_element: int) -> int:
         return (self.kv_lora_rank + self.rope_dim) * bytes_per_element
+
+    def describe(self) -> dict:
+        """The keys of :meth:`llmarch.attention.Attention.describe`, for MLA.
+
+        Prefill expands the latents, so a key costs scores over nope + rope dims and values
+        over v dims per head; absorbed decoding attends over the cached latents themselves,
+        (rank + rope) for scores and rank for values per head (kv_b is then a per-query matmul).
+        """
+        heads, qk = self.num_heads, self.nope_dim + self.rope_dim
+        return dict(
+            kind="MLA",
+            label=f"MLA latent {self.kv_lora_rank}",
+            heads=heads,
+            kv_heads=heads,
+            head_dim=qk,
+            window=None,
+            chunk=None,
+            rope=True,
+            qk_norm="none",
+            flops_per_key=2 * heads * (qk + self.v_dim),
+            decode_flops_per_key=2 * heads * (2 * self.kv_lora_rank + self.rope_dim),
+            cache=f"latent {self.kv_lora_rank} + shared RoPE key {self.rope_dim} (all heads)",
+        )
 
     # -- forward ----------------------------------------------------------------------
     def queries(self, x: torch.Tensor) -> torch.Tensor:

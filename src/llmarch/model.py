@@ -128,7 +128,8 @@ class Decoder(nn.Module):
         return [tables[key] if key is not None else None for key in self._layer_rope]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = nn.functional.linear(h, self.head_weight)
+        # a module when untied (so it can be swapped, e.g. for llmarch.packed.PackedLinear)
+        logits = self.lm_head(h) if self.lm_head is not None else nn.functional.linear(h, self.embed.weight)
         cap = self.config.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap

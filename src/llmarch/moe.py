@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, MoEConfig
-from .layers import GLU, activation_fn
+from .layers import GLU, activation_fn, glu_name
 
 
 @dataclass
@@ -52,6 +52,8 @@ class Routing:
 
 
 class Router(nn.Module):
+    param_component = "router"  # how llmarch.analysis files the parameters
+
     def __init__(self, dim: int, m: MoEConfig):
         super().__init__()
         self.m = m
@@ -86,6 +88,8 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """E gated FFNs stored as stacked (E, out, in) tensors."""
+
+    param_component = "experts"
 
     def __init__(self, num_experts: int, dim: int, width: int, activation: str):
         super().__init__()
@@ -153,6 +157,8 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """Router + routed experts (+ an optional shared expert every token goes through)."""
 
+    child_components = {"shared_expert": "shared expert"}  # for llmarch.analysis (a GLU inside)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         m = cfg.moe
@@ -161,6 +167,7 @@ class MoE(nn.Module):
         self.router = Router(cfg.hidden_size, m)
         self.experts = Experts(m.num_experts, cfg.hidden_size, m.expert_size, cfg.activation)
         self.shared_expert = GLU(cfg.hidden_size, m.shared_expert_size, cfg.activation) if m.shared_expert_size else None
+        self.activation = cfg.activation
         self.last_routing: Routing | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +178,21 @@ class MoE(nn.Module):
         if self.shared_expert is not None:
             y = y + self.shared_expert(h)
         return y.view(x.shape)
+
+    def describe(self) -> dict:
+        """The FFN in the article's terms (the keys of ``GLU.describe`` plus the expert counts)."""
+        width = self.experts.width
+        shared = self.shared_expert.up_proj.out_features if self.shared_expert is not None else 0
+        return dict(
+            kind=glu_name(self.activation),
+            width=width,
+            moe=True,
+            experts=self.experts.gate_up_proj.shape[0],
+            active=self.top_k,
+            shared=shared // width if shared % width == 0 else 1,
+            expert_width=width,
+            shared_width=shared,
+        )
 
     def inactive_params_per_token(self) -> int:
         """Routed-expert parameters a token does not use (the E - k experts it skips)."""

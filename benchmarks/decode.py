@@ -1,0 +1,156 @@
+"""Prefill and decode speed: llmarch vs transformers (and llama.cpp when importable).
+
+Every library loads the same GGUF file, gets the same prompt token ids and decodes greedily
+for the same number of new tokens (EOS ignored, so every run makes exactly that many). Runs
+alternate between the libraries in one process, so a machine whose load changes over time
+penalises them alike; the median of the rounds is reported.
+
+    PYTHONPATH=src python benchmarks/decode.py                      # both models, bfloat16 + float32
+    PYTHONPATH=src python benchmarks/decode.py --models gemma-3-270m --dtypes bfloat16 --rounds 5
+
+transformers' prefill/decode split comes from a streamer that timestamps the first new
+token; llmarch's from its own generation stats (same definition: prefill = prompt forward +
+first token, decode = the remaining tokens). llmarch runs as ``llmarch generate`` does, with
+its linear layers pre-packed for oneDNN (``llmarch.packed``); transformers as it comes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from llmarch.assets import resolve_model
+from llmarch.generate import GenerationConfig, generate
+from llmarch.hf import from_pretrained
+from llmarch.packed import pack_linears
+from llmarch.tokenizer import Tokenizer
+
+PROMPT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a wooden press. Explain how this changed"
+)
+
+
+@dataclass
+class Run:
+    prefill_tps: float
+    decode_tps: float
+    tokens: list[int]
+
+
+# ----------------------------------------------------------------------------------------
+# one run per library
+# ----------------------------------------------------------------------------------------
+
+
+def run_llmarch(model, ids: list[int], new_tokens: int) -> Run:
+    res = generate(model, None, ids, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
+    return Run(res.stats.prefill_tps, res.stats.decode_tps, res.token_ids[0])
+
+
+class _Clock:
+    """transformers streamer: the prompt is pushed first, then each new token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        self.times.append(time.perf_counter())
+
+
+def run_transformers(model, ids: list[int], new_tokens: int) -> Run:
+    x = torch.tensor([ids])
+    clock = _Clock()
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model.generate(
+            x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, streamer=clock, top_p=None, top_k=None, temperature=None,
+        )
+    first = clock.times[1]  # [prompt, token 1, ..., token n, end]
+    return Run(len(ids) / (first - t0), (new_tokens - 1) / (clock.times[-1] - first), out[0, len(ids):].tolist())
+
+
+def run_llama_cpp(llm, ids: list[int], new_tokens: int) -> Run:
+    llm.reset()
+    t0 = time.perf_counter()
+    times, tokens = [], []
+    for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        times.append(time.perf_counter())
+        tokens.append(tok)
+        if len(tokens) == new_tokens:
+            break
+    return Run(len(ids) / (times[0] - t0), (new_tokens - 1) / (times[-1] - times[0]), tokens)
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def load_all(alias: str, dtype: torch.dtype, threads: int):
+    import transformers
+
+    path = resolve_model(alias)
+    runners = {"llmarch": (run_llmarch, pack_linears(from_pretrained(path, dtype=dtype)))}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    runners["transformers"] = (run_transformers, hf.eval())
+    try:
+        import llama_cpp
+    except ImportError:
+        pass
+    else:
+        runners["llama.cpp"] = (run_llama_cpp, llama_cpp.Llama(str(path), n_ctx=1024, n_threads=threads, verbose=False))
+    return Tokenizer.from_gguf(path), runners
+
+
+def bench(alias: str, dtype: torch.dtype, args) -> list[tuple]:
+    tokenizer, runners = load_all(alias, dtype, args.threads)
+    ids = tokenizer.encode(args.prompt)
+    runs: dict[str, list[Run]] = {name: [] for name in runners}
+    for name, (fn, model) in runners.items():  # warm-up
+        fn(model, ids, 4)
+    for _ in range(args.rounds):
+        for name, (fn, model) in runners.items():
+            runs[name].append(fn(model, ids, args.new_tokens))
+    ref = runs["transformers"][0].tokens
+    rows = []
+    for name, rs in runs.items():
+        pre = statistics.median(r.prefill_tps for r in rs)
+        dec = statistics.median(r.decode_tps for r in rs)
+        same = sum(a == b for a, b in zip(rs[0].tokens, ref))
+        rows.append((alias, str(dtype).replace("torch.", ""), name, len(ids), pre, dec, same))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["gemma-3-270m", "qwen2.5-coder-0.5b"])
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--prompt", default=PROMPT)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.new_tokens} new tokens, "
+          f"median of {args.rounds} alternating rounds")
+    header = f"{'model':<20} {'dtype':<9} {'library':<13} {'prompt':>6} {'prefill tok/s':>14} {'decode tok/s':>13} " \
+             f"{'decode vs HF':>13} {'same tokens':>12}"
+    for alias in args.models:
+        for name in args.dtypes:
+            rows = bench(alias, getattr(torch, name), args)
+            hf_decode = next(r[5] for r in rows if r[2] == "transformers")
+            print(header)
+            for a, d, lib, n, pre, dec, same in rows:
+                print(f"{a:<20} {d:<9} {lib:<13} {n:>6} {pre:>14.1f} {dec:>13.2f} {dec / hf_decode:>12.2f}x "
+                      f"{same:>5}/{args.new_tokens}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
