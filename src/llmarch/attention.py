@@ -54,6 +54,8 @@ def single_query_attention(
 
 
 class Attention(nn.Module):
+    param_component = "attention"  # how llmarch.analysis files this module's parameters
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -66,6 +68,8 @@ class Attention(nn.Module):
         self.use_rope = cfg.layer_uses_rope(layer_idx)
         self.rope_interleaved = cfg.rope_interleaved
         self.qk_norm = cfg.qk_norm
+        self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
+        self.temperature_floor, self.temperature_scale = cfg.attn_temperature_floor_scale, cfg.attn_temperature_scale
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
@@ -91,6 +95,36 @@ class Attention(nn.Module):
     def kv_bytes_per_token(self, bytes_per_element: int) -> int:
         return 2 * self.num_kv_heads * self.head_dim * bytes_per_element
 
+    # -- description (read by llmarch.analysis, .compare and .diagram) ------------------
+    @property
+    def kind(self) -> str:
+        if self.num_kv_heads == self.num_heads:
+            return "MHA"
+        return "MQA" if self.num_kv_heads == 1 else "GQA"
+
+    def describe(self) -> dict:
+        """This layer's attention in the article's terms; every attention kind reports these keys.
+
+        ``flops_per_key``: multiply-adds x 2 of one query against one visible key, scores
+        (q.k over all heads) plus the weighted sum of values.
+        """
+        label = {"MHA": f"MHA {self.num_heads} heads", "MQA": "MQA 1 KV head"}.get(
+            self.kind, f"GQA {self.num_kv_heads} KV heads"
+        )
+        return dict(
+            kind=self.kind,
+            label=label,
+            heads=self.num_heads,
+            kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            window=self.window,
+            chunk=self.chunk,
+            rope=self.use_rope,
+            qk_norm="none" if self.qk_norm == "l2" and not self.use_rope else self.qk_norm,  # see forward
+            flops_per_key=2 * self.num_heads * (self.head_dim + self.head_dim),
+            cache=f"K and V, {self.num_kv_heads} heads x {self.head_dim}",
+        )
+
     # -- forward ----------------------------------------------------------------------
     def forward(
         self,
@@ -114,6 +148,10 @@ class Attention(nn.Module):
             k = apply_rope(k, cos, sin, self.rope_interleaved)
             if self.qk_norm == "l2":
                 q, k = self.q_norm(q), self.k_norm(k)
+        elif self.temperature_tuning:
+            # Llama 4 NoPE layers sharpen attention with distance: q *= 1 + scale * log1p(floor((pos + 1) / floor))
+            t_scale = torch.log1p(torch.floor((positions.float() + 1.0) / self.temperature_floor)) * self.temperature_scale + 1.0
+            q = (q * t_scale[:, None, :, None]).to(q.dtype)
         kpos = positions
         if cache is not None:
             k, v, kpos = cache.update(k, v, positions)

@@ -21,18 +21,32 @@ def _cmd_params(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="Parameters (counted from the module tree on the meta device)")
-    for col in ("model", "total", "active / token", "embedding", "non-embedding"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+    table = Table(title="Parameters", caption="counted from the module tree on the meta device; active = per token; --json for exact counts")
+    effective = any(r.get("effective") is not None for r in rows)
+    cols = ("model", "total", "active", "embedding", "non-emb.") + (("effective",) if effective else ())
+    for col in cols:
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
     for r in rows:
-        table.add_row(
+        cells = [
             r["name"],
-            f"{human(r['total'])} ({r['total']:,})",
+            human(r["total"]),
             human(r["active"]),
             human(r["embedding"]),
             human(r["non_embedding"]),
-        )
+        ]
+        if effective:  # without the per-layer embedding table (can stay on CPU / disk)
+            cells.append(human(r["effective"]) if r.get("effective") is not None else "-")
+        table.add_row(*cells)
     Console().print(table)
+
+
+def _cmd_slice(args: argparse.Namespace) -> None:
+    from .matformer import slice_checkpoint
+    from .params import count_model, human
+
+    sliced = slice_checkpoint(args.src, args.out, args.ffn_widths, args.skip_layers)
+    n = count_model(sliced)
+    print(f"wrote {args.out}: {sliced.config.num_layers} layers, {human(n.total)} parameters")
 
 
 def _cmd_presets(args: argparse.Namespace) -> None:
@@ -50,8 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=_cmd_params)
 
+    sp = sub.add_parser("slice", help="cut a MatFormer sub-network (narrower FFNs, fewer layers) out of a checkpoint")
+    sp.add_argument("src", help="Hugging Face checkpoint directory")
+    sp.add_argument("--ffn-widths", help="one FFN width for every layer, or one per source layer (comma-separated)")
+    sp.add_argument("--skip-layers", help="source layers to drop, e.g. 20-24,28")
+    sp.add_argument("--out", required=True, help="output directory (Hugging Face format)")
+    sp.set_defaults(func=_cmd_slice)
+
     sp = sub.add_parser("presets", help="list preset names")
     sp.set_defaults(func=_cmd_presets)
+
+    from .compare_cli import register as register_compare
+
+    register_compare(sub)
+
     add_generate_parser(sub)
     return p
 

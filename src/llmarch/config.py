@@ -27,6 +27,8 @@ QK_NORMS = ("none", "head", "proj", "l2")
 FFN_KINDS = ("mlp", "glu")
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 POSITIONS = ("rope", "learned", "none")
+ATTENTION_KINDS = ("mha", "mla")  # mha: q/k/v heads (MHA, GQA, MQA); mla: DeepSeek latent attention
+ROUTER_SCORES = ("softmax", "sigmoid")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -46,6 +48,42 @@ class RopeConfig:
         if not self.scaling:
             return "default"
         return self.scaling.get("rope_type", self.scaling.get("type", "default"))
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi K2): HF field names."""
+
+    q_lora_rank: int | None = 1536  # None: a plain q_proj instead of q_a_proj -> norm -> q_b_proj
+    kv_lora_rank: int = 512  # the compressed latent: all the KV cache holds besides the RoPE key
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64  # the decoupled RoPE key, one head shared by all query heads
+    v_head_dim: int = 128
+
+
+@dataclass
+class MoEConfig:
+    """A mixture-of-experts FFN. The routing rules of the article's models are values here:
+
+    * Qwen3-MoE: ``score="softmax"`` over all experts, top-k, ``norm_topk_prob``.
+    * DeepSeek-V3 / Kimi K2: ``score="sigmoid"``, ``score_correction_bias`` (selection only),
+      group-limited top-k (``n_group``/``topk_group``), renormalised, ``routed_scaling_factor``,
+      one shared expert.
+    * Llama 4: ``score="sigmoid"``, top-1, ``scale_input`` (the router score multiplies the
+      expert's input, not its output), a shared expert always added.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_size: int = 1024  # width of one routed expert (HF moe_intermediate_size)
+    score: str = "softmax"
+    norm_topk_prob: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    score_correction_bias: bool = False
+    scale_input: bool = False
+    shared_expert_size: int = 0  # width of the always-on shared GLU; 0 = none
 
 
 @dataclass
@@ -70,6 +108,12 @@ class ModelConfig:
     layer_types: list[str] | None = None
     sliding_window: int | None = None
     attention_chunk_size: int | None = None
+    attention_kind: str = "mha"  # mha | mla (DeepSeek-V3, Kimi K2: fields in ``mla``)
+    mla: MLAConfig | None = None
+    # Llama 4 NoPE layers: queries scaled by log1p(floor((pos + 1) / floor_scale)) * scale + 1
+    attn_temperature_tuning: bool = False
+    attn_temperature_floor_scale: int = 8192
+    attn_temperature_scale: float = 0.1
 
     # --- positions -------------------------------------------------------------------
     position: str = "rope"  # rope | learned (GPT-2) | none
@@ -83,6 +127,9 @@ class ModelConfig:
     ffn_kind: str = "glu"  # glu (SwiGLU / GeGLU) | mlp (GPT-2)
     activation: str = "silu"  # silu -> SwiGLU, gelu_tanh -> GeGLU
     ffn_bias: bool = False
+    moe: MoEConfig | None = None  # routed experts; dense layers keep intermediate_size
+    # per-layer MoE (True) or dense FFN (False); None = every layer MoE when ``moe`` is set
+    moe_layers: list[bool] | None = None
 
     # --- normalisation ---------------------------------------------------------------
     norm_kind: str = "rmsnorm"  # rmsnorm | layernorm (with bias)
@@ -97,6 +144,25 @@ class ModelConfig:
     embed_scale: float | None = None  # Gemma multiplies embeddings by sqrt(hidden)
     tie_embeddings: bool = False
     final_logit_softcap: float | None = None
+
+    # --- Gemma 3n: small-device extensions (see llmarch/gemma3n.py); all off by default ---
+    # per-layer FFN widths (MatFormer); None = intermediate_size everywhere
+    intermediate_sizes: list[int] | None = None
+    # per-layer Gaussian top-k sparsity of the FFN gate: keep activations above
+    # mean + std * Phi^-1(s); 0 = dense layer; None = dense everywhere
+    activation_sparsity: list[float] | None = None
+    v_norm: bool = False  # weightless RMSNorm on the values
+    # the last n layers compute no K/V: each reuses those of the last earlier layer of its type
+    num_kv_shared_layers: int = 0
+    laurel_rank: int | None = None  # LAuReL: low-rank learned residual beside attention
+    # AltUp: the residual stream is widened to n streams, one of which goes through the layer
+    altup_num_inputs: int | None = None
+    altup_active_idx: int = 0
+    altup_coef_clip: float | None = None  # clip of the predict/correct coefficients (training)
+    altup_correct_scale: bool = True
+    # Per-layer embeddings (PLE): a vocab_size_per_layer_input x (num_layers * this) table
+    hidden_size_per_layer_input: int | None = None
+    vocab_size_per_layer_input: int | None = None
 
     # --- metadata (not architecture) -------------------------------------------------
     name: str | None = None
@@ -119,6 +185,16 @@ class ModelConfig:
             self.layer_types = list(self.layer_types)
         if self.rope_layers is not None:
             self.rope_layers = [bool(x) for x in self.rope_layers]
+        if self.intermediate_sizes is not None:
+            self.intermediate_sizes = [int(x) for x in self.intermediate_sizes]
+        if self.activation_sparsity is not None:
+            self.activation_sparsity = [float(x) for x in self.activation_sparsity]
+        if isinstance(self.mla, dict):
+            self.mla = MLAConfig(**self.mla)
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        if self.moe_layers is not None:
+            self.moe_layers = [bool(x) for x in self.moe_layers]
 
     # ---------------------------------------------------------------------------------
     def validate(self) -> "ModelConfig":
@@ -164,7 +240,71 @@ class ModelConfig:
                 bad(f"rope scaling type {rc.rope_type!r} is not supported; expected one of {', '.join(ROPE_TYPES)}")
         if self.position == "learned" and self.max_position_embeddings <= 0:
             bad("learned positions need max_position_embeddings > 0")
+        self._validate_small_device_fields(bad)
+        self._validate_sparse_and_latent(bad)
         return self
+
+    def _validate_small_device_fields(self, bad) -> None:
+        n = self.num_layers
+        for fname in ("intermediate_sizes", "activation_sparsity"):
+            v = getattr(self, fname)
+            if v is not None and len(v) != n:
+                bad(f"{fname} has {len(v)} entries, expected num_layers = {n}")
+        if self.intermediate_sizes is not None and min(self.intermediate_sizes) <= 0:
+            bad(f"intermediate_sizes must be positive, got {self.intermediate_sizes}")
+        if self.activation_sparsity is not None and any(not 0.0 <= s < 1.0 for s in self.activation_sparsity):
+            bad(f"activation_sparsity values must be in [0, 1), got {self.activation_sparsity}")
+        if not 0 <= self.num_kv_shared_layers < n:
+            bad(f"num_kv_shared_layers must be in [0, num_layers), got {self.num_kv_shared_layers}")
+        first_shared = n - self.num_kv_shared_layers
+        missing = set(self.layer_types[first_shared:]) - set(self.layer_types[:first_shared])
+        if missing:
+            bad(f"KV-shared layers of type {sorted(missing)} have no earlier layer of that type to share K/V with")
+        if self.altup_num_inputs is not None:
+            if self.altup_num_inputs < 1:
+                bad(f"altup_num_inputs must be >= 1, got {self.altup_num_inputs}")
+            if not 0 <= self.altup_active_idx < self.altup_num_inputs:
+                bad(f"altup_active_idx must be in [0, altup_num_inputs), got {self.altup_active_idx}")
+        if self.hidden_size_per_layer_input is not None:
+            if (self.altup_num_inputs or 1) < 2:
+                bad("per-layer embeddings are added to the AltUp streams other than the first: they need altup_num_inputs >= 2")
+            if not self.vocab_size_per_layer_input or self.vocab_size_per_layer_input <= 0:
+                bad("hidden_size_per_layer_input needs a positive vocab_size_per_layer_input")
+        if self.laurel_rank is not None and self.laurel_rank <= 0:
+            bad(f"laurel_rank must be positive, got {self.laurel_rank}")
+
+    def _validate_sparse_and_latent(self, bad) -> None:
+        if self.attention_kind not in ATTENTION_KINDS:
+            bad(f"attention_kind must be one of {', '.join(ATTENTION_KINDS)}; got {self.attention_kind!r}")
+        if self.attention_kind == "mla":
+            if self.mla is None:
+                bad("attention_kind 'mla' needs the mla fields (kv_lora_rank, qk_rope_head_dim, ...)")
+            if set(self.layer_types) != {FULL}:
+                bad("MLA layers support full attention only (layer_types must all be 'full')")
+            if self.mla.qk_rope_head_dim % 2:
+                bad(f"mla.qk_rope_head_dim must be even, got {self.mla.qk_rope_head_dim}")
+        if self.moe_layers is not None:
+            if self.moe is None:
+                bad("moe_layers is set but there is no moe configuration")
+            if len(self.moe_layers) != self.num_layers:
+                bad(f"moe_layers has {len(self.moe_layers)} entries, expected num_layers = {self.num_layers}")
+        m = self.moe
+        if m is None:
+            return
+        if m.score not in ROUTER_SCORES:
+            bad(f"moe.score must be one of {', '.join(ROUTER_SCORES)}; got {m.score!r}")
+        if not 0 < m.top_k <= m.num_experts:
+            bad(f"moe.top_k ({m.top_k}) must be between 1 and moe.num_experts ({m.num_experts})")
+        if m.num_experts % m.n_group or not 0 < m.topk_group <= m.n_group:
+            bad(f"moe.n_group ({m.n_group}) must divide num_experts ({m.num_experts}) and 0 < topk_group "
+                f"({m.topk_group}) <= n_group")
+        if m.n_group > 1 and m.top_k > m.topk_group * (m.num_experts // m.n_group):
+            bad(f"moe.top_k ({m.top_k}) exceeds the experts in the {m.topk_group} selected groups")
+
+    def layer_is_moe(self, i: int) -> bool:
+        if self.moe is None:
+            return False
+        return True if self.moe_layers is None else self.moe_layers[i]
 
     # ---------------------------------------------------------------------------------
     def layer_uses_rope(self, i: int) -> bool:
@@ -182,6 +322,36 @@ class ModelConfig:
 
     def layer_chunk(self, i: int) -> int | None:
         return self.attention_chunk_size if self.layer_types[i] == CHUNKED else None
+
+    def layer_intermediate_size(self, i: int) -> int:
+        return self.intermediate_size if self.intermediate_sizes is None else self.intermediate_sizes[i]
+
+    def layer_activation_sparsity(self, i: int) -> float:
+        return 0.0 if self.activation_sparsity is None else self.activation_sparsity[i]
+
+    def layer_kv_source(self, i: int) -> int | None:
+        """The layer whose keys/values layer i reuses (Gemma 3n KV sharing), or None.
+
+        Layers in the last ``num_kv_shared_layers`` reuse the K/V of the last layer of the same
+        attention type before that range.
+        """
+        first_shared = self.num_layers - self.num_kv_shared_layers
+        if i < first_shared:
+            return None
+        return max(j for j in range(first_shared) if self.layer_types[j] == self.layer_types[i])
+
+    @property
+    def uses_gemma3n_layers(self) -> bool:
+        """True when the layers need the Gemma 3n decoder (AltUp streams, PLE, LAuReL, KV sharing...)."""
+        return (
+            self.altup_num_inputs is not None
+            or self.hidden_size_per_layer_input is not None
+            or self.laurel_rank is not None
+            or self.num_kv_shared_layers > 0
+            or self.intermediate_sizes is not None
+            or self.activation_sparsity is not None
+            or self.v_norm
+        )
 
     @property
     def attn_scale(self) -> float:

@@ -101,6 +101,12 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         mod = model.get_submodule(mod_name) if mod_name else model
     except AttributeError:
         mod = None
+    if mod is not None and mod._buffers.get(attr) is not None and attr not in mod._non_persistent_buffers_set:
+        cur = mod._buffers[attr]  # saved buffers (the MoE router's e_score_correction_bias)
+        if tuple(cur.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}; the configuration expects {tuple(cur.shape)}")
+        mod._buffers[attr] = tensor
+        return
     if mod is None or attr not in mod._parameters or mod._parameters[attr] is None:
         raise CheckpointError(f"checkpoint tensor maps to {name!r}, which this architecture does not have")
     cur = mod._parameters[attr]
@@ -118,11 +124,18 @@ def load_tensors(
     fam = family_for_config(cfg)
     loaded: set[str] = set()
     dropped = 0
-    for hf_name, t in tensors:
-        name = rename_wrapped(hf_name, wrapper)
-        if name is None:
-            dropped += 1
-            continue
+
+    def text_tensors():
+        nonlocal dropped
+        for hf_name, t in tensors:
+            name = rename_wrapped(hf_name, wrapper)
+            if name is None:
+                dropped += 1
+            else:
+                yield name, t
+
+    stream = text_tensors() if fam.prepare is None else fam.prepare(text_tensors(), cfg)
+    for name, t in stream:
         if fam.is_ignored(name):
             continue
         if cfg.tie_embeddings and name == fam.keys.to_hf("lm_head.weight"):
@@ -138,7 +151,7 @@ def load_tensors(
             loaded.add(native)
     if dropped:
         warnings.warn(f"dropped {dropped} non-text tensors (vision tower / projector); loaded the text decoder only")
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if missing:
         shown = ", ".join(f"{n} (HF name {fam.keys.to_hf(n) or '?'})" for n in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""

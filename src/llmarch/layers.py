@@ -23,6 +23,8 @@ class RMSNorm(nn.Module):
     otherwise cast the normalised activations first, then multiply (Llama, Qwen).
     """
 
+    param_component = "norms"
+
     def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False, weight_fp32: bool = False):
         super().__init__()
         self.eps = eps
@@ -189,8 +191,20 @@ def activation_fn(name: str):
     raise ValueError(f"unknown activation {name!r}")
 
 
+_GLU_NAMES = {"silu": "SwiGLU", "gelu_tanh": "GeGLU", "gelu": "GeGLU", "relu": "ReGLU"}
+
+
+def glu_name(activation: str) -> str:
+    """SwiGLU, GeGLU, ... : what the article calls a gated FFN with this activation."""
+    return _GLU_NAMES.get(activation, f"{activation}-GLU")
+
+_ACT_NAMES = {"silu": "SiLU", "gelu_tanh": "GELU", "gelu": "GELU", "relu": "ReLU"}
+
+
 class GLU(nn.Module):
     """Gated FFN: down(act(gate(x)) * up(x)) -- SwiGLU with SiLU, GeGLU with GELU."""
+
+    param_component = "dense FFN"
 
     def __init__(self, dim: int, hidden: int, activation: str, bias: bool = False):
         super().__init__()
@@ -203,9 +217,15 @@ class GLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
+    def describe(self) -> dict:
+        """The FFN in the article's terms (read by llmarch.analysis); MoE layers add expert counts."""
+        return dict(kind=glu_name(self.activation), width=self.up_proj.out_features, moe=False)
+
 
 class MLP(nn.Module):
     """Plain two-layer FFN: down(act(up(x))) (GPT-2)."""
+
+    param_component = "dense FFN"
 
     def __init__(self, dim: int, hidden: int, activation: str, bias: bool = True):
         super().__init__()
@@ -216,6 +236,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.up_proj(x)))
+
+    def describe(self) -> dict:
+        return dict(kind=f"{_ACT_NAMES.get(self.activation, self.activation)} MLP", width=self.up_proj.out_features, moe=False)
 
 
 def make_ffn(cfg: ModelConfig, hidden: int | None = None) -> nn.Module:

@@ -11,6 +11,8 @@ from .attention import Attention
 from .cache import KVCache
 from .config import ModelConfig
 from .layers import Rotary, make_ffn, make_norm
+from .mla import MLAttention
+from .moe import MoE
 
 
 class Block(nn.Module):
@@ -29,10 +31,10 @@ class Block(nn.Module):
         post = cfg.norm_placement in ("post", "sandwich")
         h = cfg.hidden_size
         self.attn_norm = make_norm(cfg, h) if pre else None
-        self.attn = Attention(cfg, layer_idx)
+        self.attn = MLAttention(cfg, layer_idx) if cfg.attention_kind == "mla" else Attention(cfg, layer_idx)
         self.attn_post_norm = make_norm(cfg, h) if post else None
         self.mlp_norm = make_norm(cfg, h) if pre else None
-        self.mlp = make_ffn(cfg)
+        self.mlp = MoE(cfg) if cfg.layer_is_moe(layer_idx) else make_ffn(cfg)
         self.mlp_post_norm = make_norm(cfg, h) if post else None
 
     def forward(self, x, positions, rope, cache=None):
@@ -55,13 +57,15 @@ def _rope_key(rope) -> str:
 class Decoder(nn.Module):
     """Token ids (B, T) -> logits (B, T, vocab), with an optional :class:`KVCache`."""
 
+    block_class: type[nn.Module] = Block  # a decoder with another kind of layer overrides this
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.pos_embed = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.position == "learned" else None
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self.block_class(cfg, i) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # one rotary table per distinct RoPE configuration (Gemma 3: local and global)
@@ -101,18 +105,27 @@ class Decoder(nn.Module):
     def hidden_states(
         self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> torch.Tensor:
-        b, t = input_ids.shape
-        if positions is None:
-            start = cache.seq_len if cache is not None else 0
-            positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
+        positions = self.default_positions(input_ids, positions, cache)
         x = self.embed_tokens(input_ids, positions)
-        ropes = {k: mod(positions, x.dtype) for k, mod in self.rotary.items()}
+        ropes = self.layer_ropes(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            key = self._layer_rope[i]
-            x = layer(x, positions, ropes[key] if key is not None else None, cache.layers[i] if cache else None)
+            x = layer(x, positions, ropes[i], cache.layers[i] if cache else None)
         if cache is not None:
-            cache.seq_len += t
+            cache.seq_len += input_ids.shape[1]
         return self.norm(x)
+
+    @staticmethod
+    def default_positions(input_ids: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        if positions is not None:
+            return positions
+        b, t = input_ids.shape
+        start = cache.seq_len if cache is not None else 0
+        return torch.arange(start, start + t, device=input_ids.device).expand(b, t)
+
+    def layer_ropes(self, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """The (cos, sin) of every layer (None on NoPE layers), each table computed once."""
+        tables = {k: mod(positions, dtype) for k, mod in self.rotary.items()}
+        return [tables[key] if key is not None else None for key in self._layer_rope]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         # through the head module when there is one, so a packed head (llmarch.packed) can stand in
@@ -138,8 +151,13 @@ class Decoder(nn.Module):
 
 def build_model(cfg: ModelConfig, device=None, dtype=None) -> Decoder:
     """Build a model; ``device="meta"`` allocates nothing (parameter counting, lazy loading)."""
+    cls = Decoder
+    if cfg.uses_gemma3n_layers:
+        from .gemma3n import Gemma3nDecoder
+
+        cls = Gemma3nDecoder
     with torch.device(device or "cpu"):
-        model = Decoder(cfg)
+        model = cls(cfg)
     if dtype is not None and device != "meta":
         model = model.to(dtype)
     elif dtype is not None:

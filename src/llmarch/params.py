@@ -16,6 +16,9 @@ class ParamCount:
     active: int  # per token: total minus the routed experts a token does not use
     embedding: int  # input embedding (+ learned positions) + untied output head
     non_embedding: int  # total - embedding (what model cards call "non-embedding")
+    # total without tables that can live off the accelerator (Gemma 3n's per-layer embeddings:
+    # Google's "effective" size); None for models without such tables
+    effective: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -32,17 +35,22 @@ def count_model(model: Decoder, name: str | None = None) -> ParamCount:
         emb += model.pos_embed.weight.numel()
     if model.lm_head is not None:
         emb += model.lm_head.weight.numel()
-    inactive = 0
+    inactive = offloadable = 0
     for mod in model.modules():
         fn = getattr(mod, "inactive_params_per_token", None)
         if fn is not None:
             inactive += fn()
+        fn = getattr(mod, "offloadable_params", None)
+        if fn is not None:
+            offloadable += fn()
+    emb += offloadable  # an offloadable table is a token-indexed embedding
     return ParamCount(
         name=name or model.config.name or "model",
         total=total,
         active=total - inactive,
         embedding=emb,
         non_embedding=total - emb,
+        effective=total - offloadable if offloadable else None,
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from . import gemma3, gpt2, llama, mistral, olmo2, qwen, smollm3
+from . import deepseek, gemma3, gemma3n, gpt2, llama, llama4, mistral, olmo2, qwen, qwen3_moe, smollm3
 from .base import Family
 
 FAMILIES: list[Family] = [
@@ -19,22 +19,28 @@ FAMILIES: list[Family] = [
     olmo2.FAMILY,
     gemma3.FAMILY,
     smollm3.FAMILY,
+    gemma3n.FAMILY,
+    deepseek.FAMILY,
+    qwen3_moe.FAMILY,
+    llama4.FAMILY,
 ]
 
 # Multimodal checkpoints whose text decoder llmarch loads: model_type -> (text prefixes
-# rewritten to the text model's names, prefixes dropped with a note)
+# rewritten to the text model's names, prefixes dropped with a note). The text weights sit
+# under language_model. (hub format) or model.language_model. (transformers 5).
+_TEXT_RENAME = [
+    (r"^language_model\.model\.", "model."),
+    (r"^model\.language_model\.", "model."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+]
 WRAPPERS: dict[str, dict[str, Any]] = {
-    "mistral3": dict(
-        rename=[(r"^language_model\.model\.", "model."), (r"^model\.language_model\.", "model."),
-                (r"^language_model\.lm_head\.", "lm_head.")],
-        drop=(r"^(model\.)?vision_tower\.", r"^(model\.)?multi_modal_projector\."),
-    ),
-    "gemma3": dict(
-        rename=[(r"^language_model\.model\.", "model."), (r"^model\.language_model\.", "model."),
-                (r"^language_model\.lm_head\.", "lm_head.")],
-        drop=(r"^(model\.)?vision_tower\.", r"^(model\.)?multi_modal_projector\."),
-    ),
+    "mistral3": dict(rename=_TEXT_RENAME, drop=(r"^(model\.)?vision_tower\.", r"^(model\.)?multi_modal_projector\.")),
+    "gemma3": dict(rename=_TEXT_RENAME, drop=(r"^(model\.)?vision_tower\.", r"^(model\.)?multi_modal_projector\.")),
+    "gemma3n": dict(rename=_TEXT_RENAME, drop=(r"^(model\.)?(vision_tower|audio_tower|embed_vision|embed_audio)\.",)),
+    "llama4": dict(rename=_TEXT_RENAME, drop=(r"^(model\.)?vision_model\.", r"^(model\.)?multi_modal_projector\.")),
 }
+WRAPPED_TEXT_MODEL_TYPES = {"gemma3": "gemma3_text", "mistral3": "mistral", "llama4": "llama4_text",
+                            "gemma3n": "gemma3n_text"}
 
 
 def register(family: Family) -> None:
@@ -77,7 +83,7 @@ def resolve_hf_config(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
         text = dict(d.get("text_config") or {})
         if not text:
             raise ConfigError(f"config.json of model_type {mt!r} has no text_config")
-        text.setdefault("model_type", {"gemma3": "gemma3_text", "mistral3": "mistral"}[mt])
+        text.setdefault("model_type", WRAPPED_TEXT_MODEL_TYPES[mt])
         if text["model_type"] == "gemma3":
             text["model_type"] = "gemma3_text"
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -86,6 +86,9 @@ class Family:
     # optional export transform: native state dict -> HF state dict
     save_transform: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
     notes: list[str] = field(default_factory=list)
+    # optional checkpoint surgery on the whole (hf_name, tensor) stream, before renaming:
+    # FP8 dequantisation, stacking per-expert tensors, skipping extra layers
+    prepare: Callable[[Iterator[tuple[str, torch.Tensor]], ModelConfig], Iterator[tuple[str, torch.Tensor]]] | None = None
 
     def is_ignored(self, hf_name: str) -> bool:
         return any(re.search(p, hf_name) for p in self.ignore)

@@ -1,0 +1,201 @@
+"""Mixture-of-experts feed-forward: a router picks k of E expert GLUs per token.
+
+One module covers the article's MoE models; the routing rule is configuration
+(:class:`llmarch.config.MoEConfig`):
+
+* Qwen3-MoE: softmax over all experts, top-k, optionally renormalised.
+* DeepSeek-V3 / Kimi K2: sigmoid scores; a bias (``e_score_correction_bias``) that only
+  steers *which* experts are chosen; group-limited top-k (keep the ``topk_group`` best of
+  ``n_group`` groups, a group scored by the sum of its two best experts); renormalised and
+  multiplied by ``routed_scaling_factor``; plus a shared expert every token goes through.
+* Llama 4: top-1 sigmoid whose score multiplies the expert's *input*; a shared expert.
+
+Experts are stored stacked, ``gate_up_proj`` (E, 2 * width, hidden) and ``down_proj``
+(E, hidden, width), so one expert is a view, never a copy.
+
+Dispatch sorts the (token, expert) assignments by expert and runs each *active* expert once
+on its contiguous batch of tokens (when most experts are active, as two batched matmuls over
+the stacked weights), then scatter-adds the results back; a single decoding token only
+touches the weights of its k experts.
+
+Hook for load balancing (training): after every forward, ``MoE.last_routing`` holds the
+:class:`Routing` of the tokens just seen: router ``logits`` (N, E; part of the autograd
+graph, for an auxiliary load-balancing loss), ``scores``, the chosen ``indices`` (N, k) and
+their ``weights``; ``Routing.expert_load()`` counts tokens per expert. DeepSeek's auxiliary-
+loss-free balancing adjusts ``MoE.router.e_score_correction_bias`` (a buffer, saved with the
+checkpoint) from that load, outside the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, MoEConfig
+from .layers import GLU, activation_fn, glu_name
+
+
+@dataclass
+class Routing:
+    logits: torch.Tensor  # (N, E) float32 router logits
+    scores: torch.Tensor  # (N, E) softmax or sigmoid of the logits
+    indices: torch.Tensor  # (N, k) chosen experts
+    weights: torch.Tensor  # (N, k) their combination weights
+
+    def expert_load(self) -> torch.Tensor:
+        """Tokens routed to each expert, (E,)."""
+        return torch.bincount(self.indices.reshape(-1), minlength=self.scores.shape[-1])
+
+
+class Router(nn.Module):
+    param_component = "router"  # how llmarch.analysis files the parameters
+
+    def __init__(self, dim: int, m: MoEConfig):
+        super().__init__()
+        self.m = m
+        self.weight = nn.Parameter(torch.empty(m.num_experts, dim))
+        nn.init.normal_(self.weight, std=dim**-0.5)
+        if m.score_correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(m.num_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        m = self.m
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(-1) if m.score == "softmax" else logits.sigmoid()
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if m.n_group > 1:
+            n = x.shape[0]
+            per_group = m.num_experts // m.n_group
+            grouped = choice.view(n, m.n_group, per_group)
+            group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)
+            keep = group_score.topk(m.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(n, m.num_experts)
+        indices = choice.topk(m.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if m.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        if m.routed_scaling_factor != 1.0:
+            weights = weights * m.routed_scaling_factor
+        return Routing(logits, scores, indices, weights)
+
+
+class Experts(nn.Module):
+    """E gated FFNs stored as stacked (E, out, in) tensors."""
+
+    param_component = "experts"
+
+    def __init__(self, num_experts: int, dim: int, width: int, activation: str):
+        super().__init__()
+        self.width = width
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, width))
+        nn.init.uniform_(self.gate_up_proj, -(dim**-0.5), dim**-0.5)
+        nn.init.uniform_(self.down_proj, -(width**-0.5), width**-0.5)
+        self.act = activation_fn(activation)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[e]).split(self.width, dim=-1)
+        return F.linear(self.act(gate) * up, self.down_proj[e])
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, scale_input: bool) -> torch.Tensor:
+        """x (N, dim), indices/weights (N, k) -> sum_k weight * expert_k(x) (N, dim)."""
+        n, k = indices.shape
+        weights = weights.to(x.dtype)
+        if n == 1:  # decoding: k experts, read in place
+            out = None
+            for j, e in enumerate(indices[0].tolist()):
+                w = weights[:, j : j + 1]
+                y = self.expert(e, x * w) if scale_input else self.expert(e, x) * w
+                out = y if out is None else out + y
+            return out
+        flat = indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        token = order // k
+        xs = x.index_select(0, token)
+        ws = weights.reshape(-1, 1).index_select(0, order)
+        if scale_input:
+            xs = xs * ws
+        active = int((counts > 0).sum())
+        if 2 * active > counts.numel():
+            ys = self._batched(xs, flat.index_select(0, order), counts)
+        else:
+            ys = self._looped(xs, counts.tolist())
+        if not scale_input:
+            ys = ys * ws
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+    def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Few active experts: each runs once on its contiguous slice of the sorted tokens."""
+        ys, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                ys.append(self.expert(e, xs[start : start + c]))
+                start += c
+        return torch.cat(ys)
+
+    def _batched(self, xs: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Most experts active: pad every expert's tokens to the busiest one's count and run all
+        experts as two batched matmuls (several times faster than per-expert matmuls of a few
+        dozen rows on CPU; the weights are read in place through transposed views)."""
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(xs.shape[0], device=xs.device) - starts.index_select(0, expert)
+        padded = xs.new_zeros(counts.numel(), int(counts.max()), xs.shape[1])
+        padded[expert, slot] = xs
+        gate, up = torch.bmm(padded, self.gate_up_proj.transpose(1, 2)).split(self.width, dim=-1)
+        out = torch.bmm(self.act(gate) * up, self.down_proj.transpose(1, 2))
+        return out[expert, slot]
+
+
+class MoE(nn.Module):
+    """Router + routed experts (+ an optional shared expert every token goes through)."""
+
+    child_components = {"shared_expert": "shared expert"}  # for llmarch.analysis (a GLU inside)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.moe
+        self.top_k = m.top_k
+        self.scale_input = m.scale_input
+        self.router = Router(cfg.hidden_size, m)
+        self.experts = Experts(m.num_experts, cfg.hidden_size, m.expert_size, cfg.activation)
+        self.shared_expert = GLU(cfg.hidden_size, m.shared_expert_size, cfg.activation) if m.shared_expert_size else None
+        self.activation = cfg.activation
+        self.last_routing: Routing | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, x.shape[-1])
+        routing = self.router(h)
+        self.last_routing = routing
+        y = self.experts(h, routing.indices, routing.weights, self.scale_input)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(h)
+        return y.view(x.shape)
+
+    def describe(self) -> dict:
+        """The FFN in the article's terms (the keys of ``GLU.describe`` plus the expert counts)."""
+        width = self.experts.width
+        shared = self.shared_expert.up_proj.out_features if self.shared_expert is not None else 0
+        return dict(
+            kind=glu_name(self.activation),
+            width=width,
+            moe=True,
+            experts=self.experts.gate_up_proj.shape[0],
+            active=self.top_k,
+            shared=shared // width if shared % width == 0 else 1,
+            expert_width=width,
+            shared_width=shared,
+        )
+
+    def inactive_params_per_token(self) -> int:
+        """Routed-expert parameters a token does not use (the E - k experts it skips)."""
+        e = self.experts.gate_up_proj.shape[0]
+        per_expert = math.prod(self.experts.gate_up_proj.shape[1:]) + math.prod(self.experts.down_proj.shape[1:])
+        return (e - self.top_k) * per_expert

@@ -1,0 +1,246 @@
+"""Sparse and latent families vs transformers: logits, cached decoding, export round trip,
+plus the MoE module's dispatch, active-parameter accounting and published parameter counts."""
+
+import pytest
+import torch
+from hf_tiny import SEQ, VOCAB
+from hf_tiny_moe import make_moe_model, moe_configs
+
+import llmarch
+from llmarch.config import ModelConfig, MoEConfig
+from llmarch.moe import MoE
+
+ARCHS = list(moe_configs())
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = {}
+    for arch in ARCHS:
+        d = tmp_path_factory.mktemp(arch)
+        hf = make_moe_model(arch)
+        hf.save_pretrained(d)
+        out[arch] = (d, hf)
+    return out
+
+
+def _ids(batch=2, seq=SEQ, seed=0):
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers(arch, saved):
+    d, hf = saved[arch]
+    model = llmarch.from_pretrained(d)
+    ids = _ids()
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = model(ids)
+    err = (out - ref).abs().max().item()
+    assert err < TOL, f"{arch}: max abs logit difference {err:.2e}"
+    assert ref.std() > 0.05
+    # routing really varies: the tokens of a MoE layer use more than top_k distinct experts
+    moe = [m for m in model.modules() if isinstance(m, MoE)]
+    assert moe and all((m.last_routing.expert_load() > 0).sum() > m.top_k for m in moe)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_decoding_matches_full_forward(arch, saved):
+    d, _ = saved[arch]
+    model = llmarch.from_pretrained(d)
+    ids = _ids(seq=SEQ + 4, seed=1)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(batch=ids.shape[0], max_len=ids.shape[1])
+        outs = [model(ids[:, :7], cache=cache)]  # longer than Llama 4's 5-token chunks
+        outs += [model(ids[:, t : t + 1], cache=cache) for t in range(7, ids.shape[1])]
+    err = (torch.cat(outs, dim=1) - full).abs().max().item()
+    assert err < TOL, f"{arch}: cached vs full max abs difference {err:.2e}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_round_trip_loads_in_transformers(arch, saved, tmp_path):
+    import transformers as T
+
+    d, _ = saved[arch]
+    model = llmarch.from_pretrained(d)
+    llmarch.save_pretrained(model, tmp_path / "export")
+    back = T.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32, attn_implementation="eager")
+    ids = _ids(seed=2)
+    with torch.no_grad():
+        err = (back(ids).logits - model(ids)).abs().max().item()
+    assert err < TOL, f"{arch}: exported model differs in transformers by {err:.2e}"
+    again = llmarch.from_pretrained(tmp_path / "export")
+    assert again.config.moe == model.config.moe
+    assert again.config.moe_layers == model.config.moe_layers
+    assert again.config.mla == model.config.mla
+
+
+def test_layer_schedules_read_from_config(saved):
+    cfg = {a: llmarch.from_pretrained(saved[a][0]).config for a in ARCHS}
+    assert cfg["deepseek_v3"].moe_layers == [False, True, True]  # first_k_dense_replace 1
+    assert cfg["deepseek_v3"].moe.n_group == 4 and cfg["deepseek_v3"].moe.topk_group == 2
+    assert cfg["qwen3_moe"].moe_layers == [True, False, True]  # mlp_only_layers [1]
+    assert cfg["qwen3_moe_sparse_step"].moe_layers == [False, True]  # decoder_sparse_step 2
+    assert cfg["llama4_text"].moe_layers == [False, True, False, True]  # interleave_moe_layer_step 2
+    assert cfg["llama4_text"].rope_layers == [True, True, True, False]
+    assert cfg["llama4_text"].layer_types == ["chunked", "chunked", "chunked", "full"]
+    assert cfg["llama4_text"].attention_chunk_size < SEQ
+    assert cfg["llama4_text_scout"].qk_norm == "l2" and cfg["llama4_text"].qk_norm == "none"
+
+
+def test_fused_expert_checkpoint_names_load(saved, tmp_path):
+    """transformers' in-memory layout (experts.gate_up_proj (E, 2I, H)) loads as well as per-expert tensors."""
+    from safetensors.torch import save_file
+
+    d, hf = saved["qwen3_moe"]
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    assert any(k.endswith("experts.gate_up_proj") for k in hf.state_dict())
+    model = llmarch.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert (model(_ids()) - hf(_ids()).logits).abs().max() < TOL
+
+
+def test_llama4_multimodal_prefixes(saved, tmp_path):
+    """Both language_model.model.* (hub) and model.language_model.* prefixes load; the vision tower is dropped."""
+    import json
+
+    from safetensors.torch import save_file
+
+    d, hf = saved["llama4_text"]
+    text_cfg = json.loads((d / "config.json").read_text())
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    for prefix in ("language_model.model.", "model.language_model."):
+        out = tmp_path / prefix.replace(".", "_")
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps({"model_type": "llama4", "text_config": text_cfg}))
+        tensors = {(prefix + k[len("model."):] if k.startswith("model.") else "language_model." + k): v
+                   for k, v in state.items()}
+        tensors["vision_model.patch_embedding.weight"] = torch.zeros(3, 3)
+        save_file(tensors, str(out / "model.safetensors"))
+        with pytest.warns(UserWarning, match="dropped 1 non-text"):
+            model = llmarch.from_pretrained(out)
+        with torch.no_grad():
+            assert (model(_ids()) - hf(_ids()).logits).abs().max() < TOL
+
+
+# ---------------------------------------------------------------------------------------
+# the MoE module on its own
+# ---------------------------------------------------------------------------------------
+
+
+def _moe_cfg(**moe):
+    base = dict(num_experts=8, top_k=3, expert_size=24, score="sigmoid", norm_topk_prob=True, n_group=4, topk_group=2,
+                routed_scaling_factor=2.0, score_correction_bias=True, shared_expert_size=16)
+    base.update(moe)
+    return ModelConfig(vocab_size=32, hidden_size=20, num_layers=1, num_heads=2, num_kv_heads=2,
+                       intermediate_size=40, moe=MoEConfig(**base))
+
+
+def _dense_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Every token through every expert, weighted by a dense (N, E) routing matrix."""
+    r = moe.router(x)
+    dense_w = torch.zeros_like(r.scores).scatter_(1, r.indices, r.weights)
+    ex = moe.experts
+    ys = []
+    for e in range(dense_w.shape[1]):
+        w = dense_w[:, e : e + 1]
+        ys.append(ex.expert(e, x * w) if moe.scale_input else ex.expert(e, x) * w)
+    out = torch.stack(ys).sum(0)
+    return out + moe.shared_expert(x) if moe.shared_expert is not None else out
+
+
+@pytest.mark.parametrize("kind", [dict(), dict(score="softmax", n_group=1, topk_group=1, score_correction_bias=False,
+                                                shared_expert_size=0, routed_scaling_factor=1.0),
+                                  dict(top_k=1, n_group=1, topk_group=1, norm_topk_prob=False, scale_input=True,
+                                       score_correction_bias=False, routed_scaling_factor=1.0)])
+@pytest.mark.parametrize("tokens", [1, 2, 37])
+def test_sorted_dispatch_equals_dense_mixture(kind, tokens):
+    torch.manual_seed(0)
+    moe = MoE(_moe_cfg(**kind))
+    if moe.router.e_score_correction_bias is not None:
+        moe.router.e_score_correction_bias.normal_(0, 0.5)
+    x = torch.randn(tokens, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), _dense_reference(moe, x), rtol=1e-5, atol=1e-5)
+
+
+def test_looped_and_batched_expert_paths_agree():
+    torch.manual_seed(0)
+    ex = MoE(_moe_cfg()).experts
+    expert = torch.tensor([0, 0, 2, 5, 5, 5, 7])  # sorted assignments, experts 1, 3, 4, 6 idle
+    counts = torch.bincount(expert, minlength=8)
+    xs = torch.randn(7, 20)
+    with torch.no_grad():
+        looped = ex._looped(xs, counts.tolist())
+        torch.testing.assert_close(ex._batched(xs, expert, counts), looped, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(looped[2], ex.expert(2, xs[2:3])[0])
+
+
+def test_group_limited_routing_only_picks_from_kept_groups():
+    torch.manual_seed(0)
+    moe = MoE(_moe_cfg())
+    moe.router.e_score_correction_bias.normal_(0, 0.5)
+    r = moe.router(torch.randn(64, 20))
+    groups = [set((row // 2).tolist()) for row in r.indices]
+    assert all(len(g) <= 2 for g in groups)  # 8 experts in 4 groups of 2, topk_group 2
+    assert len({frozenset(g) for g in groups}) > 1
+    torch.testing.assert_close(r.weights.sum(-1), torch.full((64,), 2.0))  # renormalised, times 2.0
+
+
+def test_correction_bias_steers_selection_not_weights():
+    torch.manual_seed(0)
+    moe = MoE(_moe_cfg(n_group=1, topk_group=1))
+    x = torch.randn(16, 20)
+    before = moe.router(x)
+    moe.router.e_score_correction_bias[5] = 100.0  # expert 5 always chosen ...
+    after = moe.router(x)
+    assert (after.indices == 5).any(-1).all()
+    chosen = after.scores.gather(1, after.indices)  # ... weighted by the unbiased scores
+    torch.testing.assert_close(after.weights, chosen / chosen.sum(-1, keepdim=True) * 2.0)
+    assert not torch.equal(before.indices, after.indices)
+
+
+def test_decode_touches_only_selected_experts():
+    torch.manual_seed(0)
+    moe = MoE(_moe_cfg())
+    x = torch.randn(1, 20, requires_grad=True)
+    moe(x).sum().backward()
+    used = set(moe.last_routing.indices[0].tolist())
+    touched = {e for e in range(8) if moe.experts.gate_up_proj.grad[e].abs().sum() > 0}
+    assert touched == used
+
+
+def test_active_params_subtract_unused_routed_experts():
+    cfg = _moe_cfg().replace(num_layers=2, layer_types=None, moe_layers=[False, True])
+    c = llmarch.count_params(cfg)
+    per_expert = 3 * 20 * 24
+    assert c.total - c.active == (8 - 3) * per_expert
+    dense = llmarch.count_params(cfg.replace(moe=None, moe_layers=None))
+    # layer 0 is a dense FFN of intermediate_size: it is the same in both models
+    assert c.total - dense.total == (8 * per_expert + 3 * 20 * 16 + 8 * 20) - 3 * 20 * 40
+
+
+# Published figures (total / active per token). Sources: DeepSeek-V3 technical report and
+# model card ("671B total, 37B activated"; the 685B on the hub includes the 14B MTP module);
+# Kimi K2 model card ("1T total, 32B activated"; 1.04T / 32.6B in the brief);
+# Qwen3 model cards (30.5B / 3.3B; 235B / 22B); Llama 4 model cards (Scout 109B / 17B,
+# Maverick 400B / 17B, multimodal: the ~1.7B of vision encoder/projector are not counted here).
+PUBLISHED = {
+    "deepseek-v3": (671e9, 37e9, 0.01, 0.02),
+    "kimi-k2": (1.04e12, 32.6e9, 0.02, 0.02),
+    "qwen3-30b-a3b": (30.5e9, 3.3e9, 0.01, 0.02),
+    "qwen3-235b-a22b": (235e9, 22e9, 0.01, 0.01),
+    "llama4-scout": (109e9, 17e9, 0.02, 0.015),
+    "llama4-maverick": (400e9, 17e9, 0.01, 0.015),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_parameter_counts(name):
+    total, active, tol_total, tol_active = PUBLISHED[name]
+    c = llmarch.count_params(llmarch.get_config(name))
+    assert abs(c.total / total - 1) < tol_total, f"{name}: total {c.total:,} vs published {total:,.0f}"
+    assert abs(c.active / active - 1) < tol_active, f"{name}: active {c.active:,} vs published {active:,.0f}"
