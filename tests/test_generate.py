@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import TOK, VOCAB, make_hf_model
+from hf_tiny import TOK, VOCAB, hf_configs, make_hf_model
+from hf_tiny_moe import make_moe_model
 from tiny_tokenizer import tiny_tokenizer
 
 import llmarch
@@ -45,7 +46,7 @@ def tiny(tmp_path_factory):
     def get(arch: str):
         if arch not in cache:
             d = tmp_path_factory.mktemp(arch)
-            hf = make_hf_model(arch)
+            hf = make_hf_model(arch) if arch in hf_configs() else make_moe_model(arch)
             hf.save_pretrained(d)
             tok = tiny_tokenizer()
             tok.backend.save(str(d / "tokenizer.json"))
@@ -134,7 +135,16 @@ def test_greedy_generation_matches_transformers(tiny, penalty):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["gemma3_text", "llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "llama4_text"])  # MLA latent cache + MoE; chunked + NoPE + MoE
+def test_cached_generation_matches_uncached_forward_other_attention(tiny, arch):
+    model = tiny(arch)[0]
+    prompt = _prompt(6, seed=4)
+    config = GenerationConfig(max_new_tokens=16, ignore_eos=True, repetition_penalty=1.5)
+    out = generate(model, None, prompt, config).token_ids[0]
+    assert out == _uncached_reference(model, prompt, config)
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "llama", "gpt2", "qwen2", "deepseek_v3", "llama4_text"])
 def test_left_padded_batch_matches_each_prompt_alone(tiny, arch):
     model = tiny(arch)[0]
     prompts = [_prompt(3, 10), _prompt(11, 11), _prompt(7, 12)]
