@@ -19,6 +19,7 @@ from llmarch.generate import (
     GenerationConfig,
     Sampler,
     apply_repetition_penalty,
+    chat_prompt,
     filter_min_p,
     filter_top_k,
     filter_top_p,
@@ -308,6 +309,18 @@ def test_stream_yields_one_step_per_token_with_stats(tiny):
     st = res.stats
     assert st.prompt_tokens == 4 + 12 and st.generated_tokens == 16 and st.decode_tokens == 14
     assert st.prefill_tps > 0 and st.decode_tps > 0 and "tok/s" in st.summary()
+
+
+def test_chat_prompt_renders_the_template_with_one_bos():
+    tok = tiny_tokenizer()
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'][0] }} {{ m['content'] }}.{% endfor %}"
+        "{% if add_generation_prompt %}a {% endif %}"
+    )
+    ids = chat_prompt(tok, "hello", system="be brief")
+    assert ids == [TOK["bos_token_id"], *tok.encode("s be brief.u hello.a ", add_special_tokens=False)]
+    with pytest.raises(GenerationError):
+        chat_prompt(tok, "")
 
 
 # ----------------------------------------------------------------------------------------
