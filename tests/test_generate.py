@@ -390,6 +390,7 @@ def test_cli_streams_the_same_text_as_the_api(tiny):
         (["hi", "--model", "{d}", "--top-p", "2"], "top_p"),
         (["hi", "--model", "{d}", "--top-k", "many"], "--top-k"),
         (["hi", "--model", "{d}", "--temperature", "-1"], "temperature"),
+        (["hi", "--model", "{d}", "--threads", "0"], "threads"),
         (["abcdefghij", "--model", "{d}", "--max-context", "6"], "context"),
         (["hi", "--model", "{d}/missing.gguf"], "no such model"),
         (["hi", "--model", "{d}/corrupt.gguf"], "GGUF"),
