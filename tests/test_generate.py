@@ -300,7 +300,10 @@ def test_stream_yields_one_step_per_token_with_stats(tiny):
     model = tiny("qwen2")[0]
     tok = tiny_tokenizer()
     g = stream(model, tok, ["abc", "hello there"], GenerationConfig(max_new_tokens=8, ignore_eos=True))
-    steps = list(g)
+    steps = []
+    for step in g:
+        assert not torch.is_inference_mode_enabled()  # the caller's code between steps runs normally
+        steps.append(step)
     res = g.result()
     assert [s.index for s in steps] == list(range(8))
     assert steps[-1].finished == [True, True] and not any(steps[0].finished)

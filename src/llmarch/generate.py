@@ -403,26 +403,26 @@ class Generation:
         sampler = Sampler(cfg, batch, model.config.vocab_size, device)
         sampler.observe(ids, positions >= 0)
 
+        # inference mode only around the work: the caller runs between steps, outside it
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            t0 = time.perf_counter()
             self.cache = cache = model.new_cache(batch, longest + cfg.max_new_tokens)
-            logits = model(ids, positions=positions, cache=cache, last_only=True)[:, -1]
-            tokens = sampler(logits)
-            step = self._take(0, tokens.tolist())
-            stats.prefill_seconds = time.perf_counter() - t0
-            yield step
-            for i in range(1, cfg.max_new_tokens):
-                if all(step.finished):
-                    break
-                t0 = time.perf_counter()
+            tokens = sampler(model(ids, positions=positions, cache=cache, last_only=True)[:, -1])
+        step = self._take(0, tokens.tolist())
+        stats.prefill_seconds = time.perf_counter() - t0
+        yield step
+        for i in range(1, cfg.max_new_tokens):
+            if all(step.finished):
+                break
+            t0 = time.perf_counter()
+            with torch.inference_mode():
                 sampler.observe(tokens[:, None])
-                logits = model(tokens[:, None], positions=next_pos, cache=cache, last_only=True)[:, -1]
-                next_pos = next_pos + 1
-                tokens = sampler(logits)
-                step = self._take(i, tokens.tolist())
-                stats.decode_seconds += time.perf_counter() - t0
-                stats.decode_tokens += sum(t is not None for t in step.token_ids)
-                yield step
+                tokens = sampler(model(tokens[:, None], positions=next_pos, cache=cache, last_only=True)[:, -1])
+            next_pos = next_pos + 1
+            step = self._take(i, tokens.tolist())
+            stats.decode_seconds += time.perf_counter() - t0
+            stats.decode_tokens += sum(t is not None for t in step.token_ids)
+            yield step
 
     def _take(self, index: int, tokens: list[int]) -> Step:
         """Hand each unfinished row its new token; close rows at the length limit."""
