@@ -60,27 +60,24 @@ class GenerationConfig:
     eos_token_ids: Sequence[int] | None = None  # None: the tokenizer's EOS / end-of-turn ids
 
     def validate(self) -> None:
-        def bad(what: str) -> GenerationError:
-            return GenerationError(what)
-
         if self.max_new_tokens < 1:
-            raise bad(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise GenerationError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise bad(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+            raise GenerationError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
-            raise bad(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+            raise GenerationError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise bad(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+            raise GenerationError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
         if not 0 <= self.min_p < 1:
-            raise bad(f"min_p must be in [0, 1) (0 turns it off), got {self.min_p}")
+            raise GenerationError(f"min_p must be in [0, 1) (0 turns it off), got {self.min_p}")
         if self.repetition_penalty <= 0:
-            raise bad(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+            raise GenerationError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
         if self.max_context is not None and self.max_context < 1:
-            raise bad(f"max_context must be at least 1, got {self.max_context}")
+            raise GenerationError(f"max_context must be at least 1, got {self.max_context}")
         if isinstance(self.stop, str):
-            raise bad("stop must be a list of strings, not a single string")
+            raise GenerationError("stop must be a list of strings, not a single string")
         if any(not s for s in self.stop):
-            raise bad("stop strings must not be empty")
+            raise GenerationError("stop strings must not be empty")
 
     @property
     def greedy(self) -> bool:
