@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import TOK, VOCAB, make_hf_model
+from hf_tiny import TOK, VOCAB, hf_configs, make_hf_model
+from hf_tiny_moe import make_moe_model
 from tiny_tokenizer import tiny_tokenizer
 
 import llmarch
@@ -18,6 +19,7 @@ from llmarch.generate import (
     GenerationConfig,
     Sampler,
     apply_repetition_penalty,
+    chat_prompt,
     filter_min_p,
     filter_top_k,
     filter_top_p,
@@ -45,7 +47,7 @@ def tiny(tmp_path_factory):
     def get(arch: str):
         if arch not in cache:
             d = tmp_path_factory.mktemp(arch)
-            hf = make_hf_model(arch)
+            hf = make_hf_model(arch) if arch in hf_configs() else make_moe_model(arch)
             hf.save_pretrained(d)
             tok = tiny_tokenizer()
             tok.backend.save(str(d / "tokenizer.json"))
@@ -134,7 +136,16 @@ def test_greedy_generation_matches_transformers(tiny, penalty):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["gemma3_text", "llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "llama4_text"])  # MLA latent cache + MoE; chunked + NoPE + MoE
+def test_cached_generation_matches_uncached_forward_other_attention(tiny, arch):
+    model = tiny(arch)[0]
+    prompt = _prompt(6, seed=4)
+    config = GenerationConfig(max_new_tokens=16, ignore_eos=True, repetition_penalty=1.5)
+    out = generate(model, None, prompt, config).token_ids[0]
+    assert out == _uncached_reference(model, prompt, config)
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "llama", "gpt2", "qwen2", "deepseek_v3", "llama4_text"])
 def test_left_padded_batch_matches_each_prompt_alone(tiny, arch):
     model = tiny(arch)[0]
     prompts = [_prompt(3, 10), _prompt(11, 11), _prompt(7, 12)]
@@ -289,7 +300,10 @@ def test_stream_yields_one_step_per_token_with_stats(tiny):
     model = tiny("qwen2")[0]
     tok = tiny_tokenizer()
     g = stream(model, tok, ["abc", "hello there"], GenerationConfig(max_new_tokens=8, ignore_eos=True))
-    steps = list(g)
+    steps = []
+    for step in g:
+        assert not torch.is_inference_mode_enabled()  # the caller's code between steps runs normally
+        steps.append(step)
     res = g.result()
     assert [s.index for s in steps] == list(range(8))
     assert steps[-1].finished == [True, True] and not any(steps[0].finished)
@@ -298,6 +312,18 @@ def test_stream_yields_one_step_per_token_with_stats(tiny):
     st = res.stats
     assert st.prompt_tokens == 4 + 12 and st.generated_tokens == 16 and st.decode_tokens == 14
     assert st.prefill_tps > 0 and st.decode_tps > 0 and "tok/s" in st.summary()
+
+
+def test_chat_prompt_renders_the_template_with_one_bos():
+    tok = tiny_tokenizer()
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'][0] }} {{ m['content'] }}.{% endfor %}"
+        "{% if add_generation_prompt %}a {% endif %}"
+    )
+    ids = chat_prompt(tok, "hello", system="be brief")
+    assert ids == [TOK["bos_token_id"], *tok.encode("s be brief.u hello.a ", add_special_tokens=False)]
+    with pytest.raises(GenerationError):
+        chat_prompt(tok, "")
 
 
 # ----------------------------------------------------------------------------------------
@@ -367,6 +393,7 @@ def test_cli_streams_the_same_text_as_the_api(tiny):
         (["hi", "--model", "{d}", "--top-p", "2"], "top_p"),
         (["hi", "--model", "{d}", "--top-k", "many"], "--top-k"),
         (["hi", "--model", "{d}", "--temperature", "-1"], "temperature"),
+        (["hi", "--model", "{d}", "--threads", "0"], "threads"),
         (["abcdefghij", "--model", "{d}", "--max-context", "6"], "context"),
         (["hi", "--model", "{d}/missing.gguf"], "no such model"),
         (["hi", "--model", "{d}/corrupt.gguf"], "GGUF"),

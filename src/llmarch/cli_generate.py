@@ -38,6 +38,8 @@ def add_parser(sub) -> None:
     sp.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     sp.add_argument("--max-context", type=int, default=None, help="cap on prompt + new tokens")
     sp.add_argument("--no-stream", action="store_true", help="print the text at the end")
+    sp.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default: PyTorch's choice; on a busy machine 1 avoids threads waiting on each other)")
     sp.set_defaults(func=run)
     sp.error = _usage_error  # bad option values: one `llmarch: error:` line, like every other error
 
@@ -69,6 +71,10 @@ def run(args: argparse.Namespace) -> None:
         max_context=args.max_context,
     )
     config.validate()  # before the (slow) model load
+    if args.threads is not None:
+        if args.threads < 1:
+            raise GenerationError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     print(f"loading {args.model or DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
     model, tokenizer = load(args.model, getattr(torch, args.dtype))
     prompts = [chat_prompt(tokenizer, p, args.system) for p in args.prompts] if args.chat else list(args.prompts)

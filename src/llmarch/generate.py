@@ -60,27 +60,24 @@ class GenerationConfig:
     eos_token_ids: Sequence[int] | None = None  # None: the tokenizer's EOS / end-of-turn ids
 
     def validate(self) -> None:
-        def bad(what: str) -> GenerationError:
-            return GenerationError(what)
-
         if self.max_new_tokens < 1:
-            raise bad(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise GenerationError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise bad(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+            raise GenerationError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
-            raise bad(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+            raise GenerationError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise bad(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+            raise GenerationError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
         if not 0 <= self.min_p < 1:
-            raise bad(f"min_p must be in [0, 1) (0 turns it off), got {self.min_p}")
+            raise GenerationError(f"min_p must be in [0, 1) (0 turns it off), got {self.min_p}")
         if self.repetition_penalty <= 0:
-            raise bad(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+            raise GenerationError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
         if self.max_context is not None and self.max_context < 1:
-            raise bad(f"max_context must be at least 1, got {self.max_context}")
+            raise GenerationError(f"max_context must be at least 1, got {self.max_context}")
         if isinstance(self.stop, str):
-            raise bad("stop must be a list of strings, not a single string")
+            raise GenerationError("stop must be a list of strings, not a single string")
         if any(not s for s in self.stop):
-            raise bad("stop strings must not be empty")
+            raise GenerationError("stop strings must not be empty")
 
     @property
     def greedy(self) -> bool:
@@ -403,26 +400,26 @@ class Generation:
         sampler = Sampler(cfg, batch, model.config.vocab_size, device)
         sampler.observe(ids, positions >= 0)
 
+        # inference mode only around the work: the caller runs between steps, outside it
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            t0 = time.perf_counter()
             self.cache = cache = model.new_cache(batch, longest + cfg.max_new_tokens)
-            logits = model(ids, positions=positions, cache=cache, last_only=True)[:, -1]
-            tokens = sampler(logits)
-            step = self._take(0, tokens.tolist())
-            stats.prefill_seconds = time.perf_counter() - t0
-            yield step
-            for i in range(1, cfg.max_new_tokens):
-                if all(step.finished):
-                    break
-                t0 = time.perf_counter()
+            tokens = sampler(model(ids, positions=positions, cache=cache, last_only=True)[:, -1])
+        step = self._take(0, tokens.tolist())
+        stats.prefill_seconds = time.perf_counter() - t0
+        yield step
+        for i in range(1, cfg.max_new_tokens):
+            if all(step.finished):
+                break
+            t0 = time.perf_counter()
+            with torch.inference_mode():
                 sampler.observe(tokens[:, None])
-                logits = model(tokens[:, None], positions=next_pos, cache=cache, last_only=True)[:, -1]
-                next_pos = next_pos + 1
-                tokens = sampler(logits)
-                step = self._take(i, tokens.tolist())
-                stats.decode_seconds += time.perf_counter() - t0
-                stats.decode_tokens += sum(t is not None for t in step.token_ids)
-                yield step
+                tokens = sampler(model(tokens[:, None], positions=next_pos, cache=cache, last_only=True)[:, -1])
+            next_pos = next_pos + 1
+            step = self._take(i, tokens.tolist())
+            stats.decode_seconds += time.perf_counter() - t0
+            stats.decode_tokens += sum(t is not None for t in step.token_ids)
+            yield step
 
     def _take(self, index: int, tokens: list[int]) -> Step:
         """Hand each unfinished row its new token; close rows at the length limit."""

@@ -128,7 +128,7 @@ class Decoder(nn.Module):
         return [tables[key] if key is not None else None for key in self._layer_rope]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        # a module when untied (so it can be swapped, e.g. for llmarch.packed.PackedLinear)
+        # through the head module when there is one, so a packed head (llmarch.packed) can stand in
         logits = self.lm_head(h) if self.lm_head is not None else nn.functional.linear(h, self.embed.weight)
         cap = self.config.final_logit_softcap
         if cap:
