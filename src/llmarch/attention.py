@@ -160,11 +160,16 @@ class Attention(nn.Module):
         kpos = positions
         if cache is not None:
             k, v, kpos = cache.update(k, v, positions)
-        mask = attention_mask(positions, kpos, self.window, self.chunk, q.dtype)
+        # a whole sequence from position 0 with plain causal attention (training, first prefill)
+        # needs no mask tensor: SDPA's is_causal is the same and faster
+        causal = cache is None and t > 1 and self.window is None and self.chunk is None and bool(
+            (positions == torch.arange(t, device=positions.device)).all()
+        )
+        mask = None if causal else attention_mask(positions, kpos, self.window, self.chunk, q.dtype)
         if t == 1:
             out = single_query_attention(q, k, v, mask, self.scale)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
+                q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
             )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
