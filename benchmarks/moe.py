@@ -41,6 +41,9 @@ def build_pair(seed: int = 0):
         ours.router.weight.copy_(hf.gate.weight)
         ours.experts.gate_up_proj.copy_(hf.experts.gate_up_proj)
         ours.experts.down_proj.copy_(hf.experts.down_proj)
+    from llmarch.packed import pack_linears
+
+    pack_linears(ours)  # llmarch's inference path (what llmarch.generate.load does)
     return ours, hf
 
 

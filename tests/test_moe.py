@@ -244,3 +244,31 @@ def test_published_parameter_counts(name):
     c = llmarch.count_params(llmarch.get_config(name))
     assert abs(c.total / total - 1) < tol_total, f"{name}: total {c.total:,} vs published {total:,.0f}"
     assert abs(c.active / active - 1) < tol_active, f"{name}: active {c.active:,} vs published {active:,.0f}"
+
+
+def test_packed_experts_equal_plain_experts():
+    """pack_linears (the inference path) pre-packs each expert; outputs equal the plain path,
+    and a weight changed after packing is re-packed, not served stale."""
+    from llmarch.config import ModelConfig, MoEConfig
+    from llmarch.moe import MoE
+    from llmarch.packed import pack_linears, packing_available
+
+    if not packing_available():
+        pytest.skip("oneDNN is not available in this torch build")
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=64, num_heads=4, num_kv_heads=4, intermediate_size=128,
+                      moe=MoEConfig(num_experts=8, top_k=2, expert_size=48, score="softmax", norm_topk_prob=True))
+    moe = MoE(cfg).eval()
+    x = torch.randn(1, 37, 64)
+    with torch.no_grad():
+        ref = moe(x)
+        ref1 = moe(x[:, :1])
+        pack_linears(moe)
+        assert moe.experts._packed is not None
+        assert (moe(x) - ref).abs().max() < 1e-5
+        assert (moe(x[:, :1]) - ref1).abs().max() < 1e-5
+        moe.experts.down_proj.mul_(2.0)
+        changed = moe(x)
+    moe.experts._packed = None
+    with torch.no_grad():
+        assert (changed - moe(x)).abs().max() < 1e-5

@@ -99,8 +99,46 @@ class Experts(nn.Module):
         nn.init.uniform_(self.gate_up_proj, -(dim**-0.5), dim**-0.5)
         nn.init.uniform_(self.down_proj, -(width**-0.5), width**-0.5)
         self.act = activation_fn(activation)
+        self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see pack_weights()
+        self._packed_version = (-1, -1)
+
+    def pack_weights(self) -> None:
+        """Pre-pack every expert's weights for oneDNN (CPU inference; see llmarch.packed).
+
+        ``F.linear`` re-lays-out a weight on every call, which for an expert's few dozen
+        tokens costs about as much as the product; packed experts skip that. Costs a second
+        copy of the expert weights; training (autograd) keeps using the plain weights."""
+        from .packed import packing_available
+
+        if not packing_available() or self.gate_up_proj.device.type != "cpu":
+            return
+        if self.gate_up_proj.dtype not in (torch.float32, torch.bfloat16):
+            return
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        with torch.no_grad():
+            self._packed = [
+                (reorder(self.gate_up_proj[e].detach().contiguous(), 1), reorder(self.down_proj[e].detach().contiguous(), 1))
+                for e in range(self.gate_up_proj.shape[0])
+            ]
+        self._packed_version = self._weights_version()
+
+    def _weights_version(self) -> tuple:
+        g, d = self.gate_up_proj, self.down_proj
+        return (g._version, d._version, g.data_ptr(), d.data_ptr(), g.dtype)
+
+    def _use_packed(self, x: torch.Tensor) -> bool:
+        if self._packed is None or torch.is_grad_enabled() or x.dtype != self.gate_up_proj.dtype:
+            return False
+        if self._packed_version != self._weights_version():
+            self.pack_weights()  # weights changed (in place or by .to()) since packing
+        return True
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self._use_packed(x):
+            gu, dn = self._packed[e]
+            linear = torch.ops.mkldnn._linear_pointwise
+            gate, up = linear(x, gu, None, "none", [], "").split(self.width, dim=-1)
+            return linear(self.act(gate) * up, dn, None, "none", [], "")
         gate, up = F.linear(x, self.gate_up_proj[e]).split(self.width, dim=-1)
         return F.linear(self.act(gate) * up, self.down_proj[e])
 
@@ -124,7 +162,7 @@ class Experts(nn.Module):
         if scale_input:
             xs = xs * ws
         active = int((counts > 0).sum())
-        if 2 * active > counts.numel():
+        if 2 * active > counts.numel() and not self._use_packed(x):
             ys = self._batched(xs, flat.index_select(0, order), counts)
         else:
             ys = self._looped(xs, counts.tolist())

@@ -78,6 +78,9 @@ def pack_linears(model: nn.Module) -> nn.Module:
         for child_name, child in list(mod.named_children()):
             if type(child) is nn.Linear:
                 setattr(mod, child_name, PackedLinear.from_linear(child))
+    for mod in model.modules():  # stacked MoE experts pack each expert's matrices
+        if hasattr(mod, "pack_weights"):
+            mod.pack_weights()
     if getattr(model, "lm_head", False) is None and hasattr(model, "embed"):
         model.lm_head = PackedLinear(model.embed.weight, own_weight=False)
     return model
