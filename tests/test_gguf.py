@@ -18,28 +18,13 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 from gguf.quants import quantize  # noqa: E402
 
-from llmarch.assets import MODELS, resolve_model  # noqa: E402
+from llmarch.assets import resolve_model  # noqa: E402
 from llmarch.errors import CheckpointError  # noqa: E402
 from llmarch.gguf import GGUFCheckpoint, dequantize  # noqa: E402
 
-REAL = {"gemma": "gemma-3-270m", "qwen": "qwen2.5-coder-0.5b"}
 
 
-def _installed(alias: str) -> bool:
-    try:
-        MODELS[alias].part_paths()
-        return True
-    except CheckpointError:
-        return False
 
-
-@pytest.fixture(scope="session")
-def real_paths():
-    """Assembled real GGUF files (cached in $LLMARCH_CACHE or ~/.cache/llmarch)."""
-    missing = [a for a in REAL.values() if not _installed(a)]
-    if missing:
-        pytest.skip(f"packaged models not installed: {missing}")
-    return {k: resolve_model(a, progress=False) for k, a in REAL.items()}
 
 
 @pytest.fixture(scope="session")

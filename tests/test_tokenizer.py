@@ -6,12 +6,10 @@ import os
 
 import pytest
 
-from llmarch.assets import MODELS, resolve_model
 from llmarch.errors import CheckpointError
 from llmarch.gguf import GGUFCheckpoint
 from llmarch.tokenizer import StreamDecoder, Tokenizer
 
-REAL = {"gemma": "gemma-3-270m", "qwen": "qwen2.5-coder-0.5b"}
 
 SAMPLES = [
     "Hello world",
@@ -44,20 +42,7 @@ MESSAGES = [
 ]
 
 
-def _installed(alias):
-    try:
-        MODELS[alias].part_paths()
-        return True
-    except CheckpointError:
-        return False
 
-
-@pytest.fixture(scope="session")
-def real_paths():
-    missing = [a for a in REAL.values() if not _installed(a)]
-    if missing:
-        pytest.skip(f"packaged models not installed: {missing}")
-    return {k: resolve_model(a, progress=False) for k, a in REAL.items()}
 
 
 @pytest.fixture(scope="session")
