@@ -16,6 +16,21 @@ def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch
     return model
 
 
+def save_hf_models(tmp_path_factory, archs, make):
+    """arch -> (directory of the saved HF model, the HF model): each built by make(arch)."""
+    out = {}
+    for arch in archs:
+        d = tmp_path_factory.mktemp(arch)
+        hf = make(arch)
+        hf.save_pretrained(d)
+        out[arch] = (d, hf)
+    return out
+
+
+def random_ids(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)

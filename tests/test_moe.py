@@ -7,6 +7,7 @@ from hf_tiny import SEQ, VOCAB
 from hf_tiny_moe import make_moe_model, moe_configs
 
 import llmarch
+from conftest import random_ids, save_hf_models
 from llmarch.config import ModelConfig, MoEConfig
 from llmarch.moe import MoE
 
@@ -16,17 +17,12 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    out = {}
-    for arch in ARCHS:
-        d = tmp_path_factory.mktemp(arch)
-        hf = make_moe_model(arch)
-        hf.save_pretrained(d)
-        out[arch] = (d, hf)
-    return out
+    """arch -> (directory of the saved HF model, HF model)."""
+    return save_hf_models(tmp_path_factory, ARCHS, make_moe_model)
 
 
 def _ids(batch=2, seq=SEQ, seed=0):
-    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return random_ids(VOCAB, batch, seq, seed)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import llmarch
+from conftest import random_ids, save_hf_models
 from hf_tiny import SEQ, VOCAB, hf_configs, make_hf_model
 
 ARCHS = list(hf_configs())
@@ -14,17 +15,11 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """arch -> (directory of the saved HF model, HF model)."""
-    out = {}
-    for arch in ARCHS:
-        d = tmp_path_factory.mktemp(arch)
-        hf = make_hf_model(arch)
-        hf.save_pretrained(d)
-        out[arch] = (d, hf)
-    return out
+    return save_hf_models(tmp_path_factory, ARCHS, make_hf_model)
 
 
 def _ids(batch=2, seq=SEQ, seed=0):
-    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return random_ids(VOCAB, batch, seq, seed)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
