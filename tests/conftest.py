@@ -31,6 +31,40 @@ def random_ids(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def max_logit_diff(model, hf, ids) -> float:
+    """Max abs difference between an llmarch model's logits and a transformers model's."""
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = model(ids)
+    assert out.shape == ref.shape
+    # the comparison is only meaningful if logits vary: guard against degenerate models
+    assert ref.std() > 0.05
+    return (out - ref).abs().max().item()
+
+
+def cached_vs_full_diff(model, ids, splits) -> float:
+    """Feed ids through a KV cache in pieces ending at each split (then one token at a time)
+    and return the max abs difference with the uncached full forward."""
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(batch=ids.shape[0], max_len=ids.shape[1])
+        bounds = [0, *splits, *range(splits[-1] + 1, ids.shape[1] + 1)]
+        outs = [model(ids[:, a:b], cache=cache) for a, b in zip(bounds, bounds[1:])]
+    return (torch.cat(outs, dim=1) - full).abs().max().item()
+
+
+def export_round_trip_diff(model, out_dir, ids) -> float:
+    """save_pretrained, load the result in transformers, return its max abs logit difference."""
+    import transformers as T
+
+    import llmarch
+
+    llmarch.save_pretrained(model, out_dir)
+    back = T.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        return (back(ids).logits - model(ids)).abs().max().item()
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
