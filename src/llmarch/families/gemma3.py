@@ -11,7 +11,16 @@ from __future__ import annotations
 import math
 
 from ..config import FULL, SLIDING, ModelConfig, RopeConfig
-from .base import Family, KeyMap, check_exportable, common_from_hf, common_to_hf, layer_types_to_hf, parse_layer_types
+from ..errors import ConfigError
+from .base import (
+    Family,
+    KeyMap,
+    check_exportable,
+    common_from_hf,
+    common_to_hf,
+    layer_types_to_hf,
+    parse_layer_types,
+)
 
 GEMMA3_KEYS = KeyMap(
     [
@@ -79,7 +88,7 @@ def from_hf(d: dict) -> ModelConfig:
     act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
     kw["activation"] = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(act, act)
     if d.get("attn_logit_softcapping"):
-        raise ValueError("attn_logit_softcapping is not used by Gemma 3 and is not supported")
+        raise ConfigError("attn_logit_softcapping is not used by Gemma 3 and is not supported")
     return gemma3_config(**kw)
 
 

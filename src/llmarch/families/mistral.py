@@ -7,6 +7,7 @@ The released checkpoint is ``Mistral3ForConditionalGeneration``: the text weight
 from __future__ import annotations
 
 from ..config import FULL, SLIDING, ModelConfig, RopeConfig
+from ..errors import ConfigError
 from .base import Family, check_exportable, common_from_hf, common_to_hf
 from .llama import llama_config
 
@@ -38,7 +39,7 @@ def to_hf(cfg: ModelConfig) -> dict:
                      qk_norm="none", position="rope", qkv_bias=False, attn_out_bias=False, embed_scale=None,
                      norm_unit_offset=False, final_logit_softcap=None, rope_layers=None, rope_interleaved=False)
     if len(uniform) != 1 or not uniform <= {FULL, SLIDING}:
-        raise ValueError("cannot export as mistral: all layers must be full or all sliding")
+        raise ConfigError("cannot export as mistral: all layers must be full or all sliding")
     d = common_to_hf(cfg, "mistral", "MistralForCausalLM")
     d.update(hidden_act="silu", sliding_window=cfg.sliding_window if SLIDING in uniform else None)
     return d

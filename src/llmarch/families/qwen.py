@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from ..config import FULL, SLIDING, ModelConfig, RopeConfig
-from .base import Family, check_exportable, common_from_hf, common_to_hf, layer_types_to_hf, parse_layer_types
+from ..errors import ConfigError
+from .base import (
+    Family,
+    check_exportable,
+    common_from_hf,
+    common_to_hf,
+    parse_layer_types,
+)
 from .llama import llama_config
 
-QWEN_TOKENS = dict(bos_token_id=151643, eos_token_id=151645)
 
 
 def qwen3(name: str, hidden: int, ffn: int, layers: int, heads: int, tied: bool) -> ModelConfig:
@@ -64,17 +70,16 @@ def to_hf(cfg: ModelConfig) -> dict:
                      final_logit_softcap=None, rope_layers=None, rope_interleaved=False,
                      qk_norm="none" if mt == "qwen2" else "head", **({"qkv_bias": True} if mt == "qwen2" else {}))
     d = common_to_hf(cfg, mt, "Qwen2ForCausalLM" if mt == "qwen2" else "Qwen3ForCausalLM")
-    d.update(hidden_act="silu", layer_types=[("sliding_attention" if t == SLIDING else "full_attention") for t in cfg.layer_types])
+    d["hidden_act"] = "silu"
     if SLIDING in cfg.layer_types:
         first = cfg.layer_types.index(SLIDING)
         if cfg.layer_types != [FULL] * first + [SLIDING] * (cfg.num_layers - first):
-            raise ValueError(f"cannot export as {mt}: sliding layers must be the last ones")
+            raise ConfigError(f"cannot export as {mt}: sliding layers must be the last ones")
         d.update(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=first)
     else:
         d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
     if mt == "qwen3":
         d["attention_bias"] = cfg.qkv_bias
-    del d["layer_types"]
     return d
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ..config import ModelConfig, RopeConfig
+from ..errors import ConfigError
 from .base import Family, check_exportable, common_from_hf, common_to_hf
-from .qwen import _sliding
 from .llama import llama_config
+from .qwen import _sliding
 
 PRESETS = {
     "smollm3-3b": lambda: llama_config(
@@ -26,7 +27,7 @@ def from_hf(d: dict) -> ModelConfig:
         interval = int(d.get("no_rope_layer_interval", 4))
         no_rope = [int((i + 1) % interval != 0) for i in range(n)]
     if len(no_rope) != n:
-        raise ValueError(f"no_rope_layers has {len(no_rope)} entries for {n} layers")
+        raise ConfigError(f"no_rope_layers has {len(no_rope)} entries for {n} layers")
     kw["rope_layers"] = [bool(x) for x in no_rope]  # 1 means "uses RoPE"
     kw["ffn_bias"] = bool(d.get("mlp_bias", False))
     _sliding(d, kw)
