@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -384,6 +383,3 @@ class ModelConfig:
         d.update(changes)
         return type(self).from_dict(d)
 
-
-def gemma_embed_scale(hidden_size: int) -> float:
-    return math.sqrt(hidden_size)

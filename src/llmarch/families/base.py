@@ -241,8 +241,3 @@ def check_exportable(cfg: ModelConfig, family: str, **expected: Any) -> None:
                 f"cannot export as {family}: {fname} = {have!r}, but {family} checkpoints require {want!r}"
             )
 
-
-def iter_presets(families: Iterable[Family]) -> Iterator[tuple[str, Family]]:
-    for fam in families:
-        for name in fam.presets:
-            yield name, fam
