@@ -99,6 +99,27 @@ def test_sliding_window_cache_holds_only_the_window(tiny):
         assert full == (cfg.num_layers - n_sliding) * (5 + new) * per_token
 
 
+def test_one_mask_per_layer_kind_per_forward(tiny, monkeypatch):
+    """Layers whose caches hold the same key positions share one mask per forward (the
+    sliding layers one, the full layers another), and the shared masks give the same
+    tokens as the uncached forward (left padding makes every mask a real tensor)."""
+    import llmarch.attention as A
+
+    model = tiny("gemma3_text")[0]
+    kinds = set(model.config.layer_types)
+    assert kinds == {"sliding", "full"}
+    built = []
+    real = A.attention_mask
+    monkeypatch.setattr(A, "attention_mask", lambda *a: built.append(1) or real(*a))
+    prompts = [_prompt(3, 20), _prompt(9, 21)]
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    out = generate(model, None, prompts, config).token_ids
+    assert len(built) == len(kinds) * config.max_new_tokens  # one forward per new token
+    monkeypatch.setattr(A, "attention_mask", real)
+    assert out == [generate(model, None, p, config).token_ids[0] for p in prompts]
+    assert out[0] == _uncached_reference(model, prompts[0], config)
+
+
 @pytest.mark.parametrize(
     "config",
     [

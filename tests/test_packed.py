@@ -56,3 +56,44 @@ def test_training_falls_back_and_repacks_after_an_update(model):
                 p.mul_(0.9)  # an in-place update, like an optimizer step
     with torch.no_grad():
         assert (packed(_ids()) - ref(_ids())).abs().max().item() < 1e-5
+
+
+def test_fused_projections_are_used_and_follow_weight_changes(model):
+    """q/k/v and gate/up run as one packed product each (one oneDNN call instead of 3 and 2);
+    changing one source weight in place, converting the model, or replacing a layer re-packs."""
+    from llmarch.packed import FusedLinears
+
+    packed = pack_linears(copy.deepcopy(model))
+    fused = [m.__dict__["_fused"] for m in packed.modules() if "_fused" in m.__dict__]
+    assert {g for f in fused for g in f} == {"qkv", "gate_up"}
+    assert all(isinstance(f, FusedLinears) for groups in fused for f in groups.values())
+
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    cfg = model.config
+
+    def count(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    torch.ops.mkldnn._linear_pointwise = count
+    try:
+        with torch.inference_mode():
+            packed(_ids())
+    finally:
+        torch.ops.mkldnn._linear_pointwise = real
+    assert len(calls) == 4 * cfg.num_layers + 1  # qkv, o, gate_up, down per layer + head
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in (packed, ref):
+            m.layers[0].attn.k_proj.weight.mul_(1.5)  # only one of the three fused matrices
+            m.layers[-1].mlp.up_proj.weight.add_(0.01)
+        assert (packed(_ids()) - ref(_ids())).abs().max().item() < 1e-5
+        for m in (packed, ref):
+            m.layers[0].attn.v_proj = torch.nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        packed.layers[0].attn.v_proj.load_state_dict(ref.layers[0].attn.v_proj.state_dict())
+        assert (packed(_ids()) - ref(_ids())).abs().max().item() < 1e-5
+        packed.to(torch.bfloat16)
+        ref.to(torch.bfloat16)
+        assert (packed(_ids()).float() - ref(_ids()).float()).abs().max().item() == 0.0

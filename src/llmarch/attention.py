@@ -9,6 +9,7 @@ from torch import nn
 from .cache import FullCache, LayerCache, RingCache
 from .config import ModelConfig
 from .layers import L2Norm, RMSNorm, apply_rope
+from .packed import fused_outputs
 
 
 def attention_mask(
@@ -35,6 +36,22 @@ def attention_mask(
     return mask[:, None]
 
 
+def layer_mask(
+    cache: LayerCache | None, qpos: torch.Tensor, kpos: torch.Tensor, window: int | None, chunk: int | None, dtype
+) -> torch.Tensor | None:
+    """:func:`attention_mask` for the keys ``cache`` just returned, built once per forward for
+    all the layers whose caches share a layout (see ``LayerCache.masks``)."""
+    memo = cache.masks if cache is not None else None
+    if memo is None:
+        return attention_mask(qpos, kpos, window, chunk, dtype)
+    key = (cache.layout(), window, chunk, dtype, tuple(qpos.shape))
+    if key not in memo:
+        if len(memo) > 64:  # entries of earlier forwards never match again (the layout moved on)
+            memo.clear()
+        memo[key] = attention_mask(qpos, kpos, window, chunk, dtype)
+    return memo[key]
+
+
 def single_query_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
@@ -55,6 +72,7 @@ def single_query_attention(
 
 class Attention(nn.Module):
     param_component = "attention"  # how llmarch.analysis files this module's parameters
+    fusable = {"qkv": ("q_proj", "k_proj", "v_proj")}  # one packed product for inference (llmarch.packed)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -137,7 +155,7 @@ class Attention(nn.Module):
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = fused_outputs(self, "qkv", x) or (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         if self.qk_norm == "proj":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
@@ -165,7 +183,7 @@ class Attention(nn.Module):
         causal = cache is None and t > 1 and self.window is None and self.chunk is None and bool(
             (positions == torch.arange(t, device=positions.device)).all()
         )
-        mask = None if causal else attention_mask(positions, kpos, self.window, self.chunk, q.dtype)
+        mask = None if causal else layer_mask(cache, positions, kpos, self.window, self.chunk, q.dtype)
         if t == 1:
             out = single_query_attention(q, k, v, mask, self.scale)
         else:

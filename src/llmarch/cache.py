@@ -23,8 +23,17 @@ from .errors import GenerationError
 class LayerCache:
     """Interface: ``update`` stores new keys/values and returns what the queries attend to."""
 
+    # masks shared by the layers of one model (set by KVCache): the layers of one forward get
+    # the same positions, so caches with equal ``layout()`` hold equal key positions and
+    # attention with the same window/chunk rule needs the mask only once per forward
+    masks: dict | None = None
+
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):  # pragma: no cover - interface
         raise NotImplementedError
+
+    def layout(self) -> tuple:
+        """Identifies the key positions this cache returned from its last update."""
+        return (id(self),)
 
     def tensors(self) -> list[torch.Tensor]:
         return []
@@ -54,6 +63,9 @@ class FullCache(LayerCache):
         self.len = end
         return self.k[:, :, :end], self.v[:, :, :end], self.pos[:, :end]
 
+    def layout(self) -> tuple:
+        return ("full", self.max_len, self.len)
+
     def tensors(self):
         return [self.k, self.v]
 
@@ -67,6 +79,7 @@ class RingCache(LayerCache):
         self.pos = torch.full((batch, size), -1, dtype=torch.long, device=device)
         self.size = size
         self.written = 0  # tokens written so far (the next slot is written % size)
+        self._returned = (0, 0)
 
     def update(self, k, v, pos):
         t = k.shape[2]
@@ -78,6 +91,7 @@ class RingCache(LayerCache):
             self.v[:, :, slot] = v[:, :, 0]
             self.pos[:, slot] = pos[:, 0]
             self.written += 1
+            self._returned = (1, self.size)
             return self.k, self.v, self.pos
         # prefill (possibly longer than the ring): attend over what the ring holds plus every
         # new token, then keep the last `size` of them
@@ -93,7 +107,11 @@ class RingCache(LayerCache):
         self.v[:, :, slots] = v[:, :, t - keep :]
         self.pos[:, slots] = pos[:, t - keep :]
         self.written += t
+        self._returned = (t, k_all.shape[2])
         return k_all, v_all, p_all
+
+    def layout(self) -> tuple:
+        return ("ring", self.size, self.written, self._returned)
 
     def tensors(self):
         return [self.k, self.v]
@@ -105,6 +123,10 @@ class KVCache:
     def __init__(self, layers: list[LayerCache | None]):
         self.layers = layers
         self.seq_len = 0
+        masks: dict = {}
+        for c in layers:
+            if c is not None:
+                c.masks = masks
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int, dtype=None, device=None) -> "KVCache":

@@ -64,10 +64,10 @@ class SparseGLU(GLU):
         self.sparsity = sparsity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
+        gate, up = self.gate_and_up(x)
         if self.sparsity > 0:
             gate = gaussian_topk(gate, self.sparsity)
-        return self.down_proj(self.act(gate) * self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)
 
 
 # ----------------------------------------------------------------------------------------
@@ -82,6 +82,8 @@ class SharedKVAttention(Attention):
     values and key positions that its source layer produced in the same forward (after the
     source's cache update), with its own mask. It needs no cache of its own.
     """
+
+    fusable = {}  # its forward projects q, k and v separately (k and v only on source layers)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         if cfg.qk_norm not in ("none", "head"):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, RopeConfig
+from .packed import fused_outputs
 
 # ----------------------------------------------------------------------------------------
 # Normalisation
@@ -34,8 +35,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)  # h * rsqrt(mean(h^2) + eps), one kernel
         w = self.weight
         if self.weight_fp32:
             w = w.float()
@@ -52,8 +52,7 @@ class L2Norm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -145,17 +144,15 @@ class Rotary(nn.Module):
         return self._cache[device]
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) -> cos, sin of shape (B, 1, T, dim) in ``dtype``."""
+        """positions (B, T) -> cos, sin of shape (B, 1, T, dim) in ``dtype``.
+
+        ``sin`` comes with its first half negated, so that :func:`apply_rope` rotates with one
+        ``roll``."""
         inv, factor = self.inv_freq(positions.device)
         freqs = positions.float()[..., None] * inv  # (B, T, dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * factor, emb.sin() * factor
+        cos, sin = freqs.cos() * factor, freqs.sin() * factor
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
         return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def deinterleave(x: torch.Tensor) -> torch.Tensor:
@@ -169,9 +166,13 @@ def deinterleave(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """RoPE in the "halves" layout: x * cos + rotate_half(x) * sin, rotate_half(x1, x2) = (-x2, x1).
+
+    With ``sin`` from :class:`Rotary` (first half negated) this is x * cos + roll(x, dim/2) * sin,
+    the same numbers in one op instead of three."""
     if interleaved:
         x = deinterleave(x)
-    return x * cos + rotate_half(x) * sin
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 # ----------------------------------------------------------------------------------------
@@ -205,6 +206,7 @@ class GLU(nn.Module):
     """Gated FFN: down(act(gate(x)) * up(x)) -- SwiGLU with SiLU, GeGLU with GELU."""
 
     param_component = "dense FFN"
+    fusable = {"gate_up": ("gate_proj", "up_proj")}  # one packed product for inference (llmarch.packed)
 
     def __init__(self, dim: int, hidden: int, activation: str, bias: bool = False):
         super().__init__()
@@ -214,8 +216,12 @@ class GLU(nn.Module):
         self.activation = activation
         self.act = activation_fn(activation)
 
+    def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return fused_outputs(self, "gate_up", x) or (self.gate_proj(x), self.up_proj(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_and_up(x)
+        return self.down_proj(self.act(gate) * up)
 
     def describe(self) -> dict:
         """The FFN in the article's terms (read by llmarch.analysis); MoE layers add expert counts."""

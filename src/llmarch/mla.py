@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention_mask
+from .attention import layer_mask
 from .cache import FullCache
 from .config import ModelConfig
 from .layers import RMSNorm, apply_rope
@@ -140,7 +140,7 @@ class MLAttention(nn.Module):
         kpos = positions
         if cache is not None:
             latent, k_rope, kpos = cache.update(latent, k_rope, positions)
-        mask = attention_mask(positions, kpos, None, None, q.dtype)
+        mask = layer_mask(cache, positions, kpos, None, None, q.dtype)
         absorb = self.absorb if self.absorb is not None else (cache is not None and t == 1)
         attend = self._absorbed if absorb else self._expanded
         out = attend(q_nope, q_rope, latent, k_rope, mask)

@@ -13,6 +13,13 @@ time of a bfloat16 decode step. In bfloat16 the results are bit-identical to ``F
 A packed layer keeps its original weight (so ``state_dict``, export and training are
 unchanged) plus the packed copy, re-packed if the weight is modified in place; while
 autograd records it falls back to ``F.linear``.
+
+Linear layers that read the same input (attention's q/k/v, a gated FFN's gate/up; a module
+names them in its ``fusable`` class attribute) are also packed as *one* matrix
+(:class:`FusedLinears`): one product instead of three reads the weights at a higher
+bandwidth and saves the per-call overhead, about a fifth of a decoding step of a 0.5B model.
+The separate layers then stay unpacked (they are packed lazily, on first use), so the
+fused copy replaces their packed copies rather than adding to them.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ class PackedLinear(nn.Module):
             self.bias = None
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self._packed: torch.Tensor | None = None
-        self._version = -1
+        self._version: tuple = ()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> PackedLinear:
@@ -49,10 +56,11 @@ class PackedLinear(nn.Module):
 
     def packed_weight(self) -> torch.Tensor:
         w = self.weight
-        if self._packed is None or self._version != w._version:
+        key = (w._version, w.data_ptr())  # changed in place, or converted / moved by .to()
+        if self._packed is None or self._version != key:
             with torch.no_grad():
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
-            self._version = w._version
+            self._version = key
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,9 +75,73 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class FusedLinears:
+    """Linear layers of one module that read the same input, computed as one packed product.
+
+    Not an ``nn.Module`` (it owns no parameters; the layers stay where they are, for
+    ``state_dict`` and training): stored on the module, re-packed when any of the layers'
+    weights changes (in place, by ``.to()`` or by replacement)."""
+
+    def __init__(self, module: nn.Module, names: tuple[str, ...]):
+        self.module = module
+        self.names = names
+        self._packed: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._layers: list[nn.Module] = []
+        self._sources: list[torch.Tensor] = []
+        self._sizes: list[int] = []
+        self._key: tuple = ()
+
+    def _weights(self) -> list[torch.Tensor]:
+        return [getattr(self.module, n).weight for n in self.names]
+
+    def usable(self, x: torch.Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return True
+        return not x.requires_grad and not any(w.requires_grad for w in self._weights())
+
+    def _pack(self) -> None:
+        layers = [getattr(self.module, n) for n in self.names]
+        with torch.no_grad():
+            w = torch.cat([m.weight.detach() for m in layers])
+            b = None
+            if any(m.bias is not None for m in layers):
+                b = torch.cat([m.bias.detach() if m.bias is not None else w.new_zeros(m.weight.shape[0]) for m in layers])
+            self._packed = (torch.ops.mkldnn._reorder_linear_weight(w, 1), b)
+        self._layers = layers
+        self._sources = [m.weight for m in layers]
+        self._sizes = [m.weight.shape[0] for m in layers]
+        self._key = self._source_key()
+
+    def _source_key(self) -> tuple:
+        return tuple((w._version, w.data_ptr()) for w in self._sources)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # cheap staleness check on the hot path: the weights packed last time, changed in place
+        # or converted (.to()); a replaced layer is caught by comparing the objects
+        modules = self.module._modules
+        if self._packed is None or self._source_key() != self._key or any(
+            modules[n] is not m or m.weight is not w for n, m, w in zip(self.names, self._layers, self._sources)
+        ):
+            self._pack()
+        w, b = self._packed
+        lead = x.shape[:-1]
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, b, "none", [], "")
+        return [part.view(*lead, n) for part, n in zip(y.split(self._sizes, dim=-1), self._sizes)]
+
+
+def fused_outputs(module: nn.Module, group: str, x: torch.Tensor) -> list[torch.Tensor] | None:
+    """The outputs of ``module``'s fused linear group ``group`` on ``x``, or None when the
+    module has none (not packed) or autograd needs the separate layers."""
+    fused = module.__dict__.get("_fused", {}).get(group)
+    if fused is None or not fused.usable(x):
+        return None
+    return fused(x)
+
+
 def pack_linears(model: nn.Module) -> nn.Module:
     """Replace every ``nn.Linear`` of a CPU model (and a tied output head) by a
-    :class:`PackedLinear`, in place. A no-op where oneDNN is unavailable or for other
+    :class:`PackedLinear`, and give modules with ``fusable`` layer groups their
+    :class:`FusedLinears`, in place. A no-op where oneDNN is unavailable or for other
     dtypes/devices."""
     p = next(model.parameters())
     if not packing_available() or p.device.type != "cpu" or p.dtype not in PACKABLE_DTYPES:
@@ -78,6 +150,10 @@ def pack_linears(model: nn.Module) -> nn.Module:
         for child_name, child in list(mod.named_children()):
             if type(child) is nn.Linear:
                 setattr(mod, child_name, PackedLinear.from_linear(child))
+    for mod in model.modules():
+        groups = getattr(mod, "fusable", {})
+        if groups and all(isinstance(getattr(mod, n, None), PackedLinear) for names in groups.values() for n in names):
+            mod.__dict__["_fused"] = {g: FusedLinears(mod, names) for g, names in groups.items()}
     for mod in model.modules():  # stacked MoE experts pack each expert's matrices
         if hasattr(mod, "pack_weights"):
             mod.pack_weights()
