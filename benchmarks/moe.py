@@ -1,14 +1,26 @@
 """One MoE layer with Qwen3-30B-A3B expert shapes: llmarch vs transformers' Qwen3MoeSparseMoeBlock.
 
 hidden 2048, 128 experts, top 8, expert width 768; forward tokens/s for 1 token (decoding)
-and 512 tokens (prefill), float32 on this CPU, same weights, alternating repetitions.
+and 512 tokens (prefill), in float32 and bfloat16 on this CPU, same weights, alternating
+repetitions in one process.
 
-    PYTHONPATH=src python benchmarks/moe.py [--reps 5] [--threads 2]
+transformers runs its two CPU expert implementations: "eager" (the loop in the modeling
+file) and "grouped_mm" (its default in 5.x: torch's grouped GEMM). Its third, "batched_mm",
+gathers a weight copy per (token, expert) pair and runs out of memory at 512 tokens here. The
+ratio is taken against the faster of the two, per row. llmarch runs as ``llmarch generate``
+does, with its experts pre-packed for oneDNN (``llmarch.packed``).
+
+The outputs are checked before timing: float32 within 1e-5; bfloat16 equal to the last bit
+to transformers' eager path (grouped_mm sums the k expert outputs in float32, so it differs
+in the last bits; its difference is printed).
+
+    PYTHONPATH=src python benchmarks/moe.py [--reps 5] [--threads 2] [--dtypes float32 bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -16,8 +28,10 @@ import torch
 
 from llmarch.config import ModelConfig, MoEConfig
 from llmarch.moe import MoE
+from llmarch.packed import pack_linears
 
 HIDDEN, EXPERTS, TOP_K, WIDTH = 2048, 128, 8, 768
+HF_IMPLEMENTATIONS = ("eager", "grouped_mm")
 
 
 def build_pair(seed: int = 0):
@@ -26,7 +40,7 @@ def build_pair(seed: int = 0):
 
     hf_cfg = T.Qwen3MoeConfig(hidden_size=HIDDEN, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
                               moe_intermediate_size=WIDTH, norm_topk_prob=True)
-    hf_cfg._experts_implementation = "eager"  # what transformers picks on CPU (grouped_mm needs a GPU)
+    hf_cfg._experts_implementation = "eager"
     torch.manual_seed(seed)
     hf = Qwen3MoeSparseMoeBlock(hf_cfg).eval()
     with torch.no_grad():
@@ -41,10 +55,15 @@ def build_pair(seed: int = 0):
         ours.router.weight.copy_(hf.gate.weight)
         ours.experts.gate_up_proj.copy_(hf.experts.gate_up_proj)
         ours.experts.down_proj.copy_(hf.experts.down_proj)
-    from llmarch.packed import pack_linears
-
-    pack_linears(ours)  # llmarch's inference path (what llmarch.generate.load does)
     return ours, hf
+
+
+def hf_runner(hf, implementation: str):
+    def run(x):
+        hf.experts.config._experts_implementation = implementation
+        return hf(x)
+
+    return run
 
 
 def timed(fn, x) -> float:
@@ -53,28 +72,51 @@ def timed(fn, x) -> float:
     return time.perf_counter() - t0
 
 
+def bench(dtype: torch.dtype, args, base) -> None:
+    ours, hf = (copy.deepcopy(m).to(dtype) for m in base)
+    pack_linears(ours)  # llmarch's inference path (what llmarch.generate.load does)
+    runners = {"llmarch": ours} | {f"HF {impl}": hf_runner(hf, impl) for impl in HF_IMPLEMENTATIONS}
+    name = str(dtype).replace("torch.", "")
+    with torch.inference_mode():
+        for tokens in (1, 512):
+            x = torch.randn(1, tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+            ref = ours(x)
+            diffs = {}
+            for label, fn in runners.items():
+                if label == "llmarch":
+                    continue
+                diffs[label] = (ref.float() - fn(x).float()).abs().max().item()
+            if dtype == torch.float32:
+                assert max(diffs.values()) < 1e-5, f"outputs differ: {diffs}"
+            else:
+                assert diffs["HF eager"] == 0.0, f"bfloat16 output differs from transformers' eager path: {diffs}"
+            reps = args.reps * (20 if tokens == 1 else 1)
+            times: dict[str, list[float]] = {label: [] for label in runners}
+            for _ in range(reps):  # alternate so all see the same machine state
+                for label, fn in runners.items():
+                    times[label].append(timed(fn, x))
+            tps = {label: tokens / statistics.median(t) for label, t in times.items()}
+            best_hf = max(v for k, v in tps.items() if k != "llmarch")
+            cols = "   ".join(f"{label} {v:8.1f}" for label, v in tps.items())
+            diff = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+            print(f"{name:<9} {tokens:4d} tokens (tok/s):  {cols}   ratio to the faster HF {tps['llmarch'] / best_hf:5.2f}x"
+                  f"   (max abs diff: {diff}; median of {reps})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ours, hf = build_pair()
-    print(f"MoE layer: hidden {HIDDEN}, {EXPERTS} experts, top {TOP_K}, width {WIDTH}; float32, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    with torch.inference_mode():
-        for tokens in (1, 512):
-            x = torch.randn(1, tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
-            err = (ours(x) - hf(x)).abs().max().item()
-            assert err < 1e-5, f"outputs differ by {err}"
-            reps = args.reps * (20 if tokens == 1 else 1)
-            t_ours, t_hf = [], []
-            for _ in range(reps):  # alternate so both see the same machine state
-                t_ours.append(timed(ours, x))
-                t_hf.append(timed(hf, x))
-            a, b = statistics.median(t_ours), statistics.median(t_hf)
-            print(f"{tokens:4d} tokens: llmarch {tokens / a:10.1f} tok/s   transformers {tokens / b:10.1f} tok/s   "
-                  f"ratio {b / a:5.2f}x   (max abs diff {err:.1e}, median of {reps})")
+    import transformers
+
+    print(f"MoE layer: hidden {HIDDEN}, {EXPERTS} experts, top {TOP_K}, width {WIDTH}; {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    base = build_pair()
+    for name in args.dtypes:
+        bench(getattr(torch, name), args, base)
 
 
 if __name__ == "__main__":

@@ -148,15 +148,26 @@ def test_sorted_dispatch_equals_dense_mixture(kind, tokens):
 
 
 def test_looped_and_batched_expert_paths_agree():
+    """Both dispatch paths equal a per-token loop over each token's k experts."""
     torch.manual_seed(0)
     ex = MoE(_moe_cfg()).experts
-    expert = torch.tensor([0, 0, 2, 5, 5, 5, 7])  # sorted assignments, experts 1, 3, 4, 6 idle
-    counts = torch.bincount(expert, minlength=8)
-    xs = torch.randn(7, 20)
+    x = torch.randn(7, 20)
+    indices = torch.tensor([[0, 5], [0, 2], [5, 7], [5, 0], [2, 5], [7, 0], [5, 2]])  # experts 1, 3, 4, 6 idle
+    weights = torch.rand(7, 2)
     with torch.no_grad():
-        looped = ex._looped(xs, counts.tolist())
-        torch.testing.assert_close(ex._batched(xs, expert, counts), looped, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(looped[2], ex.expert(2, xs[2:3])[0])
+        ref = torch.stack([
+            sum(weights[t, j] * ex.expert(int(indices[t, j]), x[t : t + 1])[0] for j in range(2)) for t in range(7)
+        ])
+        flat = indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=8)
+        token = order // 2
+        xs, ws = x[token], weights.reshape(-1, 1)[order]
+        looped = ex._looped(x, token, ws, counts.tolist(), scale_input=False)
+        batched = torch.zeros_like(x).index_add_(0, token, ex._batched(xs, flat[order], counts) * ws)
+        torch.testing.assert_close(looped, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batched, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ex(x, indices, weights, scale_input=False), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_group_limited_routing_only_picks_from_kept_groups():
@@ -252,3 +263,49 @@ def test_packed_experts_equal_plain_experts():
     moe.experts._packed = None
     with torch.no_grad():
         assert (changed - moe(x)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "llama4_text_scout"])
+def test_moe_layers_bit_exact_in_bfloat16(arch, saved, pack):
+    """In bfloat16 the inference path (packed experts, what ``llmarch generate`` runs) equals
+    transformers' MoE layers to the last bit, for prefill-sized and single-token inputs: the
+    same router precision (float32 logits for DeepSeek, activation dtype for Qwen3-MoE and
+    Llama 4), the same weight casts and the same summation order, so near-tied routing
+    decisions and bfloat16 roundings come out as in the reference. Unpacked, a prefill runs
+    all experts as one padded batched product (training's path), whose kernel rounds
+    differently: equal within bfloat16 rounding there.
+
+    The reference is the experts' own forward in the modeling file ("eager"); transformers'
+    grouped_mm kernel integration sums the k weighted outputs in float32 instead, so in
+    bfloat16 it differs from its own eager path."""
+    import copy
+
+    from llmarch.packed import pack_linears
+
+    d, hf = saved[arch]
+    hf = copy.deepcopy(hf).to(torch.bfloat16)
+    hf.config._experts_implementation = "eager"
+    model = llmarch.from_pretrained(d, dtype=torch.bfloat16)
+    if pack:
+        pack_linears(model)
+    checked = 0
+    g = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for i, layer in enumerate(model.layers):
+            if not isinstance(layer.mlp, MoE):
+                continue
+            for tokens in (1, 48):
+                x = torch.randn(1, tokens, model.config.hidden_size, generator=g).to(torch.bfloat16)
+                ref = hf.model.layers[i].feed_forward(x) if arch.startswith("llama4") else hf.model.layers[i].mlp(x)
+                ref = ref[0] if isinstance(ref, tuple) else ref
+                out = layer.mlp(x)
+                assert out.dtype == torch.bfloat16
+                ref = ref.view_as(out)
+                if pack or tokens == 1:
+                    assert torch.equal(out, ref), f"layer {i}, {tokens} tokens: {(out - ref).abs().max()}"
+                else:
+                    # within one bfloat16 rounding step of the output's scale
+                    torch.testing.assert_close(out, ref, rtol=0, atol=2**-7 * ref.abs().max().item())
+                checked += 1
+    assert checked >= 2

@@ -83,6 +83,14 @@ class MoEConfig:
     score_correction_bias: bool = False
     scale_input: bool = False
     shared_expert_size: int = 0  # width of the always-on shared GLU; 0 = none
+    # DeepSeek-V3 / Kimi K2 route in float32: logits from float32 inputs and weights, and each
+    # expert's output is weighted in float32 before rounding to the activations' dtype.
+    # Otherwise (Qwen3-MoE, Llama 4) the logits and the routing weights are rounded to the
+    # activations' dtype. Scores are computed in float32 either way.
+    router_fp32: bool = False
+    # DeepSeek's reference takes its top-k unsorted (torch.topk(sorted=False)); the order is
+    # that of the float32 sum that renormalises the weights, so it is part of the numerics
+    topk_sorted: bool = True
 
 
 @dataclass

@@ -44,7 +44,7 @@ class Routing:
     logits: torch.Tensor  # (N, E) float32 router logits
     scores: torch.Tensor  # (N, E) softmax or sigmoid of the logits
     indices: torch.Tensor  # (N, k) chosen experts
-    weights: torch.Tensor  # (N, k) their combination weights
+    weights: torch.Tensor  # (N, k) their combination weights (float32, or the activations' dtype)
 
     def expert_load(self) -> torch.Tensor:
         """Tokens routed to each expert, (E,)."""
@@ -66,7 +66,10 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         m = self.m
-        logits = F.linear(x.float(), self.weight.float())
+        if m.router_fp32:
+            logits = F.linear(x.float(), self.weight.float())
+        else:  # the reference rounds the logits to the activations' dtype first
+            logits = F.linear(x, self.weight).float()
         scores = logits.softmax(-1) if m.score == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if m.n_group > 1:
@@ -77,12 +80,14 @@ class Router(nn.Module):
             keep = group_score.topk(m.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(n, m.num_experts)
-        indices = choice.topk(m.top_k, dim=-1).indices
+        indices = choice.topk(m.top_k, dim=-1, sorted=m.topk_sorted).indices
         weights = scores.gather(1, indices)
         if m.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         if m.routed_scaling_factor != 1.0:
             weights = weights * m.routed_scaling_factor
+        if not m.router_fp32:
+            weights = weights.to(x.dtype)
         return Routing(logits, scores, indices, weights)
 
 
@@ -143,41 +148,54 @@ class Experts(nn.Module):
         return F.linear(self.act(gate) * up, self.down_proj[e])
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, scale_input: bool) -> torch.Tensor:
-        """x (N, dim), indices/weights (N, k) -> sum_k weight * expert_k(x) (N, dim)."""
+        """x (N, dim), indices/weights (N, k) -> sum_k weight * expert_k(x) (N, dim).
+
+        A weighted output (or input) is rounded to x's dtype before it is summed; float32
+        weights weight in float32 first (see ``MoEConfig.router_fp32``)."""
         n, k = indices.shape
-        weights = weights.to(x.dtype)
-        if n == 1:  # decoding: k experts, read in place
+        if n == 1:  # decoding: k experts, read in place, summed in expert order (as the reference)
             out = None
-            for j, e in enumerate(indices[0].tolist()):
+            for e, j in sorted((e, j) for j, e in enumerate(indices[0].tolist())):
                 w = weights[:, j : j + 1]
-                y = self.expert(e, x * w) if scale_input else self.expert(e, x) * w
+                y = self.expert(e, (x * w).to(x.dtype)) if scale_input else (self.expert(e, x) * w).to(x.dtype)
                 out = y if out is None else out + y
             return out
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
-        token = order // k
-        xs = x.index_select(0, token)
+        token = order // k  # the token of each sorted (token, expert) pair
         ws = weights.reshape(-1, 1).index_select(0, order)
-        if scale_input:
-            xs = xs * ws
         active = int((counts > 0).sum())
         if 2 * active > counts.numel() and not self._use_packed(x):
+            xs = x.index_select(0, token)
+            if scale_input:
+                xs = (xs * ws).to(x.dtype)
             ys = self._batched(xs, flat.index_select(0, order), counts)
-        else:
-            ys = self._looped(xs, counts.tolist())
-        if not scale_input:
-            ys = ys * ws
-        return torch.zeros_like(x).index_add_(0, token, ys)
+            if not scale_input:
+                ys = (ys * ws).to(x.dtype)
+            return torch.zeros_like(x).index_add_(0, token, ys)
+        return self._looped(x, token, ws, counts.tolist(), scale_input)
 
-    def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Few active experts: each runs once on its contiguous slice of the sorted tokens."""
-        ys, start = [], 0
+    def _looped(self, x, token, ws, counts: list[int], scale_input: bool) -> torch.Tensor:
+        """Each active expert gathers its tokens, runs once on them and adds its weighted
+        output into their rows, experts in index order (the reference's summation order, so
+        bfloat16 sums round as they do there). Gathering per expert keeps every temporary
+        small: one (N * k, dim) copy of the inputs is tens of MB at prefill sizes."""
+        out = torch.zeros_like(x)
+        start = 0
         for e, c in enumerate(counts):
-            if c:
-                ys.append(self.expert(e, xs[start : start + c]))
-                start += c
-        return torch.cat(ys)
+            if not c:
+                continue
+            end = start + c
+            rows, w = token[start:end], ws[start:end]
+            xe = F.embedding(rows, x)  # a row gather, faster than index_select
+            if scale_input:
+                y = self.expert(e, (xe * w).to(x.dtype))
+            else:
+                y = (self.expert(e, xe) * w).to(x.dtype)
+            out.index_add_(0, rows, y)
+            start = end
+        return out
 
     def _batched(self, xs: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Most experts active: pad every expert's tokens to the busiest one's count and run all

@@ -58,7 +58,8 @@ def _preset(name: str, vocab: int, heads: int, experts: int, dense: int, n_group
         mla=MLAConfig(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
         moe=MoEConfig(num_experts=experts, top_k=8, expert_size=2048, score="sigmoid", norm_topk_prob=True,
                       n_group=n_group, topk_group=topk_group, routed_scaling_factor=scaling,
-                      score_correction_bias=True, shared_expert_size=2048),
+                      score_correction_bias=True, shared_expert_size=2048, router_fp32=True,
+                      topk_sorted=False),
         moe_layers=[i >= dense for i in range(layers)], **tokens,
     )
 
@@ -102,6 +103,7 @@ def from_hf(d: dict) -> ModelConfig:
             score="sigmoid", norm_topk_prob=bool(d.get("norm_topk_prob", True)), n_group=int(d.get("n_group") or 1),
             topk_group=int(d.get("topk_group") or 1), routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
             score_correction_bias=True, shared_expert_size=expert * int(d.get("n_shared_experts") or 0),
+            router_fp32=True, topk_sorted=False,
         )
         first, freq = int(d.get("first_k_dense_replace", 0)), int(d.get("moe_layer_freq", 1))
         kw["moe_layers"] = [i >= first and i % freq == 0 for i in range(n)]
