@@ -9,7 +9,7 @@ from torch import nn
 from .cache import FullCache, LayerCache, RingCache
 from .config import ModelConfig
 from .layers import L2Norm, RMSNorm, apply_rope
-from .packed import fused_outputs
+from .packed import fused_output
 
 
 def attention_mask(
@@ -34,6 +34,14 @@ def attention_mask(
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
+
+
+def head_norms(qk: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm, n_q: int) -> torch.Tensor:
+    """``q_norm`` on the first ``n_q`` heads of qk (B, heads, T, D) and ``k_norm`` on the rest,
+    in one pass: the same numbers as the two norms apart (the norm is per head)."""
+    d = qk.shape[-1]
+    scale = torch.cat((q_norm.scale().expand(n_q, d), k_norm.scale().expand(qk.shape[1] - n_q, d)))[:, None]
+    return q_norm.rescale(F.rms_norm(qk.float(), (d,), eps=q_norm.eps), qk.dtype, scale)
 
 
 def layer_mask(
@@ -155,21 +163,32 @@ class Attention(nn.Module):
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = fused_outputs(self, "qkv", x) or (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        if self.qk_norm == "proj":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            cos, sin = rope
-            q = apply_rope(q, cos, sin, self.rope_interleaved)
-            k = apply_rope(k, cos, sin, self.rope_interleaved)
-            if self.qk_norm == "l2":
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        y = fused_output(self, "qkv", x)  # q, k, v side by side from one packed product (inference)
+        if self.qk_norm in ("none", "head"):
+            # queries and keys take the same per-head steps (head norm, RoPE): one tensor, one pass
+            if y is not None:
+                qk, v = y.split(((h + kv) * d, kv * d), dim=-1)
+            else:
+                qk, v = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1), self.v_proj(x)
+            qk = qk.view(b, t, h + kv, d).transpose(1, 2)
+            if self.qk_norm == "head":
+                qk = head_norms(qk, self.q_norm, self.k_norm, h)
+            if self.use_rope:
+                qk = apply_rope(qk, *rope, self.rope_interleaved)
+            q, k = qk.split((h, kv), dim=1)
+        else:  # OLMo 2 normalises the whole projections, Llama 4 (L2) after RoPE
+            q, k, v = y.split((h * d, kv * d, kv * d), dim=-1) if y is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+            if self.qk_norm == "proj":
                 q, k = self.q_norm(q), self.k_norm(k)
-        elif self.temperature_tuning:
+            q = q.view(b, t, h, d).transpose(1, 2)
+            k = k.view(b, t, kv, d).transpose(1, 2)
+            if self.use_rope:
+                q, k = apply_rope(q, *rope, self.rope_interleaved), apply_rope(k, *rope, self.rope_interleaved)
+                if self.qk_norm == "l2":
+                    q, k = self.q_norm(q), self.k_norm(k)
+        v = v.view(b, t, kv, d).transpose(1, 2)
+        if self.temperature_tuning:  # NoPE layers only
             # Llama 4 NoPE layers sharpen attention with distance: q *= 1 + scale * log1p(floor((pos + 1) / floor))
             t_scale = torch.log1p(torch.floor((positions.float() + 1.0) / self.temperature_floor)) * self.temperature_scale + 1.0
             q = (q * t_scale[:, None, :, None]).to(q.dtype)

@@ -32,16 +32,33 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
         self.weight_fp32 = weight_fp32
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        self._scale: tuple[tuple, torch.Tensor] | None = None  # inference cache of scale()
+
+    def scale(self) -> torch.Tensor:
+        """What the normalised activations are multiplied by: w or 1 + w, in float32 with
+        ``weight_fp32``. Kept between calls while no gradient is recorded (decoding runs
+        every norm once per token), recomputed when the weight changes."""
+        w = self.weight
+        if not (self.unit_offset or self.weight_fp32):
+            return w
+        if torch.is_grad_enabled():
+            w = w.float() if self.weight_fp32 else w
+            return 1.0 + w if self.unit_offset else w
+        key = (w._version, w.data_ptr(), w.dtype)
+        if self._scale is None or self._scale[0] != key:
+            v = w.detach().float() if self.weight_fp32 else w.detach()
+            self._scale = (key, 1.0 + v if self.unit_offset else v)
+        return self._scale[1]
+
+    def rescale(self, h: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised float32 activations ``h`` -> the output in ``dtype``, times the scale."""
+        scale = self.scale() if scale is None else scale
+        if self.weight_fp32:
+            return (h * scale).to(dtype)
+        return h.to(dtype) * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)  # h * rsqrt(mean(h^2) + eps), one kernel
-        w = self.weight
-        if self.weight_fp32:
-            w = w.float()
-            return (h * (1.0 + w) if self.unit_offset else h * w).to(dtype)
-        h = h.to(dtype)
-        return h * (1.0 + w) if self.unit_offset else h * w
+        return self.rescale(F.rms_norm(x.float(), x.shape[-1:], eps=self.eps), x.dtype)  # x * rsqrt(mean(x^2) + eps)
 
 
 class L2Norm(nn.Module):

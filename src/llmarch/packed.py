@@ -115,7 +115,8 @@ class FusedLinears:
     def _source_key(self) -> tuple:
         return tuple((w._version, w.data_ptr()) for w in self._sources)
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """All the layers' outputs side by side (..., sum of out_features)."""
         # cheap staleness check on the hot path: the weights packed last time, changed in place
         # or converted (.to()); a replaced layer is caught by comparing the objects
         modules = self.module._modules
@@ -124,18 +125,25 @@ class FusedLinears:
         ):
             self._pack()
         w, b = self._packed
-        lead = x.shape[:-1]
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, b, "none", [], "")
-        return [part.view(*lead, n) for part, n in zip(y.split(self._sizes, dim=-1), self._sizes)]
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def fused_outputs(module: nn.Module, group: str, x: torch.Tensor) -> list[torch.Tensor] | None:
-    """The outputs of ``module``'s fused linear group ``group`` on ``x``, or None when the
-    module has none (not packed) or autograd needs the separate layers."""
+def fused_output(module: nn.Module, group: str, x: torch.Tensor) -> torch.Tensor | None:
+    """The outputs of ``module``'s fused linear group ``group`` on ``x``, side by side, or
+    None when the module has none (not packed) or autograd needs the separate layers."""
     fused = module.__dict__.get("_fused", {}).get(group)
     if fused is None or not fused.usable(x):
         return None
     return fused(x)
+
+
+def fused_outputs(module: nn.Module, group: str, x: torch.Tensor) -> list[torch.Tensor] | None:
+    """Like :func:`fused_output`, split into one output per layer of the group."""
+    y = fused_output(module, group, x)
+    if y is None:
+        return None
+    return list(y.split([getattr(module, n).out_features for n in module.fusable[group]], dim=-1))
 
 
 def pack_linears(model: nn.Module) -> nn.Module:
