@@ -17,7 +17,8 @@ autograd records it falls back to ``F.linear``.
 Linear layers that read the same input (attention's q/k/v, a gated FFN's gate/up; a module
 names them in its ``fusable`` class attribute) are also packed as *one* matrix
 (:class:`FusedLinears`): one product instead of three reads the weights at a higher
-bandwidth and saves the per-call overhead, about a fifth of a decoding step of a 0.5B model.
+bandwidth and saves the per-call overhead (decoding Gemma 3 270M in bfloat16 here: 12%
+faster; Qwen2.5 0.5B: up to 5%, nothing when memory bandwidth is the limit).
 The separate layers then stay unpacked (they are packed lazily, on first use), so the
 fused copy replaces their packed copies rather than adding to them.
 """
