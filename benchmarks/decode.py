@@ -1,4 +1,4 @@
-"""Prefill and decode speed: llmarch vs transformers (and llama.cpp when importable).
+"""Prefill and decode speed: llmarch vs transformers (and llama.cpp when available).
 
 Every library loads the same GGUF file, gets the same prompt token ids and decodes greedily
 for the same number of new tokens (EOS ignored, so every run makes exactly that many). Runs
@@ -7,6 +7,11 @@ penalises them alike; the median of the rounds is reported.
 
     PYTHONPATH=src python benchmarks/decode.py                      # both models, bfloat16 + float32
     PYTHONPATH=src python benchmarks/decode.py --models gemma-3-270m --dtypes bfloat16 --rounds 5
+
+llama.cpp runs through llama-cpp-python when it is importable, else through its own
+``llama-bench`` binary when one is found (``benchmarks/build_llama_cpp.sh`` builds it from
+the llama.cpp sources on PyPI); llama.cpp computes in the file's own quantised types, so its
+ratio is "as it stands", not the same arithmetic.
 
 transformers' prefill/decode split comes from a streamer that timestamps the first new
 token; llmarch's from its own generation stats (same definition: prefill = prompt forward +
@@ -17,9 +22,14 @@ its linear layers pre-packed for oneDNN (``llmarch.packed``); transformers as it
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -78,6 +88,27 @@ def run_transformers(model, ids: list[int], new_tokens: int) -> Run:
     return Run(len(ids) / (first - t0), (new_tokens - 1) / (clock.times[-1] - first), out[0, len(ids):].tolist())
 
 
+def run_llama_bench(cmd: list[str], ids: list[int], new_tokens: int) -> Run:
+    """llama.cpp's own ``llama-bench`` (built by benchmarks/build_llama_cpp.sh): prompt
+    processing of len(ids) tokens and generation of ``new_tokens``, one repetition, in a
+    subprocess between the other libraries' runs. It reports speeds, not tokens."""
+    out = subprocess.run(cmd + ["-p", str(len(ids)), "-n", str(new_tokens), "-r", "1", "-o", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    tests = json.loads(out)
+    pp = next(t["avg_ts"] for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0)
+    tg = next(t["avg_ts"] for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0)
+    return Run(pp, tg, [])
+
+
+def find_llama_bench(explicit: str | None) -> Path | None:
+    candidates = [explicit, os.environ.get("LLAMA_BENCH"), shutil.which("llama-bench"),
+                  str(Path.home() / ".cache" / "llmarch" / "llama.cpp" / "bin" / "llama-bench")]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return Path(c)
+    return None
+
+
 def run_llama_cpp(llm, ids: list[int], new_tokens: int) -> Run:
     llm.reset()
     t0 = time.perf_counter()
@@ -93,7 +124,7 @@ def run_llama_cpp(llm, ids: list[int], new_tokens: int) -> Run:
 # ----------------------------------------------------------------------------------------
 
 
-def load_all(alias: str, dtype: torch.dtype, threads: int):
+def load_all(alias: str, dtype: torch.dtype, threads: int, llama_bench: Path | None):
     import transformers
 
     path = resolve_model(alias)
@@ -106,11 +137,13 @@ def load_all(alias: str, dtype: torch.dtype, threads: int):
         pass
     else:
         runners["llama.cpp"] = (run_llama_cpp, llama_cpp.Llama(str(path), n_ctx=1024, n_threads=threads, verbose=False))
+    if llama_bench is not None and "llama.cpp" not in runners:
+        runners["llama-bench"] = (run_llama_bench, [str(llama_bench), "-m", str(path), "-t", str(threads)])
     return Tokenizer.from_gguf(path), runners
 
 
 def bench(alias: str, dtype: torch.dtype, args) -> list[tuple]:
-    tokenizer, runners = load_all(alias, dtype, args.threads)
+    tokenizer, runners = load_all(alias, dtype, args.threads, args.llama_bench)
     ids = tokenizer.encode(args.prompt)
     runs: dict[str, list[Run]] = {name: [] for name in runners}
     for name, (fn, model) in runners.items():  # warm-up
@@ -123,8 +156,10 @@ def bench(alias: str, dtype: torch.dtype, args) -> list[tuple]:
     for name, rs in runs.items():
         pre = statistics.median(r.prefill_tps for r in rs)
         dec = statistics.median(r.decode_tps for r in rs)
-        same = sum(a == b for a, b in zip(rs[0].tokens, ref))
-        rows.append((alias, str(dtype).replace("torch.", ""), name, len(ids), pre, dec, same))
+        same = sum(a == b for a, b in zip(rs[0].tokens, ref)) if rs[0].tokens else None
+        # llama.cpp computes in the file's own (quantised) tensor types, whatever --dtypes says
+        kind = "gguf" if name in ("llama.cpp", "llama-bench") else str(dtype).replace("torch.", "")
+        rows.append((alias, kind, name, len(ids), pre, dec, same))
     return rows
 
 
@@ -136,7 +171,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--llama-bench", default=None,
+                   help="llama.cpp's llama-bench binary (default: $LLAMA_BENCH, PATH, or where "
+                        "benchmarks/build_llama_cpp.sh puts it); runs when found")
     args = p.parse_args()
+    args.llama_bench = find_llama_bench(args.llama_bench)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.new_tokens} new tokens, "
           f"median of {args.rounds} alternating rounds")
@@ -148,8 +187,9 @@ def main() -> None:
             hf_decode = next(r[5] for r in rows if r[2] == "transformers")
             print(header)
             for a, d, lib, n, pre, dec, same in rows:
+                same = f"{same:>5}/{args.new_tokens}" if same is not None else f"{'n/a':>8}"
                 print(f"{a:<20} {d:<9} {lib:<13} {n:>6} {pre:>14.1f} {dec:>13.2f} {dec / hf_decode:>12.2f}x "
-                      f"{same:>5}/{args.new_tokens}", flush=True)
+                      f"{same}", flush=True)
 
 
 if __name__ == "__main__":
