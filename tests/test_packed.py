@@ -1,6 +1,7 @@
 """Pre-packed oneDNN linear layers (llmarch.packed): same logits, same checkpoint, safe to train."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -97,3 +98,101 @@ def test_fused_projections_are_used_and_follow_weight_changes(model):
         packed.to(torch.bfloat16)
         ref.to(torch.bfloat16)
         assert (packed(_ids()).float() - ref(_ids()).float()).abs().max().item() == 0.0
+
+
+def _every_family():
+    from hf_tiny import hf_configs
+    from hf_tiny_moe import moe_configs
+
+    return list(hf_configs()) + list(moe_configs()) + ["gemma3n"]
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    """arch -> a saved tiny random checkpoint (built on first use)."""
+    from hf_tiny import hf_configs
+    from hf_tiny_moe import make_moe_model
+
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            d = tmp_path_factory.mktemp(arch)
+            if arch == "gemma3n":
+                from test_gemma3n import make_hf, tiny_hf_config
+
+                hf = make_hf(tiny_hf_config())
+            else:
+                hf = make_hf_model(arch) if arch in hf_configs() else make_moe_model(arch)
+            hf.save_pretrained(d)
+            cache[arch] = d
+        return cache[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", _every_family())
+def test_released_weights_give_the_same_tokens_and_refuse_training(arch, family_dirs):
+    """pack_linears(release=True) (what llmarch.generate.load does) frees the plain copy of
+    every packed weight: logits and cached greedy decoding equal the packed model's exactly,
+    the linear weights are gone (meta), and training fails with a message saying why."""
+    from llmarch.generate import GenerationConfig, generate
+    from llmarch.packed import RELEASED
+
+    d = family_dirs(arch)
+    kept = pack_linears(llmarch.from_pretrained(d, dtype=torch.bfloat16))
+    freed = pack_linears(llmarch.from_pretrained(d, dtype=torch.bfloat16), release=True)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(kept(ids), freed(ids))
+    config = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    assert generate(kept, None, ids[0].tolist(), config).token_ids == generate(freed, None, ids[0].tolist(), config).token_ids
+    meta = sum(p.numel() for p in freed.parameters() if p.is_meta)
+    total = sum(p.numel() for p in freed.parameters())
+    embed = freed.embed.weight.numel()
+    assert meta > 0.5 * (total - embed)  # most of what is not the embedding is freed
+    assert llmarch.count_params(freed.config).total == total  # the shapes stay, for analysis
+    with pytest.raises(RuntimeError, match="released"):
+        freed(ids).float().sum().backward()
+    assert "train" in RELEASED
+
+
+def test_released_model_refuses_export(family_dirs, tmp_path):
+    from llmarch.errors import CheckpointError
+
+    freed = pack_linears(llmarch.from_pretrained(family_dirs("qwen2")), release=True)
+    with pytest.raises(CheckpointError, match="released"):
+        llmarch.save_pretrained(freed, tmp_path / "out")
+
+
+def _held_bytes(model) -> int:
+    """Bytes of every weight the model holds: plain parameters plus oneDNN-packed copies."""
+    from llmarch.packed import FusedLinears
+
+    nbytes = torch.ops.mkldnn._nbytes
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+    for m in model.modules():
+        if isinstance(m, PackedLinear) and m._packed is not None:
+            total += nbytes(m._packed)
+        for f in m.__dict__.get("_fused", {}).values():
+            if isinstance(f, FusedLinears) and f._packed is not None:
+                total += nbytes(f._packed[0])
+    return total
+
+
+def test_load_holds_the_weights_once(real_paths):
+    """llmarch.generate.load packs and frees: after a generation the model holds each weight
+    once, plus the packed copy of the tied head (the embedding lookup needs the plain table);
+    a packed model that keeps its plain weights holds the blocks twice."""
+    from llmarch.generate import GenerationConfig, generate, load
+
+    model, _ = load("gemma-3-270m", torch.bfloat16)
+    kept = pack_linears(llmarch.from_pretrained(real_paths["gemma"], dtype=torch.bfloat16))
+    for m in (model, kept):
+        generate(m, None, [5, 6, 7], GenerationConfig(max_new_tokens=2, ignore_eos=True))
+    cfg = model.config
+    plain = llmarch.count_params(cfg).total * 2  # bfloat16
+    head = cfg.vocab_size * cfg.hidden_size * 2
+    blocks = sum(p.numel() for n, p in kept.named_parameters() if n.startswith("layers.")) * 2
+    assert abs(_held_bytes(model) - (plain + head)) < 0.01 * plain
+    assert abs(_held_bytes(kept) - (plain + head + blocks)) < 0.01 * plain

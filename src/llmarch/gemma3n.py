@@ -176,6 +176,8 @@ class AltUp(nn.Module):
     in training.
     """
 
+    reads_weights = ("correction_coefs", "prediction_coefs")  # clipped in training (_coefs)
+
     param_component = "AltUp"
 
     def __init__(self, cfg: ModelConfig):

@@ -474,8 +474,10 @@ def generate(
 
 def load(name_or_path: str | None = None, dtype: torch.dtype | None = torch.float32, pack: bool = True):
     """Model and tokenizer from an alias (``gemma-3-270m``, the default), a .gguf file or an
-    HF checkpoint directory (with its tokenizer.json). ``pack``: pre-pack the linear layers
-    for fast CPU decoding (:func:`llmarch.packed.pack_linears`)."""
+    HF checkpoint directory (with its tokenizer.json), for inference. ``pack``: pre-pack the
+    linear layers for fast CPU decoding and free their plain copies
+    (:func:`llmarch.packed.pack_linears` with ``release``), so the model holds its weights once;
+    use :func:`llmarch.from_pretrained` for a model to train or export."""
     from .assets import resolve_model
     from .hf import from_pretrained
     from .packed import pack_linears
@@ -484,6 +486,6 @@ def load(name_or_path: str | None = None, dtype: torch.dtype | None = torch.floa
     path = resolve_model(name_or_path)
     model = from_pretrained(path, dtype=dtype)
     if pack:
-        pack_linears(model)
+        pack_linears(model, release=True)
     tokenizer = Tokenizer.from_file(path) if path.is_dir() else Tokenizer.from_gguf(path)
     return model, tokenizer

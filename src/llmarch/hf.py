@@ -206,6 +206,10 @@ def save_pretrained(model: Decoder, path: str | os.PathLike) -> Path:
     dtype = next(model.parameters()).dtype
     d["torch_dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if any(v.is_meta for v in state.values()):
+        from .packed import RELEASED
+
+        raise CheckpointError(f"cannot save: {RELEASED}")
     hf_state = fam.native_to_hf(state, cfg)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,7 @@ def mla_softmax_scale(cfg: ModelConfig) -> float:
 
 
 class MLAttention(nn.Module):
+    reads_weights = ("kv_b_proj",)  # the absorbed decode splits its matrix (kept by llmarch.packed.release_weights)
     param_component = "attention"  # how llmarch.analysis files this module's parameters
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):

@@ -127,11 +127,26 @@ class Experts(nn.Module):
             ]
         self._packed_version = self._weights_version()
 
+    def release_weights(self) -> None:
+        """Free the stacked weights once every expert is packed (llmarch.packed.release_weights)."""
+        if self._packed is None:
+            return
+        for name in ("gate_up_proj", "down_proj"):
+            p = getattr(self, name)
+            setattr(self, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+        self._packed_version = self._weights_version()
+
     def _weights_version(self) -> tuple:
         g, d = self.gate_up_proj, self.down_proj
         return (g._version, d._version, g.data_ptr(), d.data_ptr(), g.dtype)
 
     def _use_packed(self, x: torch.Tensor) -> bool:
+        if self.gate_up_proj.is_meta and self._packed is not None:
+            if torch.is_grad_enabled() and x.requires_grad:
+                from .packed import RELEASED
+
+                raise RuntimeError(RELEASED)
+            return True
         if self._packed is None or torch.is_grad_enabled() or x.dtype != self.gate_up_proj.dtype:
             return False
         if self._packed_version != self._weights_version():

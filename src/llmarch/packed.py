@@ -57,6 +57,10 @@ class PackedLinear(nn.Module):
 
     def packed_weight(self) -> torch.Tensor:
         w = self.weight
+        if w.is_meta:
+            if self._packed is None:
+                raise RuntimeError(RELEASED)
+            return self._packed
         key = (w._version, w.data_ptr())  # changed in place, or converted / moved by .to()
         if self._packed is None or self._version != key:
             with torch.no_grad():
@@ -66,6 +70,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
+            if self.weight.is_meta:
+                raise RuntimeError(RELEASED)
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
         b = None if self.bias is None else self.bias.detach()
@@ -102,6 +108,8 @@ class FusedLinears:
 
     def _pack(self) -> None:
         layers = [getattr(self.module, n) for n in self.names]
+        if any(m.weight.is_meta for m in layers):
+            raise RuntimeError(RELEASED)
         with torch.no_grad():
             w = torch.cat([m.weight.detach() for m in layers])
             b = None
@@ -111,6 +119,15 @@ class FusedLinears:
         self._layers = layers
         self._sources = [m.weight for m in layers]
         self._sizes = [m.weight.shape[0] for m in layers]
+        self._key = self._source_key()
+
+    def pack_now(self) -> None:
+        if self._packed is None:
+            self._pack()
+
+    def sources_released(self) -> None:
+        """The layers' weights were swapped for meta tensors after packing: keep the packing."""
+        self._sources = [m.weight for m in self._layers]
         self._key = self._source_key()
 
     def _source_key(self) -> tuple:
@@ -147,11 +164,52 @@ def fused_outputs(module: nn.Module, group: str, x: torch.Tensor) -> list[torch.
     return list(y.split([getattr(module, n).out_features for n in module.fusable[group]], dim=-1))
 
 
-def pack_linears(model: nn.Module) -> nn.Module:
+RELEASED = (
+    "this model was packed for inference with its plain weights released (llmarch.generate.load / "
+    "pack_linears(release_weights=True)): it cannot train, export or be converted; load it again "
+    "without release_weights for that"
+)
+
+
+def _release(module: nn.Module, name: str) -> None:
+    """Replace parameter ``name`` by a meta tensor of the same shape (frees its memory)."""
+    p = getattr(module, name)
+    setattr(module, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+
+
+def release_weights(model: nn.Module) -> nn.Module:
+    """Free the plain copy of every weight that a packed layer serves (see :func:`pack_linears`).
+
+    Packs everything first. Afterwards the model runs inference exactly as before with about
+    half the memory of its linear layers, and refuses (with :data:`RELEASED`) to train. Weights
+    read directly by their module (``reads_weights``: MLA's absorbed decode, AltUp's
+    coefficient clipping) and the embedding (also the tied head) are kept."""
+    for mod in model.modules():
+        keep = set(getattr(mod, "reads_weights", ()))
+        fused = {n for f in mod.__dict__.get("_fused", {}).values() for n in f.names}
+        for f in mod.__dict__.get("_fused", {}).values():
+            f.pack_now()
+        for name, child in mod.named_children():
+            if type(child) is not PackedLinear or name in keep or "weight" not in child._parameters:
+                continue
+            if name not in fused:
+                child.packed_weight()
+            _release(child, "weight")
+            if child.bias is not None:
+                child.bias.requires_grad_(False)
+        for f in mod.__dict__.get("_fused", {}).values():
+            f.sources_released()
+        if hasattr(mod, "release_weights"):
+            mod.release_weights()
+    return model
+
+
+def pack_linears(model: nn.Module, release: bool = False) -> nn.Module:
     """Replace every ``nn.Linear`` of a CPU model (and a tied output head) by a
     :class:`PackedLinear`, and give modules with ``fusable`` layer groups their
     :class:`FusedLinears`, in place. A no-op where oneDNN is unavailable or for other
-    dtypes/devices."""
+    dtypes/devices. ``release``: then free the plain weights (:func:`release_weights`), for a
+    model that only runs inference."""
     p = next(model.parameters())
     if not packing_available() or p.device.type != "cpu" or p.dtype not in PACKABLE_DTYPES:
         return model
@@ -161,11 +219,13 @@ def pack_linears(model: nn.Module) -> nn.Module:
                 setattr(mod, child_name, PackedLinear.from_linear(child))
     for mod in model.modules():
         groups = getattr(mod, "fusable", {})
-        if groups and all(isinstance(getattr(mod, n, None), PackedLinear) for names in groups.values() for n in names):
+        if groups and "_fused" not in mod.__dict__ and all(
+            isinstance(getattr(mod, n, None), PackedLinear) for names in groups.values() for n in names
+        ):
             mod.__dict__["_fused"] = {g: FusedLinears(mod, names) for g, names in groups.items()}
     for mod in model.modules():  # stacked MoE experts pack each expert's matrices
         if hasattr(mod, "pack_weights"):
             mod.pack_weights()
     if getattr(model, "lm_head", False) is None and hasattr(model, "embed"):
         model.lm_head = PackedLinear(model.embed.weight, own_weight=False)
-    return model
+    return release_weights(model) if release else model
