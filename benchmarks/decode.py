@@ -128,7 +128,7 @@ def load_all(alias: str, dtype: torch.dtype, threads: int, llama_bench: Path | N
     import transformers
 
     path = resolve_model(alias)
-    runners = {"llmarch": (run_llmarch, pack_linears(from_pretrained(path, dtype=dtype)))}
+    runners = {"llmarch": (run_llmarch, pack_linears(from_pretrained(path, dtype=dtype), release=True))}  # as load() does
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     runners["transformers"] = (run_transformers, hf.eval())
     try:

@@ -160,6 +160,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """Next token ids (B,)."""
+        if self.config.greedy and self.seen is None:
+            return logits.max(-1).indices  # the first maximum, as argmax; no float32 copy of the logits
         logits = self.distribution(logits)
         if self.config.greedy:
             return logits.argmax(-1)
