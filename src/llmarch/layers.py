@@ -53,7 +53,8 @@ class RMSNorm(nn.Module):
     def rescale(self, h: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised float32 activations ``h`` -> the output in ``dtype``, times the scale."""
         scale = self.scale() if scale is None else scale
-        if not torch.is_grad_enabled():  # h is a temporary: scale it in place
+        if not torch.is_grad_enabled() and scale.dtype == (h.dtype if self.weight_fp32 else dtype):
+            # h is a temporary: scale it in place (same dtypes, so the same result)
             return h.mul_(scale).to(dtype) if self.weight_fp32 else h.to(dtype).mul_(scale)
         if self.weight_fp32:
             return (h * scale).to(dtype)

@@ -129,11 +129,12 @@ class Experts(nn.Module):
 
     def release_weights(self) -> None:
         """Free the stacked weights once every expert is packed (llmarch.packed.release_weights)."""
+        from .packed import release_parameter
+
         if self._packed is None:
             return
-        for name in ("gate_up_proj", "down_proj"):
-            p = getattr(self, name)
-            setattr(self, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+        release_parameter(self, "gate_up_proj")
+        release_parameter(self, "down_proj")
         self._packed_version = self._weights_version()
 
     def _weights_version(self) -> tuple:

@@ -95,7 +95,6 @@ class FusedLinears:
         self._packed: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._layers: list[nn.Module] = []
         self._sources: list[torch.Tensor] = []
-        self._sizes: list[int] = []
         self._key: tuple = ()
 
     def _weights(self) -> list[torch.Tensor]:
@@ -118,7 +117,6 @@ class FusedLinears:
             self._packed = (torch.ops.mkldnn._reorder_linear_weight(w, 1), b)
         self._layers = layers
         self._sources = [m.weight for m in layers]
-        self._sizes = [m.weight.shape[0] for m in layers]
         self._key = self._source_key()
 
     def pack_now(self) -> None:
@@ -166,12 +164,12 @@ def fused_outputs(module: nn.Module, group: str, x: torch.Tensor) -> list[torch.
 
 RELEASED = (
     "this model was packed for inference with its plain weights released (llmarch.generate.load / "
-    "pack_linears(release_weights=True)): it cannot train, export or be converted; load it again "
-    "without release_weights for that"
+    "pack_linears(release=True)): it cannot train, export or be converted; load it with "
+    "llmarch.from_pretrained for that"
 )
 
 
-def _release(module: nn.Module, name: str) -> None:
+def release_parameter(module: nn.Module, name: str) -> None:
     """Replace parameter ``name`` by a meta tensor of the same shape (frees its memory)."""
     p = getattr(module, name)
     setattr(module, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
@@ -194,7 +192,7 @@ def release_weights(model: nn.Module) -> nn.Module:
                 continue
             if name not in fused:
                 child.packed_weight()
-            _release(child, "weight")
+            release_parameter(child, "weight")
             if child.bias is not None:
                 child.bias.requires_grad_(False)
         for f in mod.__dict__.get("_fused", {}).values():
