@@ -172,8 +172,7 @@ class Experts(nn.Module):
         if n == 1:  # decoding: k experts, read in place, summed in expert order (as the reference)
             out = None
             for e, j in sorted((e, j) for j, e in enumerate(indices[0].tolist())):
-                w = weights[:, j : j + 1]
-                y = self.expert(e, (x * w).to(x.dtype)) if scale_input else (self.expert(e, x) * w).to(x.dtype)
+                y = self._weighted(e, x, weights[:, j : j + 1], scale_input)
                 out = y if out is None else out + y
             return out
         flat = indices.reshape(-1)
@@ -192,6 +191,12 @@ class Experts(nn.Module):
             return torch.zeros_like(x).index_add_(0, token, ys)
         return self._looped(x, token, ws, counts.tolist(), scale_input)
 
+    def _weighted(self, e: int, x: torch.Tensor, w: torch.Tensor, scale_input: bool) -> torch.Tensor:
+        """Expert e on x weighted by w (its input, with ``scale_input``), rounded to x's dtype."""
+        if scale_input:
+            return self.expert(e, (x * w).to(x.dtype))
+        return (self.expert(e, x) * w).to(x.dtype)
+
     def _looped(self, x, token, ws, counts: list[int], scale_input: bool) -> torch.Tensor:
         """Each active expert gathers its tokens, runs once on them and adds its weighted
         output into their rows, experts in index order (the reference's summation order, so
@@ -203,13 +208,9 @@ class Experts(nn.Module):
             if not c:
                 continue
             end = start + c
-            rows, w = token[start:end], ws[start:end]
+            rows = token[start:end]
             xe = F.embedding(rows, x)  # a row gather, faster than index_select
-            if scale_input:
-                y = self.expert(e, (xe * w).to(x.dtype))
-            else:
-                y = (self.expert(e, xe) * w).to(x.dtype)
-            out.index_add_(0, rows, y)
+            out.index_add_(0, rows, self._weighted(e, xe, ws[start:end], scale_input))
             start = end
         return out
 
