@@ -1,10 +1,10 @@
 """Pre-packed oneDNN linear layers (llmarch.packed): same logits, same checkpoint, safe to train."""
 
 import copy
-import os
 
 import pytest
 import torch
+from conftest import save_hf_models
 from hf_tiny import SEQ, VOCAB, make_hf_model
 
 import llmarch
@@ -107,25 +107,26 @@ def _every_family():
     return list(hf_configs()) + list(moe_configs()) + ["gemma3n"]
 
 
-@pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory):
-    """arch -> a saved tiny random checkpoint (built on first use)."""
+def _make_any(arch):
+    """The tiny random transformers model of any family the suites build."""
     from hf_tiny import hf_configs
     from hf_tiny_moe import make_moe_model
 
+    if arch == "gemma3n":
+        from test_gemma3n import make_hf, tiny_hf_config
+
+        return make_hf(tiny_hf_config())
+    return make_hf_model(arch) if arch in hf_configs() else make_moe_model(arch)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    """arch -> a saved tiny random checkpoint (built on first use)."""
     cache = {}
 
     def get(arch):
         if arch not in cache:
-            d = tmp_path_factory.mktemp(arch)
-            if arch == "gemma3n":
-                from test_gemma3n import make_hf, tiny_hf_config
-
-                hf = make_hf(tiny_hf_config())
-            else:
-                hf = make_hf_model(arch) if arch in hf_configs() else make_moe_model(arch)
-            hf.save_pretrained(d)
-            cache[arch] = d
+            cache[arch] = save_hf_models(tmp_path_factory, [arch], _make_any)[arch][0]
         return cache[arch]
 
     return get
