@@ -16,7 +16,7 @@ ratio is "as it stands", not the same arithmetic.
 transformers' prefill/decode split comes from a streamer that timestamps the first new
 token; llmarch's from its own generation stats (same definition: prefill = prompt forward +
 first token, decode = the remaining tokens). llmarch runs as ``llmarch generate`` does, with
-its linear layers pre-packed for oneDNN (``llmarch.packed``); transformers as it comes.
+its linear layers pre-packed for oneDNN (``llmarch.inference.packed``); transformers as it comes.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from llmarch.assets import resolve_model
-from llmarch.generate import GenerationConfig, generate
-from llmarch.hf import from_pretrained
-from llmarch.packed import pack_linears
-from llmarch.tokenizer import Tokenizer
+from llmarch.checkpoints.assets import resolve_model
+from llmarch.checkpoints.hf import from_pretrained
+from llmarch.checkpoints.tokenizer import Tokenizer
+from llmarch.inference.generate import GenerationConfig, generate
+from llmarch.inference.packed import pack_linears
 
 PROMPT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "

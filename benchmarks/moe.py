@@ -8,7 +8,7 @@ transformers runs its two CPU expert implementations: "eager" (the loop in the m
 file) and "grouped_mm" (its default in 5.x: torch's grouped GEMM). Its third, "batched_mm",
 gathers a weight copy per (token, expert) pair and runs out of memory at 512 tokens here. The
 ratio is taken against the faster of the two, per row. llmarch runs as ``llmarch generate``
-does, with its experts pre-packed for oneDNN (``llmarch.packed``).
+does, with its experts pre-packed for oneDNN (``llmarch.inference.packed``).
 
 The outputs are checked before timing: float32 within 1e-5; bfloat16 equal to the last bit
 to transformers' eager path (grouped_mm sums the k expert outputs in float32, so it differs
@@ -26,9 +26,9 @@ import time
 
 import torch
 
-from llmarch.config import ModelConfig, MoEConfig
-from llmarch.moe import MoE
-from llmarch.packed import pack_linears
+from llmarch.inference.packed import pack_linears
+from llmarch.model.config import ModelConfig, MoEConfig
+from llmarch.model.moe import MoE
 
 HIDDEN, EXPERTS, TOP_K, WIDTH = 2048, 128, 8, 768
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm")
@@ -74,7 +74,7 @@ def timed(fn, x) -> float:
 
 def bench(dtype: torch.dtype, args, base) -> None:
     ours, hf = (copy.deepcopy(m).to(dtype) for m in base)
-    pack_linears(ours)  # llmarch's inference path (what llmarch.generate.load does)
+    pack_linears(ours)  # llmarch's inference path (what llmarch.inference.generate.load does)
     runners = {"llmarch": ours} | {f"HF {impl}": hf_runner(hf, impl) for impl in HF_IMPLEMENTATIONS}
     name = str(dtype).replace("torch.", "")
     with torch.inference_mode():

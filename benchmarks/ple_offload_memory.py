@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from llmarch import build_model, get_config
-from llmarch.offload import offload_ple
+from llmarch.inference.offload import offload_ple
 
 
 def rss_mib() -> float:

@@ -19,14 +19,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llmarch.data import TokenData, prepare
+from llmarch.analysis.params import count_model
+from llmarch.checkpoints.hf import save_pretrained
 from llmarch.errors import DataError
 from llmarch.families.llama import llama_config
-from llmarch.hf import save_pretrained
-from llmarch.model import build_model
-from llmarch.optim import build_optimizer
-from llmarch.params import count_model
-from llmarch.train import init_weights
+from llmarch.model.decoder import build_model
+from llmarch.training.data import TokenData, prepare
+from llmarch.training.optim import build_optimizer
+from llmarch.training.train import init_weights
 
 
 def make_config(vocab: int, seq_len: int):

@@ -77,7 +77,7 @@ REAL = {"gemma": "gemma-3-270m", "qwen": "qwen2.5-coder-0.5b"}
 @pytest.fixture(scope="session")
 def real_paths():
     """Assembled real GGUF files (cached in $LLMARCH_CACHE or ~/.cache/llmarch)."""
-    from llmarch.assets import MODELS, resolve_model
+    from llmarch.checkpoints.assets import MODELS, resolve_model
     from llmarch.errors import CheckpointError
 
     missing = []

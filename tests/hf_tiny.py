@@ -5,7 +5,6 @@ windows shorter than the test input, NoPE layers, tied and untied heads, RoPE sc
 """
 
 import torch
-
 from conftest import perturb_
 
 VOCAB = 211

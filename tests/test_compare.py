@@ -15,12 +15,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import llmarch
-from llmarch import analysis as an
-from llmarch.attention import attention_mask
+from llmarch.analysis import modules as an
+from llmarch.analysis.compare import diff, load_config, profile, profiles
 from llmarch.cli import main
-from llmarch.compare import diff, load_config, profile, profiles
-from llmarch.config import MLAConfig, ModelConfig, MoEConfig
-from llmarch.model import build_model
+from llmarch.model.attention import attention_mask
+from llmarch.model.config import MLAConfig, ModelConfig, MoEConfig
+from llmarch.model.decoder import build_model
 
 PRESETS = llmarch.preset_names()
 
@@ -366,7 +366,7 @@ def _variance(png_path) -> float:
 
 
 def test_kv_plot_lines_are_the_cache_sizes(tmp_path):
-    from llmarch import plots
+    from llmarch.analysis import plots
 
     profs = profiles(["gemma3-27b", "llama3-8b"])
     fig = plots.kv_figure(profs, 131072)
@@ -387,7 +387,7 @@ def test_kv_plot_lines_are_the_cache_sizes(tmp_path):
 
 
 def test_breakdown_plot_shares_sum_to_100():
-    from llmarch import plots
+    from llmarch.analysis import plots
 
     profs = profiles(["gpt2", "gemma3-270m"])
     fig = plots.breakdown_figure(profs)
@@ -416,7 +416,7 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 @pytest.mark.parametrize("pair", [("llama3-8b", "olmo2-7b"), ("gemma3-27b", "gpt2"), ("qwen3-8b", "deepseek-v3")])
 def test_diagram_svg_structure(tmp_path, pair):
-    from llmarch.diagram import COL_W, write
+    from llmarch.analysis.diagram import COL_W, write
 
     svg, png = write(list(pair), tmp_path / "d.svg")
     root = ET.parse(svg).getroot()
@@ -462,7 +462,7 @@ REPORT_MODELS = ["llama3-8b", "olmo2-7b", "gemma3-27b"]
 
 @pytest.fixture(scope="module")
 def report_path(tmp_path_factory):
-    from llmarch.report import write_report
+    from llmarch.analysis.report import write_report
 
     return write_report(tmp_path_factory.mktemp("report"), REPORT_MODELS, context=4096)
 

@@ -10,11 +10,11 @@ from conftest import perturb_
 from safetensors.torch import load_file, save_file
 
 import llmarch
+from llmarch.analysis.params import count_model, count_params
+from llmarch.checkpoints.matformer import slice_model
 from llmarch.cli import main as cli_main
 from llmarch.errors import ConfigError
-from llmarch.matformer import slice_model
-from llmarch.offload import OffloadedTable, offload_ple
-from llmarch.params import count_model, count_params
+from llmarch.inference.offload import OffloadedTable, offload_ple
 
 VOCAB = 211
 PLE_VOCAB = 150  # smaller than VOCAB: ids >= 150 read row 0 of the per-layer table
@@ -326,7 +326,7 @@ def test_cli_slice_reports_bad_input(saved, tmp_path, capsys):
 def test_e2b_shape_is_a_slice_of_e4b():
     """FFN 16384 -> 8192 and one 4-sliding + 1-full group of KV-shared layers dropped turns the
     E4B configuration into E2B's (the same shapes; which layers Google's E2B keeps is not claimed)."""
-    from llmarch.matformer import slice_config
+    from llmarch.checkpoints.matformer import slice_config
 
     e4b, e2b = llmarch.get_config("gemma3n-e4b"), llmarch.get_config("gemma3n-e2b")
     sliced, keep = slice_config(e4b, 8192, skip_layers=range(20, 25))

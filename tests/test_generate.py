@@ -15,7 +15,7 @@ from tiny_tokenizer import tiny_tokenizer
 
 import llmarch
 from llmarch.errors import GenerationError
-from llmarch.generate import (
+from llmarch.inference.generate import (
     GenerationConfig,
     Sampler,
     apply_repetition_penalty,
@@ -103,7 +103,7 @@ def test_one_mask_per_layer_kind_per_forward(tiny, monkeypatch):
     """Layers whose caches hold the same key positions share one mask per forward (the
     sliding layers one, the full layers another), and the shared masks give the same
     tokens as the uncached forward (left padding makes every mask a real tensor)."""
-    import llmarch.attention as A
+    import llmarch.model.attention as A
 
     model = tiny("gemma3_text")[0]
     kinds = set(model.config.layer_types)

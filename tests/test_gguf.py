@@ -18,13 +18,9 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 from gguf.quants import quantize  # noqa: E402
 
-from llmarch.assets import resolve_model  # noqa: E402
+from llmarch.checkpoints.assets import resolve_model  # noqa: E402
+from llmarch.checkpoints.gguf import GGUFCheckpoint, dequantize  # noqa: E402
 from llmarch.errors import CheckpointError  # noqa: E402
-from llmarch.gguf import GGUFCheckpoint, dequantize  # noqa: E402
-
-
-
-
 
 
 @pytest.fixture(scope="session")
@@ -316,7 +312,7 @@ def test_resolve_model_paths(tmp_path):
 
 
 def test_resolve_model_missing_packages(monkeypatch):
-    from llmarch import assets
+    from llmarch.checkpoints import assets
 
     fake = assets.PackagedModel("fake", "fake.gguf", "0" * 64, (("llmarch_no_such_pkg", "data/x"),),
                                 ("llmarch-no-such-pkg",))
@@ -327,7 +323,7 @@ def test_resolve_model_missing_packages(monkeypatch):
 
 def test_resolve_model_rebuilds_bad_cache(tmp_path, monkeypatch):
     """A cached file with the wrong hash is reassembled; a good one is reused."""
-    from llmarch import assets
+    from llmarch.checkpoints import assets
 
     parts = [tmp_path / "p1", tmp_path / "p2"]
     parts[0].write_bytes(b"hello ")

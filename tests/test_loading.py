@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 import torch
+from hf_tiny import VOCAB, make_hf_model
 from safetensors.torch import load_file, save_file
 
 import llmarch
 from llmarch.errors import CheckpointError, ConfigError
-from hf_tiny import VOCAB, make_hf_model
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ from hf_tiny import SEQ, VOCAB
 from hf_tiny_moe import make_moe_model
 
 import llmarch
+from llmarch.checkpoints.fp8 import dequantize_blocks
 from llmarch.families.deepseek import KEYS
 from llmarch.families.experts import PER_EXPERT
-from llmarch.fp8 import dequantize_blocks
-from llmarch.mla import MLAttention
+from llmarch.model.mla import MLAttention
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,19 @@ plus the MoE module's dispatch, active-parameter accounting and published parame
 
 import pytest
 import torch
+from conftest import (
+    cached_vs_full_diff,
+    export_round_trip_diff,
+    max_logit_diff,
+    random_ids,
+    save_hf_models,
+)
 from hf_tiny import SEQ, VOCAB
 from hf_tiny_moe import make_moe_model, moe_configs
 
 import llmarch
-from conftest import cached_vs_full_diff, export_round_trip_diff, max_logit_diff, random_ids, save_hf_models
-from llmarch.config import ModelConfig, MoEConfig
-from llmarch.moe import MoE
+from llmarch.model.config import ModelConfig, MoEConfig
+from llmarch.model.moe import MoE
 
 ARCHS = list(moe_configs())
 TOL = 1e-4
@@ -240,9 +246,9 @@ def test_published_parameter_counts(name):
 def test_packed_experts_equal_plain_experts():
     """pack_linears (the inference path) pre-packs each expert; outputs equal the plain path,
     and a weight changed after packing is re-packed, not served stale."""
-    from llmarch.config import ModelConfig, MoEConfig
-    from llmarch.moe import MoE
-    from llmarch.packed import pack_linears, packing_available
+    from llmarch.inference.packed import pack_linears, packing_available
+    from llmarch.model.config import ModelConfig, MoEConfig
+    from llmarch.model.moe import MoE
 
     if not packing_available():
         pytest.skip("oneDNN is not available in this torch build")
@@ -281,7 +287,7 @@ def test_moe_layers_bit_exact_in_bfloat16(arch, saved, pack):
     bfloat16 it differs from its own eager path."""
     import copy
 
-    from llmarch.packed import pack_linears
+    from llmarch.inference.packed import pack_linears
 
     d, hf = saved[arch]
     hf = copy.deepcopy(hf).to(torch.bfloat16)

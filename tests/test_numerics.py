@@ -4,10 +4,10 @@ import random
 
 import pytest
 import torch
+from conftest import perturb_
 
 import llmarch
-from llmarch.layers import RMSNorm
-from conftest import perturb_
+from llmarch.model.layers import RMSNorm
 
 
 @pytest.mark.parametrize(
@@ -104,8 +104,8 @@ def test_parity_on_random_configs(arch, seed, tmp_path):
 def test_interleaved_rope_equals_complex_rotation():
     """The interleaved layout (Meta's / DeepSeek's original weights) rotates pairs (x0, x1) as a
     complex number; llmarch permutes to halves, which preserves every q.k dot product."""
-    from llmarch.config import RopeConfig
-    from llmarch.layers import Rotary, apply_rope
+    from llmarch.model.config import RopeConfig
+    from llmarch.model.layers import Rotary, apply_rope
 
     d, t = 16, 9
     rot = Rotary(RopeConfig(10000.0), d, 64)

@@ -1,4 +1,4 @@
-"""Pre-packed oneDNN linear layers (llmarch.packed): same logits, same checkpoint, safe to train."""
+"""Pre-packed oneDNN linear layers (llmarch.inference.packed): same logits, same checkpoint, safe to train."""
 
 import copy
 
@@ -8,7 +8,7 @@ from conftest import save_hf_models
 from hf_tiny import SEQ, VOCAB, make_hf_model
 
 import llmarch
-from llmarch.packed import PackedLinear, pack_linears, packing_available
+from llmarch.inference.packed import PackedLinear, pack_linears, packing_available
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="oneDNN not available in this torch build")
 
@@ -62,7 +62,7 @@ def test_training_falls_back_and_repacks_after_an_update(model):
 def test_fused_projections_are_used_and_follow_weight_changes(model):
     """q/k/v and gate/up run as one packed product each (one oneDNN call instead of 3 and 2);
     changing one source weight in place, converting the model, or replacing a layer re-packs."""
-    from llmarch.packed import FusedLinears
+    from llmarch.inference.packed import FusedLinears
 
     packed = pack_linears(copy.deepcopy(model))
     fused = [m.__dict__["_fused"] for m in packed.modules() if "_fused" in m.__dict__]
@@ -134,11 +134,11 @@ def family_dirs(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", _every_family())
 def test_released_weights_give_the_same_tokens_and_refuse_training(arch, family_dirs):
-    """pack_linears(release=True) (what llmarch.generate.load does) frees the plain copy of
+    """pack_linears(release=True) (what llmarch.inference.generate.load does) frees the plain copy of
     every packed weight: logits and cached greedy decoding equal the packed model's exactly,
     the linear weights are gone (meta), and training fails with a message saying why."""
-    from llmarch.generate import GenerationConfig, generate
-    from llmarch.packed import RELEASED
+    from llmarch.inference.generate import GenerationConfig, generate
+    from llmarch.inference.packed import RELEASED
 
     d = family_dirs(arch)
     kept = pack_linears(llmarch.from_pretrained(d, dtype=torch.bfloat16))
@@ -168,7 +168,7 @@ def test_released_model_refuses_export(family_dirs, tmp_path):
 
 def _held_bytes(model) -> int:
     """Bytes of every weight the model holds: plain parameters plus oneDNN-packed copies."""
-    from llmarch.packed import FusedLinears
+    from llmarch.inference.packed import FusedLinears
 
     nbytes = torch.ops.mkldnn._nbytes
     total = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
@@ -182,10 +182,10 @@ def _held_bytes(model) -> int:
 
 
 def test_load_holds_the_weights_once(real_paths):
-    """llmarch.generate.load packs and frees: after a generation the model holds each weight
+    """llmarch.inference.generate.load packs and frees: after a generation the model holds each weight
     once, plus the packed copy of the tied head (the embedding lookup needs the plain table);
     a packed model that keeps its plain weights holds the blocks twice."""
-    from llmarch.generate import GenerationConfig, generate, load
+    from llmarch.inference.generate import GenerationConfig, generate, load
 
     model, _ = load("gemma-3-270m", torch.bfloat16)
     kept = pack_linears(llmarch.from_pretrained(real_paths["gemma"], dtype=torch.bfloat16))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import llmarch
+from llmarch.analysis.params import count_params
 from llmarch.errors import ConfigError
-from llmarch.params import count_params
 
 DENSE = ["gpt2", "llama3.2-1b", "llama3-8b", "olmo2-7b", "gemma3-270m", "gemma3-1b", "gemma3-4b", "gemma3-12b",
          "gemma3-27b", "mistral-small-3.1-24b", "qwen2.5-0.5b", "qwen3-0.6b", "qwen3-4b", "qwen3-8b", "qwen3-32b",

@@ -3,10 +3,16 @@ own loader, in float32."""
 
 import pytest
 import torch
+from conftest import (
+    cached_vs_full_diff,
+    export_round_trip_diff,
+    max_logit_diff,
+    random_ids,
+    save_hf_models,
+)
+from hf_tiny import SEQ, VOCAB, hf_configs, make_hf_model
 
 import llmarch
-from conftest import cached_vs_full_diff, export_round_trip_diff, max_logit_diff, random_ids, save_hf_models
-from hf_tiny import SEQ, VOCAB, hf_configs, make_hf_model
 
 ARCHS = list(hf_configs())
 TOL = 1e-4

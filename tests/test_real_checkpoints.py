@@ -20,11 +20,11 @@ import pytest
 import torch
 
 import llmarch
-from llmarch.assets import MODELS, resolve_model
+from llmarch.checkpoints.assets import MODELS, resolve_model
+from llmarch.checkpoints.tokenizer import Tokenizer
 from llmarch.errors import CheckpointError
-from llmarch.generate import GenerationConfig, generate, load
-from llmarch.packed import pack_linears
-from llmarch.tokenizer import Tokenizer
+from llmarch.inference.generate import GenerationConfig, generate, load
+from llmarch.inference.packed import pack_linears
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "real_greedy.json").read_text())
 ALIASES = list(RECORDED)

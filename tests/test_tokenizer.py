@@ -6,10 +6,9 @@ import os
 
 import pytest
 
+from llmarch.checkpoints.gguf import GGUFCheckpoint
+from llmarch.checkpoints.tokenizer import StreamDecoder, Tokenizer
 from llmarch.errors import CheckpointError
-from llmarch.gguf import GGUFCheckpoint
-from llmarch.tokenizer import StreamDecoder, Tokenizer
-
 
 SAMPLES = [
     "Hello world",

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from llmarch import get_config, preset_names
-from llmarch.balance import ExpertLoad, load_balancing_loss, router_modules
 from llmarch.cli import main as cli_main
-from llmarch.data import DEFAULT_CORPUS, TokenData, prepare
 from llmarch.errors import CheckpointError, ConfigError, DataError
-from llmarch.model import Decoder, build_model
-from llmarch.optim import NS_COEFFICIENTS, QKClip, build_optimizer
-from llmarch.train import (
+from llmarch.model.decoder import Decoder, build_model
+from llmarch.training.balance import ExpertLoad, load_balancing_loss, router_modules
+from llmarch.training.data import DEFAULT_CORPUS, TokenData, prepare
+from llmarch.training.optim import NS_COEFFICIENTS, QKClip, build_optimizer
+from llmarch.training.train import (
     TrainConfig,
     init_weights,
     lr_factor,
@@ -223,13 +223,13 @@ def test_qk_clip_caps_max_logit(preset):
 
 
 # ----------------------------------------------------------------------------------------
-# MoE balancing, on llmarch.moe.MoE
+# MoE balancing, on llmarch.model.moe.MoE
 # ----------------------------------------------------------------------------------------
 
 
 def tiny_moe(score: str, bias: bool) -> nn.Module:
-    from llmarch.config import ModelConfig, MoEConfig
-    from llmarch.moe import MoE
+    from llmarch.model.config import ModelConfig, MoEConfig
+    from llmarch.model.moe import MoE
 
     moe = MoEConfig(num_experts=8, top_k=2, expert_size=8, score=score, score_correction_bias=bias)
     torch.manual_seed(0)
@@ -354,7 +354,7 @@ def test_cli_train_and_resume(capsys, data_dir, tmp_path):
 def test_ablation_matches_params_and_writes_results(data_dir, tmp_path):
     import yaml
 
-    from llmarch.ablate import active_non_embedding, run_spec, variant_configs
+    from llmarch.training.ablate import active_non_embedding, run_spec, variant_configs
 
     spec = dict(out=str(tmp_path / "abl"), data=str(data_dir), match="params",
                 base=dict(arch="llama3.2-1b", scale="tiny", tokens=4 * 32 * 4, batch_size=4, seq_len=32, warmup=1,
@@ -385,7 +385,7 @@ def test_peak_rss_is_the_child_process_own():
     src = str(Path(__file__).resolve().parents[1] / "src")
     ballast = bytearray(300 * 1024 * 1024)
     ballast[:: 4096] = b"\1" * len(ballast[:: 4096])  # touch every page: the parent's RSS grows by 300 MB
-    code = "from llmarch.train import _peak_rss_mb; print(_peak_rss_mb())"
+    code = "from llmarch.training.train import _peak_rss_mb; print(_peak_rss_mb())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
     assert float(out.stdout) < 280, out.stdout  # torch + llmarch alone: ~225 MB

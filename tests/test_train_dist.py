@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llmarch.data import prepare
-from llmarch.train import read_metrics
+from llmarch.training.data import prepare
+from llmarch.training.train import read_metrics
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -17,7 +17,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 def data_dir(tmp_path_factory):
     import gzip
 
-    from llmarch.data import DEFAULT_CORPUS
+    from llmarch.training.data import DEFAULT_CORPUS
 
     d = tmp_path_factory.mktemp("dist_data")
     with gzip.open(DEFAULT_CORPUS, "rt") as f:

@@ -3,7 +3,7 @@ generation tests: one character per id, ids 0/1/2 are <pad>/<bos>/<eos>."""
 
 from hf_tiny import TOK, VOCAB
 
-from llmarch.tokenizer import Tokenizer
+from llmarch.checkpoints.tokenizer import Tokenizer
 
 SPECIAL = ["<pad>", "<bos>", "<eos>"]
 CHARS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [" ", ".", ","] + [

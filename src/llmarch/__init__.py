@@ -7,12 +7,18 @@
     logits = model(torch.tensor([[1, 2, 3]]))
 """
 
-from .config import ModelConfig, RopeConfig
-from .errors import CheckpointError, ConfigError, DataError, GenerationError, LlmarchError
+from .analysis.params import count_params
+from .checkpoints.hf import from_pretrained, save_pretrained
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    GenerationError,
+    LlmarchError,
+)
 from .families import get_config, preset_names
-from .hf import from_pretrained, save_pretrained
-from .model import Decoder, build_model
-from .params import count_params
+from .model.config import ModelConfig, RopeConfig
+from .model.decoder import Decoder, build_model
 
 __version__ = "0.1.0"
 

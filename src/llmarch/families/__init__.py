@@ -6,9 +6,21 @@ import difflib
 import re
 from typing import Any
 
-from ..config import ModelConfig
 from ..errors import ConfigError
-from . import deepseek, gemma3, gemma3n, gpt2, llama, llama4, mistral, olmo2, qwen, qwen3_moe, smollm3
+from ..model.config import ModelConfig
+from . import (
+    deepseek,
+    gemma3,
+    gemma3n,
+    gpt2,
+    llama,
+    llama4,
+    mistral,
+    olmo2,
+    qwen,
+    qwen3_moe,
+    smollm3,
+)
 from .base import Family
 
 FAMILIES: list[Family] = [

@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from ..config import CHUNKED, FULL, SLIDING, ModelConfig, RopeConfig
 from ..errors import CheckpointError, ConfigError
+from ..model.config import CHUNKED, FULL, SLIDING, ModelConfig, RopeConfig
 
 HF_LAYER_TYPES = {"full_attention": FULL, "sliding_attention": SLIDING, "chunked_attention": CHUNKED}
 NATIVE_TO_HF_LAYER_TYPES = {v: k for k, v in HF_LAYER_TYPES.items()}

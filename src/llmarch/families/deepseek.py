@@ -14,9 +14,9 @@
 
 from __future__ import annotations
 
-from ..config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from ..checkpoints.fp8 import dequantize_stream
 from ..errors import ConfigError
-from ..fp8 import dequantize_stream
+from ..model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
 from .base import (
     LLAMA_KEYS,
     Family,

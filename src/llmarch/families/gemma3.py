@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 
-from ..config import FULL, SLIDING, ModelConfig, RopeConfig
 from ..errors import ConfigError
+from ..model.config import FULL, SLIDING, ModelConfig, RopeConfig
 from .base import (
     Family,
     KeyMap,

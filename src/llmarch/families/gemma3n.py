@@ -14,9 +14,17 @@ from __future__ import annotations
 import math
 import re
 
-from ..config import FULL, SLIDING, ModelConfig, RopeConfig
 from ..errors import ConfigError
-from .base import Family, KeyMap, check_exportable, common_from_hf, common_to_hf, layer_types_to_hf, parse_layer_types
+from ..model.config import FULL, SLIDING, ModelConfig, RopeConfig
+from .base import (
+    Family,
+    KeyMap,
+    check_exportable,
+    common_from_hf,
+    common_to_hf,
+    layer_types_to_hf,
+    parse_layer_types,
+)
 from .gemma3 import GEMMA3_KEYS
 
 # Gemma 3's names, plus the per-layer embeddings, AltUp and LAuReL

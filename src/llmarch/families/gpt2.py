@@ -11,8 +11,8 @@ import re
 
 import torch
 
-from ..config import ModelConfig
 from ..errors import ConfigError
+from ..model.config import ModelConfig
 from .base import Family, KeyMap, check_exportable, require
 
 GPT2_KEYS = KeyMap(

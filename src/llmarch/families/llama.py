@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import ModelConfig, RopeConfig
+from ..model.config import ModelConfig, RopeConfig
 from .base import Family, check_exportable, common_from_hf, common_to_hf
 
 LLAMA3_SCALING_32 = {

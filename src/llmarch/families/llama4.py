@@ -13,8 +13,8 @@
 
 from __future__ import annotations
 
-from ..config import CHUNKED, FULL, ModelConfig, MoEConfig, RopeConfig
 from ..errors import ConfigError
+from ..model.config import CHUNKED, FULL, ModelConfig, MoEConfig, RopeConfig
 from .base import (
     Family,
     KeyMap,

@@ -6,8 +6,8 @@ The released checkpoint is ``Mistral3ForConditionalGeneration``: the text weight
 
 from __future__ import annotations
 
-from ..config import FULL, SLIDING, ModelConfig, RopeConfig
 from ..errors import ConfigError
+from ..model.config import FULL, SLIDING, ModelConfig, RopeConfig
 from .base import Family, check_exportable, common_from_hf, common_to_hf
 from .llama import llama_config
 

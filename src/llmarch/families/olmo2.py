@@ -3,7 +3,7 @@ QK-norm over the whole q and k projections (not per head)."""
 
 from __future__ import annotations
 
-from ..config import ModelConfig, RopeConfig
+from ..model.config import ModelConfig, RopeConfig
 from .base import Family, KeyMap, check_exportable, common_from_hf, common_to_hf
 
 OLMO2_KEYS = KeyMap(

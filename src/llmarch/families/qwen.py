@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..config import FULL, SLIDING, ModelConfig, RopeConfig
 from ..errors import ConfigError
+from ..model.config import FULL, SLIDING, ModelConfig, RopeConfig
 from .base import (
     Family,
     check_exportable,
@@ -12,7 +12,6 @@ from .base import (
     parse_layer_types,
 )
 from .llama import llama_config
-
 
 
 def qwen3(name: str, hidden: int, ffn: int, layers: int, heads: int, tied: bool) -> ModelConfig:

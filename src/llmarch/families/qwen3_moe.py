@@ -4,7 +4,7 @@ no shared expert."""
 
 from __future__ import annotations
 
-from ..config import FULL, ModelConfig, MoEConfig, RopeConfig
+from ..model.config import FULL, ModelConfig, MoEConfig, RopeConfig
 from .base import (
     LLAMA_KEYS,
     Family,

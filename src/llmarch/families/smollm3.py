@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..config import ModelConfig, RopeConfig
 from ..errors import ConfigError
+from ..model.config import ModelConfig, RopeConfig
 from .base import Family, check_exportable, common_from_hf, common_to_hf
 from .llama import llama_config
 from .qwen import _sliding

@@ -1,0 +1,555 @@
+"""Tokenizers for HF checkpoint directories and GGUF files.
+
+:class:`Tokenizer` wraps a ``tokenizers.Tokenizer`` and adds what generation
+needs: BOS handling, the set of end-of-sequence ids, chat-template rendering
+and streaming detokenisation (:class:`StreamDecoder`).
+
+GGUF files carry no ``tokenizer.json``; they store the vocabulary, scores,
+token types and (for byte-level BPE) merges as metadata.  :meth:`Tokenizer.from_gguf`
+rebuilds the equivalent ``tokenizers`` pipeline:
+
+* ``tokenizer.ggml.model == "llama"`` (SentencePiece BPE with byte fallback).
+  Gemma files spell multi-space tokens with real spaces and list no merges;
+  we respell them with ``▁`` and derive merges from the vocabulary, ordered by
+  position in the file (Gemma's scores do not follow its merge order).  Gemma
+  does not add a dummy prefix space (``tokenizer.ggml.add_space_prefix`` false).
+* ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE with merges), split first
+  with the regex named by ``tokenizer.ggml.pre`` (``qwen2``, ``llama-bpe``, ...).
+
+Control tokens (token type 3) become special added tokens and user-defined
+ones (type 4) plain added tokens, so both are matched whole in the text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+
+__all__ = ["Tokenizer", "StreamDecoder", "GEMMA3_CHAT_TEMPLATE"]
+
+# llama.cpp token types
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+#: ``tokenizer.ggml.pre`` -> pre-tokenizer split regex (byte-level BPE files).
+PRE_TOKENIZER_SPLITS = {
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+    "tekken": _TEKKEN_SPLIT,
+}
+
+#: Tokens that end a chat turn; counted as EOS when the chat template uses them.
+_END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>")
+
+#: The Gemma 3 instruction template (as shipped in google/gemma-3-* tokenizer_config.json);
+#: used for Gemma 3 GGUF files, which carry no ``tokenizer.chat_template``.
+GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\\n'}}
+{%- endif -%}
+"""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-character table used by byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _merges_from_vocab(vocab: dict[str, int], priority: dict[str, float]) -> list[tuple[str, str]]:
+    """Derive BPE merges from a SentencePiece-BPE vocabulary, best first.
+
+    Every token that splits into two in-vocabulary pieces gives a merge.  Merges
+    are ranked by the token's ``priority`` (higher first), then by the length of
+    the left piece (longer first) -- the order ``transformers`` uses.
+    """
+    ranked: list[tuple[float, int, str, str]] = []
+    for token in vocab:
+        score = priority[token]
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in vocab and right in vocab:
+                ranked.append((-score, -i, left, right))
+    ranked.sort(key=lambda m: (m[0], m[1]))
+    return [(m[2], m[3]) for m in ranked]
+
+
+def _token_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value.get("content")
+    return str(value)
+
+
+def _render_env():
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` plus BOS/EOS handling, chat templates and streaming decode."""
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        unk_token: str | None = None,
+        pad_token: str | None = None,
+        add_bos_token: bool = False,
+        add_eos_token: bool = False,
+        chat_template: str | None = None,
+        extra_eos_token_ids: Iterable[int] = (),
+    ):
+        self.backend = backend
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.unk_token = unk_token
+        self.pad_token = pad_token
+        self.add_bos_token = bool(add_bos_token and bos_token is not None)
+        self.add_eos_token = bool(add_eos_token and eos_token is not None)
+        self.chat_template = chat_template
+        self._template = None
+
+        eos_ids = set(int(i) for i in extra_eos_token_ids)
+        if self.eos_token_id is not None:
+            eos_ids.add(self.eos_token_id)
+        if chat_template:
+            for tok in _END_OF_TURN_TOKENS:
+                tid = backend.token_to_id(tok)
+                if tid is not None and tok in chat_template:
+                    eos_ids.add(tid)
+        self.eos_token_ids: set[int] = eos_ids
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load an HF tokenizer from a directory (or a ``tokenizer.json`` inside one)."""
+        from tokenizers import Tokenizer as _Backend
+
+        path = Path(path)
+        if path.is_dir():
+            directory, tok_file = path, path / "tokenizer.json"
+        else:
+            directory, tok_file = path.parent, path
+        if not tok_file.is_file():
+            raise CheckpointError(f"no tokenizer.json found at {tok_file}")
+        try:
+            backend = _Backend.from_file(str(tok_file))
+        except Exception as exc:
+            raise CheckpointError(f"cannot read tokenizer {tok_file}: {exc}") from exc
+
+        config: dict[str, Any] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later wins
+            f = directory / name
+            if f.is_file():
+                config.update(json.loads(f.read_text(encoding="utf-8")))
+
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        jinja_file = directory / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
+
+        bos = _token_text(config.get("bos_token"))
+        eos = _token_text(config.get("eos_token"))
+
+        def adds_at(position: int, token: str | None) -> bool:
+            tid = backend.token_to_id(token) if token else None
+            if tid is None:
+                return False
+            with_special = backend.encode("a", add_special_tokens=True).ids
+            plain = backend.encode("a", add_special_tokens=False).ids
+            return len(with_special) > len(plain) and with_special[position] == tid
+
+        add_bos = config.get("add_bos_token")
+        if add_bos is None:
+            add_bos = adds_at(0, bos)
+        add_eos = config.get("add_eos_token")
+        if add_eos is None:
+            add_eos = adds_at(-1, eos)
+
+        extra_eos: list[int] = []
+        gen = directory / "generation_config.json"
+        if gen.is_file():
+            ids = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
+            if ids is not None:
+                extra_eos = list(ids) if isinstance(ids, list) else [ids]
+
+        return cls(
+            backend,
+            bos_token=bos,
+            eos_token=eos,
+            unk_token=_token_text(config.get("unk_token")),
+            pad_token=_token_text(config.get("pad_token")),
+            add_bos_token=bool(add_bos),
+            add_eos_token=bool(add_eos),
+            chat_template=template,
+            extra_eos_token_ids=extra_eos,
+        )
+
+    @classmethod
+    def from_gguf(cls, source: Any) -> Tokenizer:
+        """Build the tokenizer described by a GGUF file's metadata (a path or a ``GGUFCheckpoint``)."""
+        from .gguf import GGUFCheckpoint
+
+        ckpt = source if isinstance(source, GGUFCheckpoint) else GGUFCheckpoint(source)
+        meta = ckpt.metadata
+        model = meta.get("tokenizer.ggml.model")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if model is None or tokens is None:
+            raise CheckpointError(f"GGUF file {ckpt.path} has no tokenizer metadata")
+        tokens = list(tokens)
+        types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
+
+        if model == "llama":
+            backend, tokens_as_spelled = _build_spm(ckpt.architecture, tokens, meta)
+        elif model == "gpt2":
+            backend, tokens_as_spelled = _build_byte_level(tokens, meta)
+        else:
+            raise CheckpointError(
+                f"unsupported GGUF tokenizer model {model!r} in {ckpt.path} (supported: llama, gpt2)"
+            )
+        _add_special_tokens(backend, tokens, types, byte_level=(model == "gpt2"),
+                            vocab=set(tokens_as_spelled))
+
+        def tok(kind: str) -> str | None:
+            tid = meta.get(f"tokenizer.ggml.{kind}_token_id")
+            return tokens[int(tid)] if tid is not None and 0 <= int(tid) < len(tokens) else None
+
+        add_bos = meta.get("tokenizer.ggml.add_bos_token")
+        if add_bos is None:
+            add_bos = model == "llama"  # llama.cpp's default for SentencePiece vocabularies
+        template = meta.get("tokenizer.chat_template")
+        if template is None and ckpt.architecture == "gemma3":
+            template = GEMMA3_CHAT_TEMPLATE
+        extra = [int(meta[k]) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+                 if meta.get(k) is not None]
+        return cls(
+            backend,
+            bos_token=tok("bos"),
+            eos_token=tok("eos"),
+            unk_token=tok("unknown"),
+            pad_token=tok("padding"),
+            add_bos_token=bool(add_bos),
+            add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+            chat_template=template,
+            extra_eos_token_ids=extra,
+        )
+
+    # ----------------------------------------------------------------- ids
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(int(token_id))
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.backend.token_to_id(self.bos_token) if self.bos_token is not None else None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.backend.token_to_id(self.eos_token) if self.eos_token is not None else None
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.backend.token_to_id(self.pad_token) if self.pad_token is not None else None
+
+    # ----------------------------------------------------------------- encode/decode
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; with ``add_special_tokens`` the BOS (and EOS) the model expects.
+
+        Special tokens written in the text (``<start_of_turn>``, ``<|im_start|>``) are
+        always matched whole.  To encode a rendered chat template, which already starts
+        with its own BOS, pass ``add_special_tokens=False``.
+        """
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_special_tokens:
+            if self.add_bos_token:
+                ids = [self.bos_token_id, *ids]
+            if self.add_eos_token:
+                ids = [*ids, self.eos_token_id]
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [self.encode(t, add_special_tokens) for t in texts]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+
+    # ----------------------------------------------------------------- chat
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        chat_template: str | None = None,
+        tools: list[dict] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Render ``messages`` with the chat template (jinja2 sandbox, as transformers does)."""
+        template = chat_template or self.chat_template
+        if template is None:
+            raise CheckpointError("this tokenizer has no chat template")
+        if chat_template is not None or self._template is None:
+            compiled = _render_env().from_string(template)
+            if chat_template is None:
+                self._template = compiled
+        else:
+            compiled = self._template
+        context = dict(
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            unk_token=self.unk_token,
+            pad_token=self.pad_token,
+        )
+        context.update(kwargs)
+        if tools is not None:
+            context["tools"] = tools
+        return compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                               **context)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
+                f"eos_ids={sorted(self.eos_token_ids)}, add_bos={self.add_bos_token})")
+
+
+class StreamDecoder:
+    """Incremental detokeniser: feed ids one at a time, get printable text pieces.
+
+    Text is only released once it is complete: a character split across byte
+    tokens (byte fallback, byte-level BPE) is held back until its last byte
+    arrives.  Decoding always restarts a few tokens back (from the previous
+    piece's start) so that tokenizers whose decoders depend on context (leading
+    ``▁`` stripping) produce the same text as a one-shot decode.
+
+    >>> stream = tokenizer.stream_decoder()
+    >>> for tid in generated: print(stream.feed(tid), end="")
+    >>> print(stream.flush())
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0  # start of the decode window
+        self._read = 0  # ids up to here have been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def feed(self, token_ids: int | Iterable[int]) -> str:
+        """Add one id (or several); return newly completed text (possibly empty)."""
+        if isinstance(token_ids, int):
+            self.ids.append(token_ids)
+        else:
+            self.ids.extend(int(i) for i in token_ids)
+        prefix_text = self._decode(self.ids[self._prefix:self._read])
+        new_text = self._decode(self.ids[self._prefix:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            piece = new_text[len(prefix_text):]
+            self._prefix, self._read = self._read, len(self.ids)
+            return piece
+        return ""
+
+    def flush(self) -> str:
+        """Return whatever is still held back (incomplete characters decode as U+FFFD)."""
+        prefix_text = self._decode(self.ids[self._prefix:self._read])
+        new_text = self._decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return new_text[len(prefix_text):]
+
+    @property
+    def text(self) -> str:
+        """Everything fed so far, decoded in one go."""
+        return self._decode(self.ids)
+
+
+# ---------------------------------------------------------------------- GGUF builders
+def _build_spm(architecture: str, tokens: list[str], meta: dict[str, Any]):
+    """SentencePiece-style BPE with byte fallback (``tokenizer.ggml.model == "llama"``)."""
+    from tokenizers import Tokenizer as _Backend
+    from tokenizers import decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None else None
+    gemma = architecture.startswith("gemma")
+    if gemma:
+        # Multi-space tokens are stored with real spaces; the model looks them up as "▁▁...".
+        spelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    else:
+        spelled = list(tokens)
+    vocab = {t: i for i, t in enumerate(spelled)}
+    if "tokenizer.ggml.merges" in meta:
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    elif gemma:
+        # Gemma's scores do not follow its merge order; the position in the vocabulary does.
+        merges = _merges_from_vocab(vocab, {t: -i for t, i in vocab.items()})
+    else:
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is None:
+            priority = {t: -i for t, i in vocab.items()}
+        else:
+            priority = dict(zip(spelled, (float(x) for x in scores)))
+        merges = _merges_from_vocab(vocab, priority)
+
+    backend = _Backend(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                           byte_fallback=True, dropout=None))
+    add_prefix = meta.get("tokenizer.ggml.add_space_prefix")
+    if add_prefix is None:
+        add_prefix = not gemma
+    decoder_steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if gemma and not add_prefix:
+        backend.normalizer = normalizers.Replace(" ", "\u2581")
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="\u2581", prepend_scheme="first" if add_prefix else "never", split=False
+        )
+        if add_prefix:
+            decoder_steps.append(decoders.Strip(content=" ", left=1))
+    backend.decoder = decoders.Sequence(decoder_steps)
+    return backend, spelled
+
+
+def _build_byte_level(tokens: list[str], meta: dict[str, Any]):
+    """Byte-level BPE (``tokenizer.ggml.model == "gpt2"``)."""
+    from tokenizers import Regex, decoders, pre_tokenizers
+    from tokenizers import Tokenizer as _Backend
+    from tokenizers.models import BPE
+
+    table = _bytes_to_unicode()
+    alphabet = set(table.values())
+    spelled = [t if set(t) <= alphabet else "".join(table[b] for b in t.encode("utf-8"))
+               for t in tokens]
+    vocab = {t: i for i, t in enumerate(spelled)}
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    backend = _Backend(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                           end_of_word_suffix="", fuse_unk=False))
+    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    if split is not None:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:  # GPT-2's own regex
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    return backend, spelled
+
+
+def _add_special_tokens(backend, tokens: list[str], types: list[int], *, byte_level: bool,
+                        vocab: set[str]) -> None:
+    """Control tokens -> special added tokens; user-defined tokens -> plain added tokens."""
+    from tokenizers import AddedToken
+
+    alphabet = set(_bytes_to_unicode().values()) if byte_level else None
+    control = [
+        AddedToken(t, normalized=False, special=True)
+        for t, ty in zip(tokens, types)
+        # a byte-level "control" token outside the byte alphabet is a llama.cpp mislabel
+        if ty == _CONTROL and (alphabet is None or set(t) <= alphabet)
+    ]
+    if control:
+        backend.add_special_tokens(control)
+    user = [AddedToken(t, normalized=False, special=False)
+            for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab]
+    if user:
+        backend.add_tokens(user)

@@ -1,0 +1,5 @@
+"""``python -m llmarch.cli``: the same as the ``llmarch`` command."""
+
+from . import main
+
+raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""The one decoder: every architecture in llmarch is this module tree with a different config."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .cache import KVCache
+from .config import ModelConfig
+from .layers import Rotary, make_ffn, make_norm
+from .mla import MLAttention
+from .moe import MoE
+
+
+class Block(nn.Module):
+    """One decoder layer: attention then FFN, each a residual branch.
+
+    Norm placement (``cfg.norm_placement``):
+      * ``pre``      x + f(norm(x))               (GPT-2, Llama, Qwen, Mistral, SmolLM3)
+      * ``post``     x + norm(f(x))               (OLMo 2: post-norm inside the residual)
+      * ``sandwich`` x + post_norm(f(pre_norm(x))) (Gemma 2 / 3)
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        pre = cfg.norm_placement in ("pre", "sandwich")
+        post = cfg.norm_placement in ("post", "sandwich")
+        h = cfg.hidden_size
+        self.attn_norm = make_norm(cfg, h) if pre else None
+        self.attn = MLAttention(cfg, layer_idx) if cfg.attention_kind == "mla" else Attention(cfg, layer_idx)
+        self.attn_post_norm = make_norm(cfg, h) if post else None
+        self.mlp_norm = make_norm(cfg, h) if pre else None
+        self.mlp = MoE(cfg) if cfg.layer_is_moe(layer_idx) else make_ffn(cfg)
+        self.mlp_post_norm = make_norm(cfg, h) if post else None
+
+    def forward(self, x, positions, rope, cache=None):
+        h = self.attn_norm(x) if self.attn_norm is not None else x
+        h = self.attn(h, positions, rope, cache)
+        if self.attn_post_norm is not None:
+            h = self.attn_post_norm(h)
+        x = x + h
+        h = self.mlp_norm(x) if self.mlp_norm is not None else x
+        h = self.mlp(h)
+        if self.mlp_post_norm is not None:
+            h = self.mlp_post_norm(h)
+        return x + h
+
+
+def _rope_key(rope) -> str:
+    return json.dumps({"theta": rope.theta, "scaling": rope.scaling}, sort_keys=True)
+
+
+class Decoder(nn.Module):
+    """Token ids (B, T) -> logits (B, T, vocab), with an optional :class:`KVCache`."""
+
+    block_class: type[nn.Module] = Block  # a decoder with another kind of layer overrides this
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos_embed = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.position == "learned" else None
+        self.layers = nn.ModuleList(self.block_class(cfg, i) for i in range(cfg.num_layers))
+        self.norm = make_norm(cfg, cfg.hidden_size)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # one rotary table per distinct RoPE configuration (Gemma 3: local and global)
+        self.rotary = nn.ModuleDict()
+        self._layer_rope: list[str | None] = []
+        for i in range(cfg.num_layers):
+            if not cfg.layer_uses_rope(i):
+                self._layer_rope.append(None)
+                continue
+            rc = cfg.layer_rope(i)
+            key = str(len(self.rotary))
+            for k, mod in self.rotary.items():
+                if _rope_key(mod.rope) == _rope_key(rc):
+                    key = k
+                    break
+            else:
+                self.rotary[key] = Rotary(rc, self.layers[i].attn.head_dim, cfg.max_position_embeddings)
+            self._layer_rope.append(key)
+
+    # ---------------------------------------------------------------------------------
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
+        return KVCache.for_model(self, batch, max_len, dtype, device)
+
+    def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        if self.config.embed_scale is not None:
+            # Gemma: the scale is cast to the activation dtype first, as in the reference
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions.clamp(min=0))
+        return x
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        positions = self.default_positions(input_ids, positions, cache)
+        x = self.embed_tokens(input_ids, positions)
+        ropes = self.layer_ropes(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, ropes[i], cache.layers[i] if cache else None)
+        if cache is not None:
+            cache.seq_len += input_ids.shape[1]
+        return self.norm(x)
+
+    @staticmethod
+    def default_positions(input_ids: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        if positions is not None:
+            return positions
+        b, t = input_ids.shape
+        start = cache.seq_len if cache is not None else 0
+        return torch.arange(start, start + t, device=input_ids.device).expand(b, t)
+
+    def layer_ropes(self, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """The (cos, sin) of every layer (None on NoPE layers), each table computed once."""
+        tables = {k: mod(positions, dtype) for k, mod in self.rotary.items()}
+        return [tables[key] if key is not None else None for key in self._layer_rope]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        # through the head module when there is one, so a packed head (llmarch.inference.packed) can stand in
+        logits = self.lm_head(h) if self.lm_head is not None else nn.functional.linear(h, self.embed.weight)
+        cap = self.config.final_logit_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab); with ``last_only`` only the last position's (B, 1, vocab)."""
+        h = self.hidden_states(input_ids, positions, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.logits(h)
+
+
+def build_model(cfg: ModelConfig, device=None, dtype=None) -> Decoder:
+    """Build a model; ``device="meta"`` allocates nothing (parameter counting, lazy loading)."""
+    cls = Decoder
+    if cfg.uses_gemma3n_layers:
+        from .gemma3n import Gemma3nDecoder
+
+        cls = Gemma3nDecoder
+    with torch.device(device or "cpu"):
+        model = cls(cfg)
+    if dtype is not None and device != "meta":
+        model = model.to(dtype)
+    elif dtype is not None:
+        model = model.to(dtype=dtype)
+    return model
