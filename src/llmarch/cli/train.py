@@ -15,7 +15,10 @@ def _cmd_data_prepare(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from ..errors import ConfigError
-    from ..training.train import TrainConfig, parse_overrides, resume_config, train
+    from ..training.checkpointing import resume_config
+    from ..training.config import TrainConfig
+    from ..training.loop import train
+    from ..training.scale import parse_overrides
 
     if args.resume:
         cfg = resume_config(args.resume, args.arch)
