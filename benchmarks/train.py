@@ -25,8 +25,8 @@ from llmarch.errors import DataError
 from llmarch.families.llama import llama_config
 from llmarch.model.decoder import build_model
 from llmarch.training.data import TokenData, prepare
+from llmarch.training.loop import init_weights
 from llmarch.training.optim import build_optimizer
-from llmarch.training.train import init_weights
 
 
 def make_config(vocab: int, seq_len: int):

@@ -15,16 +15,12 @@ from llmarch.cli import main as cli_main
 from llmarch.errors import CheckpointError, ConfigError, DataError
 from llmarch.model.decoder import Decoder, build_model
 from llmarch.training.balance import ExpertLoad, load_balancing_loss, router_modules
+from llmarch.training.config import TrainConfig
 from llmarch.training.data import DEFAULT_CORPUS, TokenData, prepare
+from llmarch.training.loop import init_weights, read_metrics, train
 from llmarch.training.optim import NS_COEFFICIENTS, QKClip, build_optimizer
-from llmarch.training.train import (
-    TrainConfig,
-    init_weights,
-    lr_factor,
-    read_metrics,
-    scale_config,
-    train,
-)
+from llmarch.training.scale import scale_config
+from llmarch.training.schedule import lr_factor
 
 CHARS = 300_000  # a slice of the bundled corpus: enough for the tests, fast to tokenise
 
@@ -385,7 +381,7 @@ def test_peak_rss_is_the_child_process_own():
     src = str(Path(__file__).resolve().parents[1] / "src")
     ballast = bytearray(300 * 1024 * 1024)
     ballast[:: 4096] = b"\1" * len(ballast[:: 4096])  # touch every page: the parent's RSS grows by 300 MB
-    code = "from llmarch.training.train import _peak_rss_mb; print(_peak_rss_mb())"
+    code = "from llmarch.training.loop import _peak_rss_mb; print(_peak_rss_mb())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
     assert float(out.stdout) < 280, out.stdout  # torch + llmarch alone: ~225 MB

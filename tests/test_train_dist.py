@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmarch.training.data import prepare
-from llmarch.training.train import read_metrics
+from llmarch.training.loop import read_metrics
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -16,7 +16,7 @@ from ..errors import GenerationError
 DTYPES = ("float32", "bfloat16")
 
 
-def add_parser(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Register the ``generate`` subcommand on the CLI's subparsers."""
     sp = sub.add_parser(
         "generate",

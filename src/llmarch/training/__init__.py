@@ -1,1 +1,13 @@
-"""Training: data preparation, the scale-down rule, the training loop, optimisers, MoE balancing, ablations."""
+"""Training small versions of the architectures, one module per job:
+
+* ``data``: tokenise a corpus into memory-mapped train/val token files; batches as a function of the step;
+* ``scale``: the scale-down rule (``tiny`` / ``small``), ``--set`` overrides, the configuration a run trains;
+* ``config``: :class:`~llmarch.training.config.TrainConfig`, the settings of one run;
+* ``schedule``: the learning-rate schedule (warmup, cosine or WSD) and the loss-spike count;
+* ``optim``: AdamW, Muon and MuonClip's QK-clip;
+* ``balance``: MoE load balancing (auxiliary loss, DeepSeek-V3's bias update) and expert-load logging;
+* ``distributed``: data parallelism under ``torchrun`` (DDP or FSDP2);
+* ``checkpointing``: ``checkpoint.pt`` save and exact resume;
+* ``loop``: weight init, the training loop, evaluation, metrics and the run summary;
+* ``ablate``: train a set of variants under one budget and tabulate / plot them.
+"""

@@ -12,7 +12,7 @@ A spec (YAML) names a base run and the variants that differ from it::
       - {name: MHA, set: {num_kv_heads: 4}}
       - {name: Muon, optimizer: muon}
 
-A variant may change any :class:`llmarch.training.train.TrainConfig` field; its ``set`` is merged into
+A variant may change any :class:`llmarch.training.config.TrainConfig` field; its ``set`` is merged into
 the base's. With ``match: params`` each variant's ``intermediate_size`` (the routed experts'
 width for MoE) is chosen so that its active non-embedding parameter count is closest to the
 base's, so a change of attention or normalisation is not confounded with a change of size.
@@ -36,8 +36,10 @@ import yaml
 from ..analysis.params import count_params
 from ..errors import ConfigError
 from ..model.config import ModelConfig
+from .config import TrainConfig
 from .data import TokenData, prepare
-from .train import TrainConfig, read_metrics, resolve_model_config
+from .loop import read_metrics
+from .scale import resolve_model_config
 
 TABLE_COLUMNS = [
     ("variant", "variant"),

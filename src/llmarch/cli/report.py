@@ -1,0 +1,21 @@
+"""``llmarch report``: one self-contained HTML page with the table, plots and diagrams."""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import add_context
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("report", help="one self-contained HTML page: table, plots and diagrams")
+    sp.add_argument("models", nargs="*", help="models to include (default: every preset)")
+    sp.add_argument("--out", required=True, help="output directory")
+    add_context(sp)
+    sp.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..analysis import report
+
+    print(report.write_report(args.out, args.models or None, context=args.context, dtype=args.dtype))

@@ -1,0 +1,258 @@
+"""The training loop: train small versions of the architectures under one fixed token budget.
+
+* :func:`init_weights` gives a fresh model the usual training init (normal(0, 0.02), residual
+  output projections scaled by 1/sqrt(2 * layers), norms at identity, biases zero);
+* :func:`train` runs the loop: fixed token budget, warmup + cosine or WSD schedule
+  (``llmarch.training.schedule``), gradient accumulation, clipping, AdamW or Muon
+  (``llmarch.training.optim``), optional QK-clip, MoE balancing (``llmarch.training.balance``),
+  evaluation, JSONL metrics, checkpoints with exact resume (``llmarch.training.checkpointing``),
+  and data parallelism under ``torchrun`` (DDP or FSDP2, ``llmarch.training.distributed``);
+* :func:`read_metrics` reads a run's ``metrics.jsonl`` back; the run's ``summary.json`` is written
+  at the end.
+
+The model trained is a published configuration scaled down (``llmarch.training.scale``).
+Batches are a function of ``(seed, step)`` (``llmarch.training.data.TokenData``), the schedule a
+function of the step, so a resumed run repeats the uninterrupted one loss for loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..analysis.params import count_model
+from ..errors import ConfigError
+from ..model.config import ModelConfig
+from ..model.decoder import Decoder, build_model
+from ..model.layers import RMSNorm
+from . import distributed
+from .balance import ExpertLoad, load_balancing_loss, load_fractions, router_modules
+from .checkpointing import (
+    load_checkpoint,
+    read_checkpoint,
+    resume_config,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .data import TokenData
+from .optim import QKClip, build_optimizer
+from .scale import resolve_model_config
+from .schedule import count_spikes, lr_factor
+
+METRICS = "metrics.jsonl"
+RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+
+
+@torch.no_grad()
+def init_weights(model: Decoder, std: float = 0.02) -> Decoder:
+    """Training init: normal(0, std) weights, residual outputs std / sqrt(2 * layers), norms identity.
+
+    Parameters are visited by name so that any new module (MoE experts stored as 3-D tensors,
+    MLA projections) is covered: a name containing ``o_proj`` or ``down_proj`` is a residual
+    output; 1-D parameters of norms go to their identity and other 1-D parameters (biases) to
+    zero. Buffers named ``e_score_correction_bias`` (MoE selection bias) are zeroed.
+    """
+    resid_std = std / math.sqrt(2 * model.config.num_layers)
+    norms = {
+        id(p): m
+        for m in model.modules()
+        if isinstance(m, (RMSNorm, nn.LayerNorm))
+        for p in m.parameters(recurse=False)
+    }
+    for name, p in model.named_parameters():
+        if id(p) in norms:
+            m = norms[id(p)]
+            unit_offset = getattr(m, "unit_offset", False)
+            p.fill_(0.0 if (name.endswith("bias") or unit_offset) else 1.0)
+        elif p.ndim >= 2:
+            p.normal_(0.0, resid_std if any(r in name for r in RESIDUAL_OUTPUTS) else std)
+        else:
+            p.zero_()
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.zero_()
+    return model
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, device: torch.device, cfg: TrainConfig) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in batches:
+        with _autocast(cfg, device):
+            logits = model(x.to(device))
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
+        n += y.numel()
+    model.train()
+    return total / n
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM starts afresh at exec; ru_maxrss
+    would carry the peak of a parent that forked us (e.g. ``llmarch ablate``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None) -> dict[str, Any]:
+    """Run (or resume) one training run; return its summary (also written to ``out/summary.json``).
+
+    Every check (configuration, data size, checkpoint compatibility) happens before the first
+    step, so a bad run fails fast with a ConfigError / DataError / CheckpointError.
+    """
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = distributed.rank_and_world()
+    data = TokenData.open(cfg.data)
+    model_cfg = resolve_model_config(cfg.arch, cfg.scale, cfg.overrides, data.vocab_size, cfg.seq_len)
+    data.check_fits(cfg.seq_len, cfg.batch_size * cfg.grad_accum * world)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    total_steps = cfg.tokens // tokens_per_step
+    if total_steps < 1:
+        raise ConfigError(f"--tokens {cfg.tokens} is less than one step of {tokens_per_step} tokens")
+    ckpt = None
+    if resume is not None:
+        resume_config(resume, cfg.arch, model_cfg)
+        ckpt = read_checkpoint(resume)
+    dev = distributed.setup(dev)
+
+    torch.manual_seed(cfg.seed)
+    model = init_weights(build_model(model_cfg, device="cpu")).to(dev)
+    counts = count_model(model)
+    routers = router_modules(model)
+    load = ExpertLoad(routers)
+    qk_clip = QKClip(model, cfg.qk_clip) if cfg.qk_clip else None
+    wrapped = distributed.wrap(model, cfg.dist, world, dev)
+    opt = build_optimizer(wrapped, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    start = load_checkpoint(wrapped, opt, ckpt, resume) if ckpt is not None else 0
+
+    out = Path(cfg.out)
+    metrics_path = out / METRICS
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2))
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        lines = metrics_path.read_text().splitlines() if (ckpt is not None and metrics_path.exists()) else []
+        kept = [ln for ln in lines if json.loads(ln)["step"] <= start]  # drop steps after the checkpoint
+        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    val_batches = data.val_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=start, desc=model_cfg.name or "train", unit="step",
+               disable=not cfg.progress or rank != 0)
+    end = total_steps if cfg.stop_at is None else min(total_steps, cfg.stop_at)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    val_loss = None
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        opt.set_lr_factor(lr_factor(step, total_steps, cfg))
+        loss_sum, aux_sum = 0.0, 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = data.train_batch(cfg.seed, step, micro, rank, world, cfg.batch_size, cfg.grad_accum, cfg.seq_len)
+            sync = nullcontext()
+            if isinstance(wrapped, nn.parallel.DistributedDataParallel) and micro < cfg.grad_accum - 1:
+                sync = wrapped.no_sync()
+            with sync:
+                with _autocast(cfg, dev):
+                    logits = wrapped(x.to(dev))
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(dev).flatten())
+                total = loss
+                aux = load_balancing_loss(routers) if routers and cfg.aux_loss else None
+                if aux is not None:
+                    total = total + cfg.aux_loss * aux
+                    aux_sum += float(aux.detach()) / cfg.grad_accum
+                (total / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach()) / cfg.grad_accum
+            load.record()
+        norm = distributed.full_norm(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        opt.step()
+        opt.zero_grad()
+        record: dict[str, Any] = dict(step=step + 1, tokens=(step + 1) * tokens_per_step)
+        if routers:
+            totals = load.totals()
+            if cfg.bias_update:
+                load.update_bias(cfg.bias_update, totals)
+            record["expert_load"] = load_fractions(totals)
+            if cfg.aux_loss:
+                record["aux_loss"] = distributed.mean_across(aux_sum, world)
+            load.reset()
+        if qk_clip is not None:
+            record["max_logit"] = qk_clip.global_max()
+            record["qk_clipped_heads"] = qk_clip.apply()
+        loss_value = distributed.mean_across(loss_sum, world)
+        elapsed = time.perf_counter() - t0
+        record.update(loss=loss_value, lr=opt.param_groups[0]["lr"], grad_norm=norm, tokens_per_s=tokens_per_step / elapsed)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == total_steps:
+            val_loss = evaluate(wrapped, val_batches, dev, cfg)
+            record["val_loss"] = val_loss
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{record['lr']:.2e}")
+        at_save = cfg.save_every and (step + 1) % cfg.save_every == 0
+        if at_save or step + 1 == end:
+            save_checkpoint(out, step + 1, wrapped, opt, cfg, model_cfg)
+    bar.close()
+    summary = _summary(metrics_path, cfg, model_cfg, counts, total_steps, rank) if rank == 0 else {}
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def _summary(metrics_path: Path, cfg: TrainConfig, model_cfg: ModelConfig, counts, total_steps: int, rank: int) -> dict:
+    rows = read_metrics(metrics_path)
+    losses = [r["loss"] for r in rows]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    speeds = [r["tokens_per_s"] for r in rows[1:]] or [r["tokens_per_s"] for r in rows]
+    summary = dict(
+        name=model_cfg.name,
+        steps=len(rows),
+        total_steps=total_steps,
+        finished=len(rows) == total_steps,
+        tokens=rows[-1]["tokens"] if rows else 0,
+        final_loss=losses[-1] if losses else None,
+        final_val_loss=vals[-1] if vals else None,
+        tokens_per_s=statistics.median(speeds) if speeds else None,
+        peak_rss_mb=_peak_rss_mb(),
+        max_grad_norm=max((r["grad_norm"] for r in rows), default=None),
+        loss_spikes=count_spikes(losses),
+        params_total=counts.total,
+        params_active=counts.active,
+        params_non_embedding=counts.non_embedding,
+    )
+    (metrics_path.parent / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+
+__all__ = ["METRICS", "evaluate", "init_weights", "read_metrics", "train"]
