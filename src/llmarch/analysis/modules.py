@@ -290,7 +290,7 @@ class BlockNorms:
         return next(n for n in (self.attn, self.attn_post, self.final) if n is not None)
 
 
-STANDARD_BLOCK = frozenset({"attn", "mlp", "attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm"})
+_STANDARD_BLOCK = frozenset({"attn", "mlp", "attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm"})
 
 
 def block_extras(model: Decoder) -> list[str]:
@@ -298,7 +298,7 @@ def block_extras(model: Decoder) -> list[str]:
     seen: dict[str, None] = {}
     for blk in model.layers:
         for name, child in blk.named_children():
-            if name not in STANDARD_BLOCK:
+            if name not in _STANDARD_BLOCK:
                 seen[type(child).__name__] = None
     return list(seen)
 
