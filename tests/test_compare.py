@@ -165,13 +165,13 @@ def test_visible_keys_are_the_attention_mask(layer):
     """The FLOPs the comparison reports count the keys the engine's mask lets each query see."""
     cfg = tiny(layer_types=[layer] * 4, sliding_window=5, attention_chunk_size=4)
     model = build_model(cfg, device="meta")
-    desc = model.layers[0].attn.describe()
+    attn = an.attention_layers(model)[0]
     for t in (1, 3, 4, 5, 11, 12, 23):
         pos = torch.arange(t)[None]
-        mask = attention_mask(pos, pos, desc["window"], desc["chunk"], torch.float32)
+        mask = attention_mask(pos, pos, attn.window, attn.chunk, torch.float32)
         allowed = t * t if mask is None else int((mask == 0).sum())
-        assert an.visible_keys_sum(desc, t) == allowed, (layer, t)
-        assert an.visible_keys(desc, t - 1) == int((mask[0, 0, -1] == 0).sum()) if mask is not None else t
+        assert attn.visible_keys_sum(t) == allowed, (layer, t)
+        assert attn.visible_keys(t - 1) == (t if mask is None else int((mask[0, 0, -1] == 0).sum())), (layer, t)
 
 
 def test_flops_of_a_preset_by_hand():

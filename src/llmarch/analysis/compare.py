@@ -1,10 +1,11 @@
 """Side-by-side comparison of architectures, in the article's vocabulary.
 
 ``llmarch compare A B ...`` builds each model on the meta device (presets, Hugging Face
-checkpoint directories or .gguf files: only the config is read) and reports, from the module
-tree: parameters, shapes, the per-layer attention schedule, positions, norms, FFN/MoE, KV-cache
-memory and FLOPs per token (see :mod:`llmarch.analysis.modules` for what is counted).
-``llmarch diff A B`` prints only the rows that differ, in short form.
+checkpoint directories or .gguf files: only the config is read), reads it into a typed
+:class:`~llmarch.analysis.summary.Summary` and renders that: parameters, shapes, the per-layer
+attention schedule, positions, norms, FFN/MoE, KV-cache memory and FLOPs per token (see
+:mod:`llmarch.analysis.modules` for what is counted). ``llmarch diff A B`` prints only the rows
+that differ, in short form. The diagrams reuse the phrases rendered here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,9 @@ from ..errors import ConfigError
 from ..model.config import ModelConfig, RopeConfig
 from ..model.decoder import Decoder
 from . import modules as an
-from .params import count_model, human
+from .modules import AttentionLayer, Norm
+from .params import human
+from .summary import Summary, summarize_model
 
 # ----------------------------------------------------------------------------------------
 # what to compare: presets or checkpoints (config only)
@@ -52,41 +56,15 @@ def load_config(spec: str) -> ModelConfig:
 
 
 # ----------------------------------------------------------------------------------------
-# the profile of one model
+# the summary in words: each function renders typed fields of a Summary
 # ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Row:
-    label: str
-    text: str
-    value: Any = None  # the raw number behind the text, for CSV / JSON
-
-
-@dataclass
-class Profile:
-    """Everything ``compare`` shows about one model; ``short`` is the vocabulary of ``diff``."""
-
-    name: str
-    rows: list[Row]
-    short: dict[str, str]
-    numbers: dict[str, Any]
-    breakdown: dict[str, int]
-    model: Decoder = field(repr=False)
-
-    def row(self, label: str) -> Row:
-        return next(r for r in self.rows if r.label == label)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(name=self.name, **self.numbers, breakdown=self.breakdown,
-                    description={r.label: r.text for r in self.rows if r.value is None})
-
-
-def _span_label(d: dict) -> str:
-    if d.get("window"):
-        return f"sliding({d['window']})"
-    if d.get("chunk"):
-        return f"chunked({d['chunk']})"
+def span_label(a: AttentionLayer) -> str:
+    if a.window:
+        return f"sliding({a.window})"
+    if a.chunk:
+        return f"chunked({a.chunk})"
     return "full"
 
 
@@ -113,196 +91,131 @@ def _rope_text(rope: RopeConfig) -> str:
     return text
 
 
-def _positions(cfg: ModelConfig, attn: list[dict]) -> tuple[str, str]:
-    """(table text, diff text)."""
-    if cfg.position == "learned":
-        return "learned absolute", "learned absolute"
-    flags = ["RoPE" if d["rope"] else "NoPE" for d in attn]
+def rope_text(s: Summary) -> str:
+    """The rotary bases: "θ=500,000, llama3 scaling x8"; Gemma's sliding layers have their own."""
+    text = _rope_text(s.rope)
+    if s.rope_local is not None and any(a.window for a in s.attention):
+        text += f"; sliding layers {_rope_text(s.rope_local)}"
+    return text
+
+
+def positions_short(s: Summary) -> str:
+    if s.position == "learned":
+        return "learned absolute"
+    flags = ["RoPE" if a.rope else "NoPE" for a in s.attention]
     if "RoPE" not in flags:
-        return "NoPE every layer", "NoPE every layer"
+        return "NoPE every layer"
     if "NoPE" not in flags:
-        short = "RoPE every layer"
-    else:
-        every = _every(flags, "NoPE")
-        short = f"NoPE {every}" if every else an.summarize(flags)
-    theta = f"RoPE {_rope_text(cfg.rope)}"
-    if cfg.rope_local is not None and any(d.get("window") for d in attn):
-        theta += f"; sliding layers {_rope_text(cfg.rope_local)}"
-    return f"{short}; {theta}", short
+        return "RoPE every layer"
+    every = _every(flags, "NoPE")
+    return f"NoPE {every}" if every else an.summarize(flags)
 
 
-def _attention_pattern(attn: list[dict]) -> tuple[str, str]:
-    vary_rope = len({d["rope"] for d in attn}) > 1
-    vary_kind = len({d["label"] for d in attn}) > 1
+def positions(s: Summary) -> str:
+    short = positions_short(s)
+    if s.position == "learned" or not any(a.rope for a in s.attention):
+        return short
+    return f"{short}; RoPE {rope_text(s)}"
+
+
+def attention_kinds(s: Summary) -> str:
+    return " / ".join(sorted({a.label for a in s.attention}))
+
+
+def attention_shape(s: Summary) -> str:
+    a = s.attention[0]
+    return f"{a.heads} / {a.kv_heads} / {a.head_dim}"
+
+
+def attention_pattern(s: Summary) -> str:
+    """Each layer's span (and kind, RoPE, where they vary), as a repeated schedule."""
+    vary_rope = len({a.rope for a in s.attention}) > 1
+    vary_kind = len({a.label for a in s.attention}) > 1
     labels = []
-    for d in attn:
-        lab = _span_label(d)
+    for a in s.attention:
+        lab = span_label(a)
         if vary_rope:
-            lab += "/RoPE" if d["rope"] else "/NoPE"
+            lab += "/RoPE" if a.rope else "/NoPE"
         if vary_kind:
-            lab = f"{d['label']} {lab}"
+            lab = f"{a.label} {lab}"
         labels.append(lab)
-    table = an.summarize(labels)
-    spans = [_span_label(d) for d in attn]
-    if set(spans) == {"full"}:
-        short = "global"
-    elif len(set(spans)) == 1:
-        short = f"{spans[0]} every layer"
-    else:
-        short = an.ratio(spans, {"full": "global"}) or an.summarize(spans)
-    return table, short
+    return an.summarize(labels)
+
+
+def all_global(s: Summary) -> bool:
+    return all(a.span is None for a in s.attention)
+
+
+def attention_pattern_short(s: Summary) -> str:
+    """"global", "sliding(4096) every layer" or the article's "5:1 sliding(1024):global"."""
+    spans = [span_label(a) for a in s.attention]
+    if all_global(s):
+        return "global"
+    if len(set(spans)) == 1:
+        return f"{spans[0]} every layer"
+    return an.ratio(spans, {"full": "global"}) or an.summarize(spans)
+
+
+def cache_text(s: Summary) -> str:
+    idle = s.kv_sharing_layers
+    return s.attention[0].cache + (f"; {idle} layers cache nothing (they reuse another layer's K and V)" if idle else "")
 
 
 _QK_NORMS = {"none": "none", "head": "RMSNorm per head", "proj": "RMSNorm over the q/k projections",
              "l2": "L2 norm without weight"}
+PLACEMENTS = {"pre": "pre", "post": "post inside residual", "sandwich": "pre+post (sandwich)"}
 
 
-def norm_name(norm) -> str:
-    """"RMSNorm", "LayerNorm", "RMSNorm (1 + w)" (Gemma's offset weight) from the module."""
-    return type(norm).__name__ + (" (1 + w)" if getattr(norm, "unit_offset", False) else "")
+def norm_name(norm: Norm) -> str:
+    """"RMSNorm", "LayerNorm", "RMSNorm (1 + w)" (Gemma's offset weight)."""
+    return norm.name + (" (1 + w)" if norm.unit_offset else "")
 
 
-def _norms(model: Decoder) -> tuple[str, str, str]:
-    """(form, placement, qk-norm) from the first block's modules."""
-    blk = model.layers[0]
-    pre = blk.attn_norm is not None
-    post = blk.attn_post_norm is not None
-    placement = "pre+post (sandwich)" if pre and post else ("post inside residual" if post else "pre")
-    norm = next(n for n in (blk.attn_norm, blk.attn_post_norm, model.norm) if n is not None)
-    form = norm_name(norm)
-    qk = [b.attn.describe()["qk_norm"] for b in model.layers]
+def qk_norm_text(s: Summary) -> str:
+    qk = [a.qk_norm for a in s.attention]
     used = sorted(set(qk) - {"none"})
     if not used:
-        return form, placement, "none"
+        return "none"
     text = " / ".join(_QK_NORMS.get(q, q) for q in used)
     normed = sum(q != "none" for q in qk)
-    return form, placement, text + (f" on {normed} of {len(qk)} layers" if normed < len(qk) else "")
+    return text + (f" on {normed} of {len(qk)} layers" if normed < len(qk) else "")
 
 
-def _ffn(model: Decoder) -> tuple[str, str, str, str]:
-    """(table FFN text, MoE text, diff FFN structure, diff FFN kind)."""
-    ffn = [b.mlp.describe() for b in model.layers]
-    dense = [f for f in ffn if not f["moe"]]
-    moe = [f for f in ffn if f["moe"]]
-    kinds = sorted({f["kind"] for f in ffn})
-    kind = " / ".join(kinds)
-    if not moe:
-        widths = sorted({f["width"] for f in dense})
-        return f"{kind}, width {' / '.join(map(str, widths))}", "—", "dense", kind
-    m = moe[0]
-    shape = f"{m['experts']} experts, {m['active']} active" + (f" + {m['shared']} shared" if m.get("shared") else "")
-    layers = ["MoE" if f["moe"] else "dense" for f in ffn]
+def ffn_kind(s: Summary) -> str:
+    return " / ".join(sorted({f.kind for f in s.ffn}))
+
+
+def dense_widths(s: Summary) -> str:
+    return " / ".join(map(str, sorted({f.width for f in s.dense})))
+
+
+def moe_shape(s: Summary) -> str:
+    """"256 experts, 8 active + 1 shared" (the first MoE layer's)."""
+    m = s.moe[0]
+    return f"{m.experts} experts, {m.active} active" + (f" + {m.shared} shared" if m.shared else "")
+
+
+def moe_where(s: Summary) -> str:
+    """Which layers are MoE: "every layer", "first 3 layers dense", "MoE every 2nd layer"."""
+    layers = ["MoE" if f.moe else "dense" for f in s.ffn]
     rs = an.runs(layers)
-    if not dense:
-        where = "every layer"
-    elif rs[0][1] == "dense" and len(rs) == 2:
-        where = f"first {rs[0][0]} layer{'s' if rs[0][0] > 1 else ''} dense"
-    else:
-        every = _every(layers, "MoE")
-        where = f"MoE {every}" if every else an.summarize(layers)
-    dense_w = f"; dense FFN width {dense[0]['width']}" if dense else ""
-    moe_text = f"{shape}, expert width {m['expert_width']}{dense_w}; {where}"
-    return f"{kind}", moe_text, f"MoE {shape}, {where}", kind
+    if not s.dense:
+        return "every layer"
+    if rs[0][1] == "dense" and len(rs) == 2:
+        return f"first {rs[0][0]} layer{'s' if rs[0][0] > 1 else ''} dense"
+    every = _every(layers, "MoE")
+    return f"MoE {every}" if every else an.summarize(layers)
 
 
-_STANDARD_BLOCK = {"attn", "mlp", "attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm"}
+def moe_text(s: Summary) -> str:
+    if not s.moe:
+        return "—"
+    dense = f"; dense FFN width {s.dense[0].width}" if s.dense else ""
+    return f"{moe_shape(s)}, expert width {s.moe[0].width}{dense}; {moe_where(s)}"
 
 
-def block_extras(model: Decoder) -> list[str]:
-    """Modules a block has beyond attention, FFN and norms (Gemma 3n: AltUp, Laurel, ...)."""
-    seen: dict[str, None] = {}
-    for blk in model.layers:
-        for name, child in blk.named_children():
-            if name not in _STANDARD_BLOCK:
-                seen[type(child).__name__] = None
-    return list(seen)
-
-
-def _cache_text(model: Decoder, first: dict) -> str:
-    idle = sum(1 for b in model.layers if b.attn.kv_bytes_per_token(1) == 0)
-    return first["cache"] + (f"; {idle} layers cache nothing (they reuse another layer's K and V)" if idle else "")
-
-
-def profile(cfg: ModelConfig, context: int = 8192, dtype: str = "bf16", name: str | None = None) -> Profile:
-    """Build ``cfg`` on the meta device and describe it; KV and FLOPs at ``context`` tokens."""
-    if context < 1:
-        raise ConfigError(f"context must be a positive number of tokens, got {context}")
-    model = an.meta_model(cfg)
-    name = name or cfg.name or "model"
-    counts = count_model(model, name)
-    breakdown = an.param_breakdown(model)
-    attn = [b.attn.describe() for b in model.layers]
-    a0 = attn[0]
-    bpe = an.dtype_bytes(dtype)
-    kv = an.kv_cache_bytes(model, context, bpe)
-    kv_tok = sum(b.attn.kv_bytes_per_token(bpe) for b in model.layers)
-    pre = an.prefill_flops_per_token(model, context)
-    dec = an.decode_flops_per_token(model, context)
-    pattern, pattern_short = _attention_pattern(attn)
-    positions, positions_short = _positions(cfg, attn)
-    form, placement, qk = _norms(model)
-    ffn_text, moe_text, ffn_short, ffn_kind = _ffn(model)
-    kinds = sorted({d["label"] for d in attn})
-    attn_text = " / ".join(kinds)
-    shapes = f"{a0['heads']} / {a0['kv_heads']} / {a0['head_dim']}"
-
-    rows = [
-        Row("total params", f"{human(counts.total)} ({counts.total:,})", counts.total),
-        Row("active params", human(counts.active), counts.active),
-        Row("effective params (without offloadable tables)", human(counts.effective) if counts.effective else "—",
-            counts.effective),
-        Row("embedding params", human(counts.embedding), counts.embedding),
-        Row("non-embedding params", human(counts.non_embedding), counts.non_embedding),
-        Row("layers", str(cfg.num_layers), cfg.num_layers),
-        Row("hidden size", str(cfg.hidden_size), cfg.hidden_size),
-        Row("heads / KV heads / head_dim", shapes),
-        Row("attention", attn_text),
-        Row("KV cache holds", _cache_text(model, a0)),
-        Row("attention pattern", pattern),
-        Row("positions", positions),
-        Row("norm", f"{form}, {placement}"),
-        Row("QK-norm", qk),
-        Row("FFN", ffn_text),
-        Row("MoE", moe_text),
-        Row("other per-layer modules", ", ".join(block_extras(model)) or "—"),
-        Row("vocabulary", f"{cfg.vocab_size:,}", cfg.vocab_size),
-        Row("tied head", "yes" if model.lm_head is None else "no"),
-        Row("KV cache / token", _bytes(kv_tok), kv_tok),
-        Row(f"KV cache @ {context:,} ({dtype})", _bytes(kv), kv),
-        Row(f"prefill FLOPs/token @ {context:,}", _flops(pre.total), pre.total),
-        Row(f"decode FLOPs/token @ {context:,}", _flops(dec.total), dec.total),
-    ]
-    short = {
-        "attention": " / ".join(kinds),
-        "attention pattern": pattern_short,
-        "positions": positions_short,
-        "norm": placement,
-        "norm form": form,
-        "QK-norm": qk,
-        "FFN": ffn_short,
-        "FFN kind": ffn_kind,
-        "other per-layer modules": ", ".join(block_extras(model)) or "none",
-        "KV cache holds": _cache_text(model, a0),
-        "layers": str(cfg.num_layers),
-        "hidden size": str(cfg.hidden_size),
-        "heads / KV heads / head_dim": shapes,
-        "vocabulary": f"{cfg.vocab_size:,}",
-        "tied head": "yes" if model.lm_head is None else "no",
-        "embedding scale": "none" if cfg.embed_scale is None else f"x{cfg.embed_scale:.4g}",
-        "logit soft-cap": "none" if not cfg.final_logit_softcap else f"{cfg.final_logit_softcap:g}",
-    }
-    if cfg.position == "rope":
-        short["RoPE"] = positions.split("; ", 1)[1].removeprefix("RoPE ")
-    if not any(f["moe"] for f in (b.mlp.describe() for b in model.layers)):
-        short["FFN width"] = ffn_text.split("width ")[-1]
-    numbers = dict(
-        total_params=counts.total, active_params=counts.active, embedding_params=counts.embedding,
-        non_embedding_params=counts.non_embedding, effective_params=counts.effective, context=context, dtype=dtype,
-        kv_bytes_per_token=kv_tok,
-        kv_bytes=kv, prefill_flops_per_token=pre.total, decode_flops_per_token=dec.total,
-        matmul_flops_per_token=pre.matmul,
-    )
-    return Profile(name, rows, short, numbers, breakdown, model)
+def extras_text(s: Summary, none: str) -> str:
+    return ", ".join(s.extras) or none
 
 
 def _bytes(n: int) -> str:
@@ -317,6 +230,131 @@ def _flops(n: int) -> str:
         if n >= div:
             return f"{n / div:.2f} {unit}"
     return f"{n} FLOP"
+
+
+@dataclass
+class Row:
+    label: str
+    text: str
+    value: Any = None  # the raw number behind the text, for CSV / JSON
+
+
+def table_rows(s: Summary) -> list[Row]:
+    """The rows of ``compare``, in order."""
+    c = s.params
+    ctx = f"{s.context:,}"
+    return [
+        Row("total params", f"{human(c.total)} ({c.total:,})", c.total),
+        Row("active params", human(c.active), c.active),
+        Row("effective params (without offloadable tables)", human(c.effective) if c.effective else "—", c.effective),
+        Row("embedding params", human(c.embedding), c.embedding),
+        Row("non-embedding params", human(c.non_embedding), c.non_embedding),
+        Row("layers", str(s.num_layers), s.num_layers),
+        Row("hidden size", str(s.hidden_size), s.hidden_size),
+        Row("heads / KV heads / head_dim", attention_shape(s)),
+        Row("attention", attention_kinds(s)),
+        Row("KV cache holds", cache_text(s)),
+        Row("attention pattern", attention_pattern(s)),
+        Row("positions", positions(s)),
+        Row("norm", f"{norm_name(s.norms.form)}, {PLACEMENTS[s.norms.placement]}"),
+        Row("QK-norm", qk_norm_text(s)),
+        Row("FFN", ffn_kind(s) if s.moe else f"{ffn_kind(s)}, width {dense_widths(s)}"),
+        Row("MoE", moe_text(s)),
+        Row("other per-layer modules", extras_text(s, "—")),
+        Row("vocabulary", f"{s.vocab_size:,}", s.vocab_size),
+        Row("tied head", "yes" if s.tied_head else "no"),
+        Row("KV cache / token", _bytes(s.kv_bytes_per_token), s.kv_bytes_per_token),
+        Row(f"KV cache @ {ctx} ({s.dtype})", _bytes(s.kv_bytes), s.kv_bytes),
+        Row(f"prefill FLOPs/token @ {ctx}", _flops(s.prefill_flops.total), s.prefill_flops.total),
+        Row(f"decode FLOPs/token @ {ctx}", _flops(s.decode_flops.total), s.decode_flops.total),
+    ]
+
+
+def diff_terms(s: Summary) -> dict[str, str]:
+    """The architecture in short form, the vocabulary of ``diff``."""
+    terms = {
+        "attention": attention_kinds(s),
+        "attention pattern": attention_pattern_short(s),
+        "positions": positions_short(s),
+        "norm": PLACEMENTS[s.norms.placement],
+        "norm form": norm_name(s.norms.form),
+        "QK-norm": qk_norm_text(s),
+        "FFN": f"MoE {moe_shape(s)}, {moe_where(s)}" if s.moe else "dense",
+        "FFN kind": ffn_kind(s),
+        "other per-layer modules": extras_text(s, "none"),
+        "KV cache holds": cache_text(s),
+        "layers": str(s.num_layers),
+        "hidden size": str(s.hidden_size),
+        "heads / KV heads / head_dim": attention_shape(s),
+        "vocabulary": f"{s.vocab_size:,}",
+        "tied head": "yes" if s.tied_head else "no",
+        "embedding scale": "none" if s.embed_scale is None else f"x{s.embed_scale:.4g}",
+        "logit soft-cap": "none" if not s.logit_softcap else f"{s.logit_softcap:g}",
+    }
+    if s.position == "rope":
+        terms["RoPE"] = rope_text(s)
+    if not s.moe:
+        terms["FFN width"] = dense_widths(s)
+    return terms
+
+
+def numbers(s: Summary) -> dict[str, Any]:
+    """The raw figures of ``compare --json``."""
+    c = s.params
+    return {
+        "total_params": c.total, "active_params": c.active, "embedding_params": c.embedding,
+        "non_embedding_params": c.non_embedding, "effective_params": c.effective, "context": s.context,
+        "dtype": s.dtype, "kv_bytes_per_token": s.kv_bytes_per_token, "kv_bytes": s.kv_bytes,
+        "prefill_flops_per_token": s.prefill_flops.total, "decode_flops_per_token": s.decode_flops.total,
+        "matmul_flops_per_token": s.prefill_flops.matmul,
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# the profile of one model
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Profile:
+    """One model as ``compare`` sees it: its typed summary (what every renderer reads) and the
+    meta-device model it was read from."""
+
+    summary: Summary
+    model: Decoder = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.summary.name
+
+    @cached_property
+    def rows(self) -> list[Row]:
+        return table_rows(self.summary)
+
+    @cached_property
+    def short(self) -> dict[str, str]:
+        return diff_terms(self.summary)
+
+    @property
+    def numbers(self) -> dict[str, Any]:
+        return numbers(self.summary)
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        return self.summary.breakdown
+
+    def row(self, label: str) -> Row:
+        return next(r for r in self.rows if r.label == label)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(name=self.name, **self.numbers, breakdown=self.breakdown,
+                    description={r.label: r.text for r in self.rows if r.value is None})
+
+
+def profile(cfg: ModelConfig, context: int = 8192, dtype: str = "bf16", name: str | None = None) -> Profile:
+    """Build ``cfg`` on the meta device and summarise it; KV and FLOPs at ``context`` tokens."""
+    model = an.meta_model(cfg)
+    return Profile(summarize_model(model, context, dtype, name), model)
 
 
 def profiles(specs: list[str], context: int = 8192, dtype: str = "bf16") -> list[Profile]:

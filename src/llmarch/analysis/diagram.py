@@ -1,4 +1,4 @@
-"""Architecture diagrams drawn from the built module tree, like the article's figures.
+"""Architecture diagrams drawn from the typed summary of the built model, like the article's figures.
 
 Each model is a vertical stack, read bottom to top: token embedding, the repeated decoder
 block (its norms where the block actually has them, the attention box with its kind, heads and
@@ -18,7 +18,9 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from ..errors import ConfigError
-from .compare import Profile, load_config, norm_name, profile
+from . import compare
+from .compare import Profile, load_config, profile
+from .summary import Summary
 
 COL_W = 360  # one model's column
 BOX_W = 250
@@ -88,7 +90,7 @@ class Layout:
 
 
 # ----------------------------------------------------------------------------------------
-# what the boxes say (from the modules and the profile)
+# what the boxes say (from the typed summary)
 # ----------------------------------------------------------------------------------------
 
 
@@ -96,24 +98,23 @@ def _wrap(lines: list[str]) -> list[str]:
     return [w for line in lines for w in textwrap.wrap(line, WRAP) or [""]]
 
 
-def attention_lines(p: Profile) -> list[str]:
-    d = p.model.layers[0].attn.describe()
-    title = ATTENTION_TITLES.get(d["kind"], d["kind"])
-    heads = f"{d['label']}, {d['heads']} query heads, head_dim {d['head_dim']}"
-    pattern = p.short["attention pattern"]
-    pattern = "global attention in every layer" if pattern == "global" else pattern
-    qk = p.short["QK-norm"]
-    tail = [p.short["positions"]] + ([f"QK-norm: {qk}"] if qk != "none" else [])
+def attention_lines(s: Summary) -> list[str]:
+    a = s.attention[0]
+    title = ATTENTION_TITLES.get(a.kind, a.kind)
+    heads = f"{a.label}, {a.heads} query heads, head_dim {a.head_dim}"
+    pattern = "global attention in every layer" if compare.all_global(s) else compare.attention_pattern_short(s)
+    qk = compare.qk_norm_text(s)
+    tail = [compare.positions_short(s)] + ([f"QK-norm: {qk}"] if qk != "none" else [])
     return [title, heads, pattern, *tail]
 
 
-def ffn_lines(p: Profile) -> tuple[list[str], str]:
-    ffns = [b.mlp.describe() for b in p.model.layers]
-    moe = next((f for f in ffns if f["moe"]), None)
-    if moe is None:
-        return [f"Feed forward ({ffns[0]['kind']})", f"hidden {ffns[0]['width']:,}"], "ffn"
-    shape = p.short["FFN"].removeprefix("MoE ")
-    return [f"Mixture of experts ({moe['kind']})", shape, f"expert width {moe['expert_width']:,}"], "moe"
+def ffn_lines(s: Summary) -> tuple[list[str], str]:
+    if not s.moe:
+        f = s.ffn[0]
+        return [f"Feed forward ({f.kind})", f"hidden {f.width:,}"], "ffn"
+    m = s.moe[0]
+    shape = f"{compare.moe_shape(s)}, {compare.moe_where(s)}"
+    return [f"Mixture of experts ({m.kind})", shape, f"expert width {m.width:,}"], "moe"
 
 
 # ----------------------------------------------------------------------------------------
@@ -130,49 +131,48 @@ def _box(col: Column, y: float, lines: list[str], role: str, cx: float, w: float
 
 def column(p: Profile, x0: float) -> Column:
     """One model, laid out top (output) to bottom (tokens); arrows point up."""
-    model, cfg = p.model, p.model.config
-    col = Column(p.name)
+    s = p.summary
+    col = Column(s.name)
     cx = x0 + COL_W / 2
     y = 20.0
-    col.items.append(Text(cx, y, p.name, "title", size=15, bold=True))
-    total, active = p.numbers["total_params"], p.numbers["active_params"]
+    col.items.append(Text(cx, y, s.name, "title", size=15, bold=True))
+    total, active = s.params.total, s.params.active
     sub = f"{total / 1e9:.2f}B parameters" + (f", {active / 1e9:.2f}B active" if active != total else "")
     col.items.append(Text(cx, y + 18, sub, "subtitle", size=11))
     y += 36
     # the per-layer schedule, as a caption (an arrow would cross it anywhere below)
-    caption = [f"layers: {p.row('attention pattern').text}"]
-    if p.row("MoE").text != "—":
-        caption.append(f"FFN: {p.row('MoE').text.split('; ')[-1]}")
-    if p.row("other per-layer modules").text != "—":
-        caption.append(f"each layer also has: {p.row('other per-layer modules').text}")
+    caption = [f"layers: {compare.attention_pattern(s)}"]
+    if s.moe:
+        caption.append(f"FFN: {compare.moe_where(s)}")
+    if s.extras:
+        caption.append(f"each layer also has: {compare.extras_text(s, '—')}")
     for line in textwrap.wrap("; ".join(caption), 56):
         col.items.append(Text(cx, y, line, "pattern", size=10))
         y += 13
     y += 10
     flow: list[Box | Plus] = []  # the main path, top to bottom
 
-    head = ["Linear output layer", f"vocab {cfg.vocab_size:,}" + (", tied to embedding" if model.lm_head is None else "")]
-    if cfg.final_logit_softcap:
-        head.append(f"logit soft-cap {cfg.final_logit_softcap:g}")
+    head = ["Linear output layer", f"vocab {s.vocab_size:,}" + (", tied to embedding" if s.tied_head else "")]
+    if s.logit_softcap:
+        head.append(f"logit soft-cap {s.logit_softcap:g}")
     flow.append(_box(col, y, head, "head", cx))
     y = flow[-1].y + flow[-1].h + 22
-    form = p.short["norm form"]
-    flow.append(_box(col, y, [f"Final {form}"], "norm", cx, 170))
+    flow.append(_box(col, y, [f"Final {compare.norm_name(s.norms.form)}"], "norm", cx, 170))
     y = flow[-1].y + flow[-1].h + 26
 
-    blk = model.layers[0]
+    norms = s.norms
     block_top = y
     block_items: list[Box | Plus] = []
-    ffn, ffn_role = ffn_lines(p)
+    ffn, ffn_role = ffn_lines(s)
     stages = [
         ("plus", None),
-        ("norm", blk.mlp_post_norm),
+        ("norm", norms.mlp_post),
         (ffn_role, ffn),
-        ("norm", blk.mlp_norm),
+        ("norm", norms.mlp),
         ("plus", None),
-        ("norm", blk.attn_post_norm),
-        ("attention", attention_lines(p)),
-        ("norm", blk.attn_norm),
+        ("norm", norms.attn_post),
+        ("attention", attention_lines(s)),
+        ("norm", norms.attn),
     ]
     y += 14
     for role, what in stages:
@@ -182,7 +182,7 @@ def column(p: Profile, x0: float) -> Column:
         elif role == "norm":
             if what is None:
                 continue  # this block has no norm here (the placement is in the module tree)
-            block_items.append(_box(col, y, [norm_name(what)], "norm", cx, 170))
+            block_items.append(_box(col, y, [compare.norm_name(what)], "norm", cx, 170))
             y = block_items[-1].y + block_items[-1].h + 18
         else:
             block_items.append(_box(col, y, what, role, cx))
@@ -190,7 +190,7 @@ def column(p: Profile, x0: float) -> Column:
     block_bottom = y + 2
     container = Box(x0 + 14, block_top, COL_W - 28, block_bottom - block_top, [], "block", dashed=True)
     col.items.insert(0, container)
-    col.items.append(Text(x0 + COL_W - 22, (block_top + block_bottom) / 2, f"x {cfg.num_layers}", "repeat", size=16,
+    col.items.append(Text(x0 + COL_W - 22, (block_top + block_bottom) / 2, f"x {s.num_layers}", "repeat", size=16,
                           anchor="end", bold=True))
     col.items.extend(b for b in block_items if isinstance(b, Plus))
     # residual connections: block input -> first add, first add -> second add (on the left)
@@ -203,10 +203,10 @@ def column(p: Profile, x0: float) -> Column:
     flow.extend(block_items)
 
     y = block_bottom + 24
-    emb = ["Token embedding layer", f"{cfg.vocab_size:,} x {cfg.hidden_size:,}"]
-    if cfg.embed_scale:
-        emb[1] += f", scaled x{cfg.embed_scale:.4g}"
-    if model.pos_embed is not None:
+    emb = ["Token embedding layer", f"{s.vocab_size:,} x {s.hidden_size:,}"]
+    if s.embed_scale:
+        emb[1] += f", scaled x{s.embed_scale:.4g}"
+    if s.position == "learned":
         emb.append("+ learned absolute positions")
     flow.append(_box(col, y, emb, "embedding", cx))
     y = flow[-1].y + flow[-1].h + 26

@@ -1,11 +1,24 @@
-"""What an architecture costs, computed from its built module tree (on the meta device).
+"""What an architecture is and what it costs, read from its built module tree (on the meta device).
 
-Everything here reads the modules, never a model's name: parameters are classified by the
-``param_component`` of the module that owns them, attention layers report their kind, span,
-KV-cache bytes and FLOPs per visible key through ``attn.describe()`` and
-``attn.kv_bytes_per_token()``, FFN layers through ``mlp.describe()``, and MoE layers their
-inactive parameters through ``inactive_params_per_token()``. A new attention or FFN kind plugs
-in by implementing those methods.
+Everything here reads the modules, never a model's name. The modules declare what they are
+through a few protocols (llmarch.model implements them; a new attention or FFN kind plugs in by
+implementing them):
+
+* ``param_component`` (a module's parameters belong to that component) and
+  ``child_components`` (a parent names the components of some of its children);
+* ``attn.describe()``: a dict with ``kind, label, heads, kv_heads, head_dim, window, chunk, rope,
+  qk_norm, flops_per_key, cache`` (and ``decode_flops_per_key`` where decoding differs), and
+  ``attn.kv_bytes_per_token(bytes_per_element)``;
+* ``mlp.describe()``: a dict with ``kind, width, moe`` (MoE layers add ``experts, active,
+  shared, shared_width``);
+* ``inactive_params_per_token()`` (routed experts a token skips) and ``offloadable_params()``
+  (tables that can live off the accelerator);
+* a block's children ``attn``, ``mlp`` and the norms ``attn_norm``, ``attn_post_norm``,
+  ``mlp_norm``, ``mlp_post_norm`` (None where the block has none); any other child is an extra
+  per-layer module.
+
+They are read once into typed records (:class:`AttentionLayer`, :class:`FFNLayer`,
+:class:`BlockNorms`), which :mod:`llmarch.analysis.summary` gathers for the renderers.
 
 FLOPs are forward FLOPs per token, counting 2 per multiply-add of:
 
@@ -78,8 +91,13 @@ def param_breakdown(model: Decoder) -> dict[str, int]:
     return {k: v for k, v in out.items() if v}
 
 
+def module_sum(model: Decoder, method: str) -> int:
+    """Sum of ``method()`` over the modules that declare it (``inactive_params_per_token``, ...)."""
+    return sum(fn() for m in model.modules() if (fn := getattr(m, method, None)) is not None)
+
+
 def inactive_params(model: Decoder) -> int:
-    return sum(fn() for m in model.modules() if (fn := getattr(m, "inactive_params_per_token", None)) is not None)
+    return module_sum(model, "inactive_params_per_token")
 
 
 def matmul_params(model: Decoder) -> int:
@@ -93,58 +111,91 @@ def matmul_params(model: Decoder) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# attention: cache and visible keys
+# one layer's attention: kind, shape, span, cache and visible keys
 # ----------------------------------------------------------------------------------------
 
 
-def span_of(desc: dict) -> int | None:
-    """Tokens a layer can look back over (sliding window or chunk), None for global layers."""
-    return desc.get("window") or desc.get("chunk")
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One layer's attention, as its module describes itself."""
+
+    kind: str  # MHA, GQA, MQA or MLA
+    label: str  # the module's short name: "GQA 8 KV heads", "MLA latent 512" (shown, never parsed)
+    heads: int
+    kv_heads: int
+    head_dim: int
+    window: int | None  # sliding window in tokens; None when the layer does not slide
+    chunk: int | None  # attention chunk in tokens; None when the layer is not chunked
+    rope: bool  # False: a NoPE layer
+    qk_norm: str  # none, head (per head), proj (over the q/k projections), l2 (without weight)
+    cache: str  # what the layer's cache holds, in the module's words (shown, never parsed)
+    kv_elements_per_token: int  # numbers cached per token; 0 when the layer reuses another's K and V
+    flops_per_key: int  # 2 x multiply-adds of one query against one key: scores and values
+    decode_flops_per_key: int  # the same for a decoding step (MLA attends over its latents)
+
+    @classmethod
+    def of(cls, attn: nn.Module) -> AttentionLayer:
+        d = attn.describe()
+        return cls(
+            kind=d["kind"], label=d["label"], heads=d["heads"], kv_heads=d["kv_heads"], head_dim=d["head_dim"],
+            window=d["window"], chunk=d["chunk"], rope=d["rope"], qk_norm=d["qk_norm"], cache=d["cache"],
+            kv_elements_per_token=attn.kv_bytes_per_token(1), flops_per_key=d["flops_per_key"],
+            decode_flops_per_key=d.get("decode_flops_per_key", d["flops_per_key"]),
+        )
+
+    @property
+    def span(self) -> int | None:
+        """Tokens the layer can look back over (sliding window or chunk), None for global layers."""
+        return self.window or self.chunk
+
+    def cached_tokens(self, context: int) -> int:
+        """Tokens the cache holds for a context: a sliding or chunked layer keeps a ring of
+        min(span, context) tokens; a global layer keeps all of them (NoPE layers too)."""
+        return min(self.span, context) if self.span else context
+
+    def kv_bytes(self, context: int, bytes_per_element: int) -> int:
+        return self.kv_elements_per_token * bytes_per_element * self.cached_tokens(context)
+
+    def visible_keys(self, pos: int) -> int:
+        """Keys the query at (0-based) position ``pos`` attends to."""
+        if self.window:
+            return min(pos + 1, self.window)
+        if self.chunk:
+            return pos % self.chunk + 1
+        return pos + 1
+
+    def visible_keys_sum(self, tokens: int) -> int:
+        """Sum of visible keys over the queries at positions 0 .. tokens-1 (a causal prefill)."""
+        t = tokens
+        if self.window:
+            w = self.window
+            return t * (t + 1) // 2 if t <= w else w * (w + 1) // 2 + (t - w) * w
+        if self.chunk:
+            c = self.chunk
+            q, r = divmod(t, c)
+            return q * c * (c + 1) // 2 + r * (r + 1) // 2
+        return t * (t + 1) // 2
+
+    def computed_decode_keys(self, context: int) -> int:
+        """Keys a decoding step multiplies when the cache was allocated for ``context`` tokens:
+        a ring (span < context) is multiplied whole, masked slots included."""
+        return self.span if self.span and self.span < context else context
 
 
-def cached_tokens(desc: dict, context: int) -> int:
-    """Tokens a layer's cache holds for a context: a sliding or chunked layer keeps a ring of
-    min(span, context) tokens; a global layer keeps all of them (NoPE layers too)."""
-    span = span_of(desc)
-    return min(span, context) if span else context
+def attention_layers(model: Decoder) -> list[AttentionLayer]:
+    return [AttentionLayer.of(blk.attn) for blk in model.layers]
+
+
+def cache_bytes(layers: list[AttentionLayer], context: int, bytes_per_element: int) -> int:
+    """KV-cache bytes of one sequence of ``context`` tokens."""
+    return sum(layer.kv_bytes(context, bytes_per_element) for layer in layers)
 
 
 def kv_cache_bytes(model: Decoder, context: int, bytes_per_element: int, batch: int = 1) -> int:
-    return batch * sum(
-        blk.attn.kv_bytes_per_token(bytes_per_element) * cached_tokens(blk.attn.describe(), context)
-        for blk in model.layers
-    )
+    return batch * cache_bytes(attention_layers(model), context, bytes_per_element)
 
 
-def visible_keys(desc: dict, pos: int) -> int:
-    """Keys the query at (0-based) position ``pos`` attends to."""
-    if desc.get("window"):
-        return min(pos + 1, desc["window"])
-    if desc.get("chunk"):
-        return pos % desc["chunk"] + 1
-    return pos + 1
-
-
-def visible_keys_sum(desc: dict, tokens: int) -> int:
-    """Sum of visible keys over the queries at positions 0 .. tokens-1 (a causal prefill)."""
-    t = tokens
-    if desc.get("window"):
-        w = desc["window"]
-        return t * (t + 1) // 2 if t <= w else w * (w + 1) // 2 + (t - w) * w
-    if desc.get("chunk"):
-        c = desc["chunk"]
-        q, r = divmod(t, c)
-        return q * c * (c + 1) // 2 + r * (r + 1) // 2
-    return t * (t + 1) // 2
-
-
-def _computed_decode_keys(desc: dict, context: int) -> int:
-    # the cache was allocated for `context` tokens: a ring (span < context) is multiplied whole
-    span = span_of(desc)
-    return span if span and span < context else context
-
-
-@dataclass
+@dataclass(frozen=True)
 class Flops:
     matmul: int
     attention: int
@@ -156,25 +207,100 @@ class Flops:
 
 def prefill_flops_per_token(model: Decoder, tokens: int, keys: str = "visible") -> Flops:
     """Forward FLOPs per token, averaged over a prompt of ``tokens`` tokens (logits for each)."""
-    attn = 0
-    for blk in model.layers:
-        d = blk.attn.describe()
-        n_keys = tokens * tokens if keys == "computed" else visible_keys_sum(d, tokens)
-        attn += d["flops_per_key"] * n_keys
+    attn = sum(
+        layer.flops_per_key * (tokens * tokens if keys == "computed" else layer.visible_keys_sum(tokens))
+        for layer in attention_layers(model)
+    )
     return Flops(2 * matmul_params(model), round(attn / tokens))
 
 
 def decode_flops_per_token(model: Decoder, context: int, keys: str = "visible") -> Flops:
-    """Forward FLOPs of the token at position context-1, attending over a cache of the rest.
-
-    An attention kind whose decoding differs from its prefill (MLA's absorbed path) reports
-    ``decode_flops_per_key``."""
-    attn = 0
-    for blk in model.layers:
-        d = blk.attn.describe()
-        n_keys = _computed_decode_keys(d, context) if keys == "computed" else visible_keys(d, context - 1)
-        attn += d.get("decode_flops_per_key", d["flops_per_key"]) * n_keys
+    """Forward FLOPs of the token at position context-1, attending over a cache of the rest."""
+    attn = sum(
+        layer.decode_flops_per_key
+        * (layer.computed_decode_keys(context) if keys == "computed" else layer.visible_keys(context - 1))
+        for layer in attention_layers(model)
+    )
     return Flops(2 * matmul_params(model), attn)
+
+
+# ----------------------------------------------------------------------------------------
+# one layer's FFN, the block's norms and extra modules
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FFNLayer:
+    """One layer's feed-forward network, as its module describes itself."""
+
+    kind: str  # the module's name for its shape and activation: SwiGLU, GeGLU, "GELU MLP"
+    width: int  # hidden width; of each routed expert in an MoE layer
+    moe: bool
+    experts: int = 0  # routed experts
+    active: int = 0  # routed experts per token
+    shared: int = 0  # shared experts every token passes through
+    shared_width: int = 0  # their hidden width, all together
+
+    @classmethod
+    def of(cls, mlp: nn.Module) -> FFNLayer:
+        d = mlp.describe()
+        return cls(kind=d["kind"], width=d["width"], moe=d["moe"], experts=d.get("experts", 0),
+                   active=d.get("active", 0), shared=d.get("shared", 0), shared_width=d.get("shared_width", 0))
+
+
+def ffn_layers(model: Decoder) -> list[FFNLayer]:
+    return [FFNLayer.of(blk.mlp) for blk in model.layers]
+
+
+@dataclass(frozen=True)
+class Norm:
+    name: str  # the norm module's class: RMSNorm, LayerNorm
+    unit_offset: bool  # weight stored as w, applied as (1 + w) (Gemma)
+
+    @classmethod
+    def of(cls, norm: nn.Module | None) -> Norm | None:
+        return None if norm is None else cls(type(norm).__name__, bool(getattr(norm, "unit_offset", False)))
+
+
+@dataclass(frozen=True)
+class BlockNorms:
+    """The norms of a decoder block (the first; all blocks have the same), None where it has none."""
+
+    attn: Norm | None  # before attention (pre-norm)
+    attn_post: Norm | None  # after attention, inside the residual branch
+    mlp: Norm | None
+    mlp_post: Norm | None
+    final: Norm  # after the last block
+
+    @classmethod
+    def of(cls, model: Decoder) -> BlockNorms:
+        blk = model.layers[0]
+        return cls(Norm.of(blk.attn_norm), Norm.of(blk.attn_post_norm), Norm.of(blk.mlp_norm),
+                   Norm.of(blk.mlp_post_norm), Norm.of(model.norm))
+
+    @property
+    def placement(self) -> str:
+        """pre, post or sandwich (pre and post), in the terms of ``ModelConfig.norm_placement``."""
+        pre, post = self.attn is not None, self.attn_post is not None
+        return "sandwich" if pre and post else ("post" if post else "pre")
+
+    @property
+    def form(self) -> Norm:
+        """The block's norm (the final norm when the block has none)."""
+        return next(n for n in (self.attn, self.attn_post, self.final) if n is not None)
+
+
+_STANDARD_BLOCK = frozenset({"attn", "mlp", "attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm"})
+
+
+def block_extras(model: Decoder) -> list[str]:
+    """Modules a block has beyond attention, FFN and norms (Gemma 3n: AltUp, Laurel, ...), by class."""
+    seen: dict[str, None] = {}
+    for blk in model.layers:
+        for name, child in blk.named_children():
+            if name not in _STANDARD_BLOCK:
+                seen[type(child).__name__] = None
+    return list(seen)
 
 
 # ----------------------------------------------------------------------------------------

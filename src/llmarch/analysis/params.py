@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 from ..model.config import ModelConfig
 from ..model.decoder import Decoder, build_model
+from .modules import module_sum
 
 
 @dataclass
@@ -34,14 +35,8 @@ def count_model(model: Decoder, name: str | None = None) -> ParamCount:
         emb += model.pos_embed.weight.numel()
     if model.lm_head is not None:
         emb += model.lm_head.weight.numel()
-    inactive = offloadable = 0
-    for mod in model.modules():
-        fn = getattr(mod, "inactive_params_per_token", None)
-        if fn is not None:
-            inactive += fn()
-        fn = getattr(mod, "offloadable_params", None)
-        if fn is not None:
-            offloadable += fn()
+    inactive = module_sum(model, "inactive_params_per_token")
+    offloadable = module_sum(model, "offloadable_params")
     emb += offloadable  # an offloadable table is a token-indexed embedding
     return ParamCount(
         name=name or model.config.name or "model",

@@ -36,8 +36,8 @@ def kv_figure(profs: list[Profile], longest: int = 131072, dtype: str = "bf16") 
     ax = fig.subplots()
     cmap = matplotlib.colormaps["tab20"]
     for i, p in enumerate(profs):
-        gib = [an.kv_cache_bytes(p.model, c, bpe) / 2**30 for c in ctx]
-        limit = p.model.config.max_position_embeddings
+        gib = [p.summary.kv_cache_bytes(c, bpe) / 2**30 for c in ctx]
+        limit = p.summary.max_context
         inside = [j for j, c in enumerate(ctx) if c <= limit]
         color = cmap(i % 20)
         ax.plot([ctx[j] for j in inside], [gib[j] for j in inside], "-o", ms=3, color=color, label=p.name)
@@ -59,8 +59,8 @@ def params_figure(profs: list[Profile]) -> Figure:
     fig = Figure(figsize=(max(6, 0.55 * len(profs) + 2), 4.5))
     ax = fig.subplots()
     xs = range(len(profs))
-    total = [p.numbers["total_params"] / 1e9 for p in profs]
-    active = [p.numbers["active_params"] / 1e9 for p in profs]
+    total = [p.summary.params.total / 1e9 for p in profs]
+    active = [p.summary.params.active / 1e9 for p in profs]
     ax.bar([x - 0.2 for x in xs], total, 0.4, label="total", color="#80b1d3")
     ax.bar([x + 0.2 for x in xs], active, 0.4, label="active per token", color="#fb8072")
     ax.set_xticks(list(xs), [p.name for p in profs], rotation=45, ha="right")
@@ -79,15 +79,15 @@ def breakdown_figure(profs: list[Profile]) -> Figure:
     ax = fig.subplots()
     names = [p.name for p in profs]
     left = [0.0] * len(profs)
-    extra = sorted({c for p in profs for c in p.breakdown} - set(an.COMPONENTS))
+    extra = sorted({c for p in profs for c in p.summary.breakdown} - set(an.COMPONENTS))
     spare = iter(matplotlib.colormaps["Pastel2"].colors)
     for comp in [*an.COMPONENTS, *extra]:
-        share = [p.breakdown.get(comp, 0) / p.numbers["total_params"] * 100 for p in profs]
+        share = [p.summary.breakdown.get(comp, 0) / p.summary.params.total * 100 for p in profs]
         if any(share):
             ax.barh(names, share, left=left, color=COMPONENT_COLORS.get(comp) or next(spare), label=comp)
             left = [a + b for a, b in zip(left, share)]
     for i, p in enumerate(profs):
-        ax.text(101, i, f"{p.numbers['total_params'] / 1e9:.2f}B", va="center", fontsize=8)
+        ax.text(101, i, f"{p.summary.params.total / 1e9:.2f}B", va="center", fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 112)
     ax.set_xlabel("share of parameters (%)")
