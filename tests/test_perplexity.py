@@ -93,3 +93,80 @@ def test_bad_arguments(model, kw, msg):
 def test_too_few_tokens(model):
     with pytest.raises(GenerationError, match="at least 2 tokens"):
         perplexity(model, [5], context=8)
+
+
+# ----------------------------------------------------------------------------------------
+# llmarch perplexity
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An HF directory (llama family) with a tokenizer, as `llmarch perplexity --model` takes it."""
+    import json
+
+    from tiny_tokenizer import VOCAB, tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = llmarch.ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                              intermediate_size=64, max_position_embeddings=256, hf_model_type="llama")
+    m = llmarch.build_model(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    d = tmp_path_factory.mktemp("ppl")
+    llmarch.save_pretrained(m, d)
+    tiny_tokenizer().backend.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": True}))
+    return d
+
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "llmarch.cli", "perplexity", *map(str, args)]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_prints_the_api_value_as_json(model_dir, tmp_path):
+    import json
+
+    from tiny_tokenizer import tiny_tokenizer
+
+    text = "the quick brown fox jumps over the lazy dog. " * 4
+    f = tmp_path / "t.txt"
+    f.write_text(text, encoding="utf-8")
+    r = _cli(f, "--model", model_dir, "--context", 16, "--stride", 8, "--max-tokens", 100, "--json",
+             "--dtype", "float32", "--threads", 1)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    ids = tiny_tokenizer().encode(text)[:100]
+    ref = perplexity(llmarch.from_pretrained(model_dir), ids, context=16, stride=8)
+    assert out["tokens"] == ref.tokens == 99
+    assert out["perplexity"] == pytest.approx(ref.perplexity, rel=1e-4)
+    assert out["tokens_per_second"] > 0 and out["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{f}", "--stride", "0"], "stride"),
+    (["{f}", "--context", "1"], "at least 2"),
+    (["{f}", "--max-tokens", "1"], "max-tokens"),
+    (["{d}/missing.txt"], "not found"),
+    (["{bad}"], "not UTF-8"),
+    (["{f}", "--threads", "0"], "threads"),
+])
+def test_cli_bad_input_is_one_error_line(model_dir, tmp_path, args, message):
+    f = tmp_path / "t.txt"
+    f.write_text("hello there", encoding="utf-8")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"abc\xff\xfe")
+    r = _cli(*(a.format(f=f, d=tmp_path, bad=bad) for a in args), "--model", model_dir)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("loading ")]
+    assert len(lines) == 1 and lines[0].startswith("llmarch: error: ") and message in lines[0], r.stderr

@@ -20,6 +20,7 @@ from . import (
     diff,
     generate,
     params,
+    perplexity,
     plot,
     presets,
     report,
@@ -27,7 +28,7 @@ from . import (
 )
 from . import slice as slice_
 
-COMMANDS = (params, slice_, presets, compare, diff, plot, diagram, report, generate, data, train, ablate)
+COMMANDS = (params, slice_, presets, compare, diff, plot, diagram, report, generate, perplexity, data, train, ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:

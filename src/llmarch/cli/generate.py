@@ -12,9 +12,7 @@ import argparse
 import sys
 
 from ..errors import GenerationError
-
-DTYPES = ("float32", "bfloat16")
-
+from .options import add_runtime, apply_runtime
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Register the ``generate`` subcommand on the CLI's subparsers."""
@@ -35,11 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     sp.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     sp.add_argument("--system", default=None, help="system message (with --chat)")
-    sp.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     sp.add_argument("--max-context", type=int, default=None, help="cap on prompt + new tokens")
     sp.add_argument("--no-stream", action="store_true", help="print the text at the end")
-    sp.add_argument("--threads", type=int, default=None,
-                    help="CPU threads (default: PyTorch's choice; on a busy machine 1 avoids threads waiting on each other)")
+    sp.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS: exactly --max-new-tokens (benchmarks)")
+    add_runtime(sp)
     sp.set_defaults(func=run)
     sp.error = _usage_error  # bad option values: one `llmarch: error:` line, like every other error
 
@@ -50,8 +47,6 @@ def _usage_error(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-
     from ..checkpoints.assets import DEFAULT_MODEL
     from ..inference.generate import GenerationConfig, chat_prompt, load, stream
 
@@ -69,14 +64,12 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
         stop=list(args.stop),
         max_context=args.max_context,
+        ignore_eos=args.ignore_eos,
     )
     config.validate()  # before the (slow) model load
-    if args.threads is not None:
-        if args.threads < 1:
-            raise GenerationError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    print(f"loading {args.model or DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load(args.model, getattr(torch, args.dtype))
+    dtype, why = apply_runtime(args)
+    print(f"loading {args.model or DEFAULT_MODEL} ({why}) ...", file=sys.stderr, flush=True)
+    model, tokenizer = load(args.model, dtype)
     prompts = [chat_prompt(tokenizer, p, args.system) for p in args.prompts] if args.chat else list(args.prompts)
     generation = stream(model, tokenizer, prompts, config)
     if len(prompts) == 1 and not args.no_stream:
