@@ -81,9 +81,8 @@ def test_embedding_rows_are_the_kernel_weights(mode, group):
 
 
 def _tiny(**kw) -> ModelConfig:
-    base = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                intermediate_size=128, max_position_embeddings=64)
-    return ModelConfig(**{**base, **kw})
+    return ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                       intermediate_size=128, max_position_embeddings=64, **kw)
 
 
 CONFIGS = {

@@ -190,7 +190,7 @@ class Int4Linear(nn.Module):
         )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _int4_nibbles(k: int) -> torch.Tensor:
     """(ROW_BLOCK, k) int64: where torch's int4 packing puts element (row, col) of a block of
     ROW_BLOCK rows, as a nibble index (2 * byte + high) into that block's bytes.
