@@ -1,0 +1,98 @@
+"""GGUF quantised tensors straight into the kernel layouts of :mod:`llmarch.inference.quant`.
+
+The functions take a tensor's raw GGUF bytes (the uint8 array ``gguf.GGUFReader`` gives,
+(rows, bytes per row)) and its torch shape (out, in):
+
+* Q4_0, Q4_1 and Q4_K are 4-bit codes with an affine (scale, offset) per 32 weights, which is
+  the int4 kernel's own format: the codes are copied, the scales and zeros computed from the
+  block headers, no float weights are ever formed. The only loss is rounding the scales and
+  zeros to the kernel's bfloat16.
+* Q5_0, Q5_1, Q5_K, Q6_K and Q8_0 (5, 6 or 8 bits, any type ``gguf.quants`` can dequantise)
+  have more levels than int4 holds and per-block scales the per-channel int8 kernel cannot
+  express: they are dequantised a few thousand rows at a time and requantised to int8 with one
+  scale per row (error at most half a row step, max |w| / 254).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import Q4_K, dequantize
+
+from .quant import Int4Linear, Int8Linear, QuantEmbedding, QuantLinear, int8_quantize
+
+Q = GGMLQuantizationType
+INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)  # exact in the int4 kernel's format, group size 32
+GROUP = 32
+REQUANT_ROWS = 4096  # rows dequantised at once when requantising to int8 (bounds the float copy)
+
+
+def _blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> np.ndarray:
+    """The bytes as (out, blocks per row, bytes per block)."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    n, k = shape
+    return np.ascontiguousarray(data, dtype=np.uint8).reshape(n, k // block, size)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """Little-endian float16 stored in the last axis (2 bytes) -> float32."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(..., m) bytes -> (..., 2, m) codes: low nibbles first, then high (the block order of Q4_*)."""
+    return np.stack([qs & 15, qs >> 4], axis=-2)
+
+
+def int4_codes(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]):
+    """Q4_0 / Q4_1 / Q4_K bytes -> (codes uint8 (out, in) in 0..15, scales, zeros float32
+    (out, in / 32)) with ``w = (code - 8) * scale + zero`` exactly as ``gguf.quants.dequantize``."""
+    n, k = shape
+    b = _blocks(data, qtype, shape)
+    if qtype == Q.Q4_0:  # w = (q - 8) * d
+        scales = _f16(b[..., 0:2])
+        zeros = np.zeros_like(scales)
+        codes = _nibbles(b[..., 2:])
+    elif qtype == Q.Q4_1:  # w = q * d + m
+        scales, mins = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        zeros = mins + 8 * scales
+        codes = _nibbles(b[..., 4:])
+    elif qtype == Q.Q4_K:  # 8 sub-blocks of 32: w = q * d * sc_j - dmin * m_j
+        d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
+        sc, m = Q4_K.get_scale_min(b[..., 4:16].reshape(-1, 12))
+        scales = d * sc.reshape(n, -1, 8).astype(np.float32)
+        zeros = 8 * scales - dmin * m.reshape(n, -1, 8).astype(np.float32)
+        codes = _nibbles(b[..., 16:].reshape(n, -1, 4, 32))  # sub-blocks 2c (low), 2c + 1 (high)
+    else:
+        raise ValueError(f"{qtype.name} is not a 4-bit affine format: use int8_weights")
+    return codes.reshape(n, k), scales.reshape(n, k // GROUP), zeros.reshape(n, k // GROUP)
+
+
+def int8_weights(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]):
+    """Any dequantisable GGUF type -> (int8 (out, in), per-row scales (out,)), requantised."""
+    n, k = shape
+    rows = np.ascontiguousarray(data).reshape(n, -1)
+    q = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, dtype=torch.float32)
+    for start in range(0, n, REQUANT_ROWS):
+        w = torch.from_numpy(dequantize(rows[start : start + REQUANT_ROWS], qtype).reshape(-1, k))
+        q[start : start + len(w)], scales[start : start + len(w)] = int8_quantize(w)
+    return q, scales
+
+
+def gguf_linear(
+    data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int], bias: torch.Tensor | None = None
+) -> QuantLinear:
+    """A GGUF weight as a quantised linear layer: int4 where the format maps, int8 otherwise."""
+    if qtype in INT4_TYPES:
+        codes, scales, zeros = int4_codes(data, qtype, shape)
+        return Int4Linear.from_codes(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(zeros), bias, GROUP)
+    return Int8Linear(*int8_weights(data, qtype, shape), bias)
+
+
+def gguf_embedding(
+    data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int], dtype: torch.dtype = torch.float32
+) -> QuantEmbedding:
+    """A GGUF token table (vocab, hidden) as a :class:`QuantEmbedding` (also the tied head)."""
+    return QuantEmbedding(gguf_linear(data, qtype, shape), dtype)
