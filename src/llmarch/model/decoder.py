@@ -10,7 +10,14 @@ from torch import nn
 
 from .attention import Attention, SharedKV
 from .cache import KVCache, LayerCache
-from .components import AltUp, Laurel, PerLayerEmbedding, PerLayerInput, merge_streams, widen_streams
+from .components import (
+    AltUp,
+    Laurel,
+    PerLayerEmbedding,
+    PerLayerInput,
+    merge_streams,
+    widen_streams,
+)
 from .config import ModelConfig
 from .ffn import make_ffn
 from .layers import Rotary, make_norm
