@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..inference.packed import fused_output
 from .cache import FullCache, LayerCache, RingCache
 from .config import ModelConfig
 from .layers import L2Norm, RMSNorm, apply_rope
@@ -36,14 +35,6 @@ def attention_mask(
     return mask[:, None]
 
 
-def head_norms(qk: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm, n_q: int) -> torch.Tensor:
-    """``q_norm`` on the first ``n_q`` heads of qk (B, heads, T, D) and ``k_norm`` on the rest,
-    in one pass: the same numbers as the two norms apart (the norm is per head)."""
-    d = qk.shape[-1]
-    scale = torch.cat((q_norm.scale().expand(n_q, d), k_norm.scale().expand(qk.shape[1] - n_q, d)))[:, None]
-    return q_norm.rescale(F.rms_norm(qk.float(), (d,), eps=q_norm.eps), qk.dtype, scale)
-
-
 def layer_mask(
     cache: LayerCache | None, qpos: torch.Tensor, kpos: torch.Tensor, window: int | None, chunk: int | None, dtype
 ) -> torch.Tensor | None:
@@ -60,27 +51,26 @@ def layer_mask(
     return memo[key]
 
 
-def single_query_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """Attention of one new token per sequence (decoding), q (B, H, 1, D), k/v (B, KV, S, D).
-
-    Two small matrix products in float32, the query heads grouped by the KV head they share.
-    On CPU this is several times faster than SDPA's kernels for a single query, above all in
-    bfloat16, and it is as precise as SDPA (scores and softmax in float32).
-    """
-    b, h, _, d = q.shape
-    kv = k.shape[1]
-    scores = q.float().reshape(b, kv, h // kv, d) @ k.float().transpose(-1, -2) * scale  # (B, KV, H/KV, S)
-    if mask is not None:
-        scores = scores + mask.float()  # (B, 1, 1, S)
-    out = scores.softmax(-1) @ v.float()
-    return out.reshape(b, h, 1, v.shape[-1]).to(q.dtype)
+# keys, values, key positions and cache of each layer whose K/V later layers reuse, filled in
+# during one forward (KV sharing)
+SharedKV = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, LayerCache | None]]
 
 
 class Attention(nn.Module):
+    """Softmax attention with grouped KV heads (MHA, GQA, MQA).
+
+    Per layer, from the config: full, sliding-window or chunked span; RoPE or NoPE; the QK-norm
+    kind; Llama 4's query temperature on NoPE layers; a weightless value norm (``v_norm``);
+    and **KV sharing** (``num_kv_shared_layers``): a KV-shared layer has no key/value
+    projections and no cache; it attends over the keys, values and key positions that its
+    source layer (``cfg.layer_kv_source``) produced earlier in the same forward, after the
+    source's cache update, handed over through the decoder's per-forward ``shared_kv`` store.
+
+    ``project``, ``qkv_heads`` and ``attend`` are the steps that ``llmarch.inference.packed``
+    replaces with faster kernels.
+    """
+
     param_component = "attention"  # how llmarch.analysis.modules files this module's parameters
-    fusable = {"qkv": ("q_proj", "k_proj", "v_proj")}  # one packed product for inference (llmarch.inference.packed)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -96,12 +86,17 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
         self.temperature_floor, self.temperature_scale = cfg.attn_temperature_floor_scale, cfg.attn_temperature_scale
+        self.kv_source = cfg.layer_kv_source(layer_idx)
+        self.is_kv_source = any(cfg.layer_kv_source(j) == layer_idx for j in range(cfg.num_layers))
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = self.v_proj = None
+        if self.kv_source is None:
+            self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.attn_out_bias)
         norm_args = dict(eps=cfg.norm_eps, unit_offset=cfg.norm_unit_offset, weight_fp32=cfg.norm_weight_fp32)
+        self.q_norm = self.k_norm = None
         if cfg.qk_norm == "head":  # one norm over head_dim, shared by all heads (Qwen3, Gemma 3)
             self.q_norm = RMSNorm(d, **norm_args)
             self.k_norm = RMSNorm(d, **norm_args)
@@ -110,18 +105,25 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.num_kv_heads * d, **norm_args)
         elif cfg.qk_norm == "l2":  # weightless, on RoPE layers only (Llama 4)
             self.q_norm = self.k_norm = L2Norm(cfg.norm_eps)
+        if self.kv_source is not None:
+            self.k_norm = None
+        self.v_norm = L2Norm(cfg.norm_eps) if cfg.v_norm and self.kv_source is None else None
         # training hook: called as observer(self, q, k) with the queries and keys that enter
         # the softmax (QK-clip tracks each head's max logit through it); None costs nothing
         self.logit_observer = None
 
     # -- caches -----------------------------------------------------------------------
-    def make_cache(self, batch: int, max_len: int, dtype, device) -> LayerCache:
+    def make_cache(self, batch: int, max_len: int, dtype, device) -> LayerCache | None:
+        if self.kv_source is not None:
+            return None
         span = self.window or self.chunk
         if span is not None and span < max_len:
             return RingCache(batch, self.num_kv_heads, self.head_dim, self.head_dim, span, dtype, device)
         return FullCache(batch, self.num_kv_heads, self.head_dim, self.head_dim, max_len, dtype, device)
 
     def kv_bytes_per_token(self, bytes_per_element: int) -> int:
+        if self.kv_source is not None:
+            return 0
         return 2 * self.num_kv_heads * self.head_dim * bytes_per_element
 
     # -- description (read by llmarch.analysis.modules, .compare and .diagram) ------------------
@@ -140,6 +142,9 @@ class Attention(nn.Module):
         label = {"MHA": f"MHA {self.num_heads} heads", "MQA": "MQA 1 KV head"}.get(
             self.kind, f"GQA {self.num_kv_heads} KV heads"
         )
+        cache = f"K and V, {self.num_kv_heads} heads x {self.head_dim}"
+        if self.kv_source is not None:
+            cache = f"none: reuses layer {self.kv_source}'s K and V"
         return dict(
             kind=self.kind,
             label=label,
@@ -149,64 +154,89 @@ class Attention(nn.Module):
             window=self.window,
             chunk=self.chunk,
             rope=self.use_rope,
-            qk_norm="none" if self.qk_norm == "l2" and not self.use_rope else self.qk_norm,  # see forward
+            qk_norm="none" if self.qk_norm == "l2" and not self.use_rope else self.qk_norm,  # see _heads
             flops_per_key=2 * self.num_heads * (self.head_dim + self.head_dim),
-            cache=f"K and V, {self.num_kv_heads} heads x {self.head_dim}",
+            cache=cache,
         )
 
     # -- forward ----------------------------------------------------------------------
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """q (B, T, heads * D), k and v (B, T, kv_heads * D); k and v are None on a KV-shared layer."""
+        if self.kv_source is not None:
+            return self.q_proj(x), None, None
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def qkv_heads(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Queries (B, heads, T, D), keys and values (B, kv_heads, T, D) of x: projected, QK-normed,
+        rotated; the values through ``v_norm``. Keys and values are None on a KV-shared layer."""
+        q, k, v = self.project(x)
+        q = self._heads(q, self.q_norm, rope)
+        if k is None:
+            return q, None, None
+        return q, self._heads(k, self.k_norm, rope), self.values(v)
+
+    def split_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, T, n * D) -> (B, n, T, D)."""
+        b, t, _ = y.shape
+        return y.view(b, t, -1, self.head_dim).transpose(1, 2)
+
+    def _heads(self, y: torch.Tensor, norm: nn.Module | None, rope) -> torch.Tensor:
+        # OLMo 2 normalises the whole projection, Qwen3 / Gemma each head before RoPE, Llama 4
+        # (L2) after RoPE and on RoPE layers only
+        if self.qk_norm == "proj":
+            y = norm(y)
+        y = self.split_heads(y)
+        if self.qk_norm == "head":
+            y = norm(y)
+        if self.use_rope:
+            y = apply_rope(y, *rope, self.rope_interleaved)
+            if self.qk_norm == "l2":
+                y = norm(y)
+        return y
+
+    def values(self, v: torch.Tensor) -> torch.Tensor:
+        """Projected values (B, T, kv_heads * D) -> (B, kv_heads, T, D), through ``v_norm`` if set."""
+        v = self.split_heads(v)
+        return self.v_norm(v) if self.v_norm is not None else v
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> torch.Tensor:
+        """softmax(q k^T * scale + mask) v, the query heads grouped over the KV heads: (B, heads, T, D)."""
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+
     def forward(
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: LayerCache | None = None,
+        shared_kv: SharedKV | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        y = fused_output(self, "qkv", x)  # q, k, v side by side from one packed product (inference)
-        if self.qk_norm in ("none", "head"):
-            # queries and keys take the same per-head steps (head norm, RoPE): one tensor, one pass
-            if y is not None:
-                qk, v = y.split(((h + kv) * d, kv * d), dim=-1)
-            else:
-                qk, v = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1), self.v_proj(x)
-            qk = qk.view(b, t, h + kv, d).transpose(1, 2)
-            if self.qk_norm == "head":
-                qk = head_norms(qk, self.q_norm, self.k_norm, h)
-            if self.use_rope:
-                qk = apply_rope(qk, *rope, self.rope_interleaved)
-            q, k = qk.split((h, kv), dim=1)
-        else:  # OLMo 2 normalises the whole projections, Llama 4 (L2) after RoPE
-            q, k, v = y.split((h * d, kv * d, kv * d), dim=-1) if y is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-            if self.qk_norm == "proj":
-                q, k = self.q_norm(q), self.k_norm(k)
-            q = q.view(b, t, h, d).transpose(1, 2)
-            k = k.view(b, t, kv, d).transpose(1, 2)
-            if self.use_rope:
-                q, k = apply_rope(q, *rope, self.rope_interleaved), apply_rope(k, *rope, self.rope_interleaved)
-                if self.qk_norm == "l2":
-                    q, k = self.q_norm(q), self.k_norm(k)
-        v = v.view(b, t, kv, d).transpose(1, 2)
+        q, k, v = self.qkv_heads(x, rope)
         if self.temperature_tuning:  # NoPE layers only
             # Llama 4 NoPE layers sharpen attention with distance: q *= 1 + scale * log1p(floor((pos + 1) / floor))
             t_scale = torch.log1p(torch.floor((positions.float() + 1.0) / self.temperature_floor)) * self.temperature_scale + 1.0
             q = (q * t_scale[:, None, :, None]).to(q.dtype)
+        if self.kv_source is not None:
+            # the source's keys, and its cache: the key positions of the mask are the source's
+            k, v, kpos, cache = shared_kv[self.kv_source]
+        else:
+            kpos = positions
+            if cache is not None:
+                k, v, kpos = cache.update(k, v, positions)
+            if self.is_kv_source:
+                shared_kv[self.layer_idx] = (k, v, kpos, cache)
         if self.logit_observer is not None:
             self.logit_observer(self, q, k)
-        kpos = positions
-        if cache is not None:
-            k, v, kpos = cache.update(k, v, positions)
         # a whole sequence from position 0 with plain causal attention (training, first prefill)
         # needs no mask tensor: SDPA's is_causal is the same and faster
         causal = cache is None and t > 1 and self.window is None and self.chunk is None and bool(
             (positions == torch.arange(t, device=positions.device)).all()
         )
         mask = None if causal else layer_mask(cache, positions, kpos, self.window, self.chunk, q.dtype)
-        if t == 1:
-            out = single_query_attention(q, k, v, mask, self.scale)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
-            )
+        out = self.attend(q, k, v, mask, causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

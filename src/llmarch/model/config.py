@@ -152,7 +152,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     final_logit_softcap: float | None = None
 
-    # --- Gemma 3n: small-device extensions (see llmarch/gemma3n.py); all off by default ---
+    # --- small-device components (Gemma 3n; see llmarch/model/components.py); all off by default ---
     # per-layer FFN widths (MatFormer); None = intermediate_size everywhere
     intermediate_sizes: list[int] | None = None
     # per-layer Gaussian top-k sparsity of the FFN gate: keep activations above
@@ -247,8 +247,8 @@ class ModelConfig:
                 bad(f"rope scaling type {rc.rope_type!r} is not supported; expected one of {', '.join(ROPE_TYPES)}")
         if self.position == "learned" and self.max_position_embeddings <= 0:
             bad("learned positions need max_position_embeddings > 0")
-        self._validate_small_device_fields(bad)
         self._validate_sparse_and_latent(bad)
+        self._validate_small_device_fields(bad)
         return self
 
     def _validate_small_device_fields(self, bad) -> None:
@@ -279,6 +279,13 @@ class ModelConfig:
                 bad("hidden_size_per_layer_input needs a positive vocab_size_per_layer_input")
         if self.laurel_rank is not None and self.laurel_rank <= 0:
             bad(f"laurel_rank must be positive, got {self.laurel_rank}")
+        if self.attention_kind == "mla" and (self.num_kv_shared_layers or self.v_norm):
+            bad("num_kv_shared_layers and v_norm apply to q/k/v attention; MLA layers (attention_kind 'mla') "
+                "cache one latent per token instead: set num_kv_shared_layers = 0 and v_norm = False")
+        sparse_moe = [i for i in range(n) if self.layer_is_moe(i) and self.layer_activation_sparsity(i) > 0]
+        if sparse_moe:
+            bad(f"activation_sparsity applies to dense FFN layers; layers {sparse_moe} are MoE layers: set their "
+                "activation_sparsity to 0")
 
     def _validate_sparse_and_latent(self, bad) -> None:
         if self.attention_kind not in ATTENTION_KINDS:
@@ -346,19 +353,6 @@ class ModelConfig:
         if i < first_shared:
             return None
         return max(j for j in range(first_shared) if self.layer_types[j] == self.layer_types[i])
-
-    @property
-    def uses_gemma3n_layers(self) -> bool:
-        """True when the layers need the Gemma 3n decoder (AltUp streams, PLE, LAuReL, KV sharing...)."""
-        return (
-            self.altup_num_inputs is not None
-            or self.hidden_size_per_layer_input is not None
-            or self.laurel_rank is not None
-            or self.num_kv_shared_layers > 0
-            or self.intermediate_sizes is not None
-            or self.activation_sparsity is not None
-            or self.v_norm
-        )
 
     @property
     def attn_scale(self) -> float:

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 from torch import nn
 
-from .attention import Attention
-from .cache import KVCache
+from .attention import Attention, SharedKV
+from .cache import KVCache, LayerCache
+from .components import (
+    AltUp,
+    Laurel,
+    PerLayerEmbedding,
+    PerLayerInput,
+    merge_streams,
+    widen_streams,
+)
 from .config import ModelConfig
-from .layers import Rotary, make_ffn, make_norm
+from .ffn import make_ffn
+from .layers import Rotary, make_norm
 from .mla import MLAttention
 from .moe import MoE
 
@@ -22,6 +32,12 @@ class Block(nn.Module):
       * ``pre``      x + f(norm(x))               (GPT-2, Llama, Qwen, Mistral, SmolLM3)
       * ``post``     x + norm(f(x))               (OLMo 2: post-norm inside the residual)
       * ``sandwich`` x + post_norm(f(pre_norm(x))) (Gemma 2 / 3)
+
+    Optional small-device components (``llmarch.model.components``), each switched on by its field:
+      * LAuReL (``laurel_rank``): x = (x + attn branch + laurel(h)) / sqrt(2), h = the attention's input
+      * AltUp (``altup_num_inputs``): x is the n residual streams (n, B, T, hidden); the layer runs
+        on the active prediction a = predict(streams)[active] and its output corrects every stream
+      * per-layer inputs (``hidden_size_per_layer_input``): streams[1:] += ple(scale(corrected[active]), input_i)
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -30,24 +46,51 @@ class Block(nn.Module):
         pre = cfg.norm_placement in ("pre", "sandwich")
         post = cfg.norm_placement in ("post", "sandwich")
         h = cfg.hidden_size
+        self.altup = AltUp(cfg) if cfg.altup_num_inputs else None
+        self.scale_active = cfg.altup_correct_scale
         self.attn_norm = make_norm(cfg, h) if pre else None
+        self.laurel = Laurel(cfg) if cfg.laurel_rank else None
         self.attn = MLAttention(cfg, layer_idx) if cfg.attention_kind == "mla" else Attention(cfg, layer_idx)
         self.attn_post_norm = make_norm(cfg, h) if post else None
         self.mlp_norm = make_norm(cfg, h) if pre else None
-        self.mlp = MoE(cfg) if cfg.layer_is_moe(layer_idx) else make_ffn(cfg)
+        self.mlp = MoE(cfg) if cfg.layer_is_moe(layer_idx) else make_ffn(cfg, layer_idx)
         self.mlp_post_norm = make_norm(cfg, h) if post else None
+        self.ple = PerLayerInput(cfg) if cfg.hidden_size_per_layer_input else None
 
-    def forward(self, x, positions, rope, cache=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: LayerCache | None = None,
+        shared_kv: SharedKV | None = None,
+        per_layer_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, hidden), or the AltUp streams (n, B, T, hidden) -> the same shape."""
+        if self.altup is None:
+            return self.layer(x, positions, rope, cache, shared_kv)
+        predictions = self.altup.predict(x)
+        out = self.altup.correct(predictions, self.layer(predictions[self.altup.active], positions, rope, cache, shared_kv))
+        if self.ple is None:
+            return out
+        first = out[self.altup.active]
+        if self.scale_active:
+            first = self.altup.scale_output(first)
+        return torch.cat([out[:1], out[1:] + self.ple(first, per_layer_input)])
+
+    def layer(self, x, positions, rope, cache, shared_kv) -> torch.Tensor:
+        """The attention and FFN residual branches on one stream (B, T, hidden)."""
         h = self.attn_norm(x) if self.attn_norm is not None else x
-        h = self.attn(h, positions, rope, cache)
+        y = self.attn(h, positions, rope, cache, shared_kv)
         if self.attn_post_norm is not None:
-            h = self.attn_post_norm(h)
-        x = x + h
-        h = self.mlp_norm(x) if self.mlp_norm is not None else x
-        h = self.mlp(h)
+            y = self.attn_post_norm(y)
+        x = x + y
+        if self.laurel is not None:
+            x = (x + self.laurel(h)) / math.sqrt(2)
+        y = self.mlp(self.mlp_norm(x) if self.mlp_norm is not None else x)
         if self.mlp_post_norm is not None:
-            h = self.mlp_post_norm(h)
-        return x + h
+            y = self.mlp_post_norm(y)
+        return x + y
 
 
 def _rope_key(rope) -> str:
@@ -55,9 +98,15 @@ def _rope_key(rope) -> str:
 
 
 class Decoder(nn.Module):
-    """Token ids (B, T) -> logits (B, T, vocab), with an optional :class:`KVCache`."""
+    """Token ids (B, T) -> logits (B, T, vocab), with an optional :class:`KVCache`.
 
-    block_class: type[nn.Module] = Block  # a decoder with another kind of layer overrides this
+    With AltUp (``altup_num_inputs``) the embeddings are widened to n streams before the first
+    layer and merged back after the last; with per-layer embeddings (``ple``) every layer gets
+    its slice of them.
+    """
+
+    # how llmarch.analysis.modules files the parameters of these direct children
+    child_components = {"altup_projections": "AltUp", "altup_unembed_projections": "AltUp"}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -65,7 +114,7 @@ class Decoder(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.pos_embed = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.position == "learned" else None
-        self.layers = nn.ModuleList(self.block_class(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # one rotary table per distinct RoPE configuration (Gemma 3: local and global)
@@ -84,6 +133,13 @@ class Decoder(nn.Module):
             else:
                 self.rotary[key] = Rotary(rc, self.layers[i].attn.head_dim, cfg.max_position_embeddings)
             self._layer_rope.append(key)
+        self.ple = PerLayerEmbedding(cfg) if cfg.hidden_size_per_layer_input else None
+        self.altup_projections = self.altup_unembed_projections = None
+        if cfg.altup_num_inputs:
+            # the extra streams start as projections of the embedding and are projected back at the end
+            n, h = cfg.altup_num_inputs, cfg.hidden_size
+            self.altup_projections = nn.ModuleList(nn.Linear(h, h, bias=False) for _ in range(n - 1))
+            self.altup_unembed_projections = nn.ModuleList(nn.Linear(h, h, bias=False) for _ in range(n - 1))
 
     # ---------------------------------------------------------------------------------
     @property
@@ -107,11 +163,20 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         positions = self.default_positions(input_ids, positions, cache)
         x = self.embed_tokens(input_ids, positions)
+        per_layer = self.ple(input_ids, x) if self.ple is not None else None
+        if self.altup_projections is not None:
+            x = widen_streams(x, self.altup_projections)
         ropes = self.layer_ropes(positions, x.dtype)
+        shared_kv: SharedKV = {}
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, ropes[i], cache.layers[i] if cache else None)
+            x = layer(
+                x, positions, ropes[i], cache.layers[i] if cache else None, shared_kv,
+                per_layer[:, :, i] if per_layer is not None else None,
+            )
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
+        if self.altup_unembed_projections is not None:
+            x = merge_streams(x, self.altup_unembed_projections)
         return self.norm(x)
 
     @staticmethod
@@ -151,13 +216,8 @@ class Decoder(nn.Module):
 
 def build_model(cfg: ModelConfig, device=None, dtype=None) -> Decoder:
     """Build a model; ``device="meta"`` allocates nothing (parameter counting, lazy loading)."""
-    cls = Decoder
-    if cfg.uses_gemma3n_layers:
-        from .gemma3n import Gemma3nDecoder
-
-        cls = Gemma3nDecoder
     with torch.device(device or "cpu"):
-        model = cls(cfg)
+        model = Decoder(cfg)
     if dtype is not None and device != "meta":
         model = model.to(dtype)
     elif dtype is not None:

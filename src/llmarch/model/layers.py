@@ -1,4 +1,4 @@
-"""Building blocks: normalisation, rotary embeddings and feed-forward networks."""
+"""Building blocks: normalisation, rotary embeddings and activation functions."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..inference.packed import fused_outputs
 from .config import ModelConfig, RopeConfig
 
 # ----------------------------------------------------------------------------------------
@@ -196,7 +195,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 # ----------------------------------------------------------------------------------------
-# Feed-forward
+# Activations
 # ----------------------------------------------------------------------------------------
 
 
@@ -210,65 +209,3 @@ def activation_fn(name: str):
     if name == "relu":
         return F.relu
     raise ValueError(f"unknown activation {name!r}")
-
-
-_GLU_NAMES = {"silu": "SwiGLU", "gelu_tanh": "GeGLU", "gelu": "GeGLU", "relu": "ReGLU"}
-
-
-def glu_name(activation: str) -> str:
-    """SwiGLU, GeGLU, ... : what the article calls a gated FFN with this activation."""
-    return _GLU_NAMES.get(activation, f"{activation}-GLU")
-
-_ACT_NAMES = {"silu": "SiLU", "gelu_tanh": "GELU", "gelu": "GELU", "relu": "ReLU"}
-
-
-class GLU(nn.Module):
-    """Gated FFN: down(act(gate(x)) * up(x)) -- SwiGLU with SiLU, GeGLU with GELU."""
-
-    param_component = "dense FFN"
-    fusable = {"gate_up": ("gate_proj", "up_proj")}  # one packed product for inference (llmarch.inference.packed)
-
-    def __init__(self, dim: int, hidden: int, activation: str, bias: bool = False):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.activation = activation
-        self.act = activation_fn(activation)
-
-    def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return fused_outputs(self, "gate_up", x) or (self.gate_proj(x), self.up_proj(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_and_up(x)
-        return self.down_proj(self.act(gate) * up)
-
-    def describe(self) -> dict:
-        """The FFN in the article's terms (read by llmarch.analysis.modules); MoE layers add expert counts."""
-        return dict(kind=glu_name(self.activation), width=self.up_proj.out_features, moe=False)
-
-
-class MLP(nn.Module):
-    """Plain two-layer FFN: down(act(up(x))) (GPT-2)."""
-
-    param_component = "dense FFN"
-
-    def __init__(self, dim: int, hidden: int, activation: str, bias: bool = True):
-        super().__init__()
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.activation = activation
-        self.act = activation_fn(activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.up_proj(x)))
-
-    def describe(self) -> dict:
-        return dict(kind=f"{_ACT_NAMES.get(self.activation, self.activation)} MLP", width=self.up_proj.out_features, moe=False)
-
-
-def make_ffn(cfg: ModelConfig, hidden: int | None = None) -> nn.Module:
-    width = cfg.intermediate_size if hidden is None else hidden
-    if cfg.ffn_kind == "mlp":
-        return MLP(cfg.hidden_size, width, cfg.activation, cfg.ffn_bias)
-    return GLU(cfg.hidden_size, width, cfg.activation, cfg.ffn_bias)

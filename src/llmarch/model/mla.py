@@ -129,7 +129,8 @@ class MLAttention(nn.Module):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
-    def forward(self, x, positions, rope, cache=None) -> torch.Tensor:
+    def forward(self, x, positions, rope, cache=None, shared_kv=None) -> torch.Tensor:
+        """``shared_kv``: unused (MLA layers do not share keys and values; see ``ModelConfig.validate``)."""
         b, t, _ = x.shape
         q = self.queries(x).view(b, t, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)

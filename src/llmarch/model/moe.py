@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, MoEConfig
-from .layers import GLU, activation_fn, glu_name
+from .ffn import GLU, glu_name
+from .layers import activation_fn
 
 
 @dataclass
@@ -104,64 +105,15 @@ class Experts(nn.Module):
         nn.init.uniform_(self.gate_up_proj, -(dim**-0.5), dim**-0.5)
         nn.init.uniform_(self.down_proj, -(width**-0.5), width**-0.5)
         self.act = activation_fn(activation)
-        self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see pack_weights()
-        self._packed_version = (-1, -1)
-
-    def pack_weights(self) -> None:
-        """Pre-pack every expert's weights for oneDNN (CPU inference; see llmarch.inference.packed).
-
-        ``F.linear`` re-lays-out a weight on every call, which for an expert's few dozen
-        tokens costs about as much as the product; packed experts skip that. Costs a second
-        copy of the expert weights; training (autograd) keeps using the plain weights."""
-        from ..inference.packed import packing_available
-
-        if not packing_available() or self.gate_up_proj.device.type != "cpu":
-            return
-        if self.gate_up_proj.dtype not in (torch.float32, torch.bfloat16):
-            return
-        reorder = torch.ops.mkldnn._reorder_linear_weight
-        with torch.no_grad():
-            self._packed = [
-                (reorder(self.gate_up_proj[e].detach().contiguous(), 1), reorder(self.down_proj[e].detach().contiguous(), 1))
-                for e in range(self.gate_up_proj.shape[0])
-            ]
-        self._packed_version = self._weights_version()
-
-    def release_weights(self) -> None:
-        """Free the stacked weights once every expert is packed (llmarch.inference.packed.release_weights)."""
-        from ..inference.packed import release_parameter
-
-        if self._packed is None:
-            return
-        release_parameter(self, "gate_up_proj")
-        release_parameter(self, "down_proj")
-        self._packed_version = self._weights_version()
-
-    def _weights_version(self) -> tuple:
-        g, d = self.gate_up_proj, self.down_proj
-        return (g._version, d._version, g.data_ptr(), d.data_ptr(), g.dtype)
-
-    def _use_packed(self, x: torch.Tensor) -> bool:
-        if self.gate_up_proj.is_meta and self._packed is not None:
-            if torch.is_grad_enabled() and x.requires_grad:
-                from ..inference.packed import RELEASED
-
-                raise RuntimeError(RELEASED)
-            return True
-        if self._packed is None or torch.is_grad_enabled() or x.dtype != self.gate_up_proj.dtype:
-            return False
-        if self._packed_version != self._weights_version():
-            self.pack_weights()  # weights changed (in place or by .to()) since packing
-        return True
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        if self._use_packed(x):
-            gu, dn = self._packed[e]
-            linear = torch.ops.mkldnn._linear_pointwise
-            gate, up = linear(x, gu, None, "none", [], "").split(self.width, dim=-1)
-            return linear(self.act(gate) * up, dn, None, "none", [], "")
+        """Expert e's GLU on x (tokens, dim) (pre-packed per expert in ``llmarch.inference.packed``)."""
         gate, up = F.linear(x, self.gate_up_proj[e]).split(self.width, dim=-1)
         return F.linear(self.act(gate) * up, self.down_proj[e])
+
+    def run_batched(self, x: torch.Tensor, counts: torch.Tensor) -> bool:
+        """Whether a prefill runs every expert at once (:meth:`_batched`): when most are active."""
+        return 2 * int((counts > 0).sum()) > counts.numel()
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, scale_input: bool) -> torch.Tensor:
         """x (N, dim), indices/weights (N, k) -> sum_k weight * expert_k(x) (N, dim).
@@ -180,8 +132,7 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
         token = order // k  # the token of each sorted (token, expert) pair
         ws = weights.reshape(-1, 1).index_select(0, order)
-        active = int((counts > 0).sum())
-        if 2 * active > counts.numel() and not self._use_packed(x):
+        if self.run_batched(x, counts):
             xs = x.index_select(0, token)
             if scale_input:
                 xs = (xs * ws).to(x.dtype)
