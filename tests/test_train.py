@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from llmarch import get_config, preset_names
+from llmarch import ModelConfig, get_config, preset_names
 from llmarch.cli import main as cli_main
 from llmarch.errors import CheckpointError, ConfigError, DataError
 from llmarch.model.decoder import Decoder, build_model
@@ -216,6 +216,31 @@ def test_qk_clip_caps_max_logit(preset):
     qwen = Decoder(scale_config(get_config("qwen3-0.6b"), "tiny", 512, 32))
     with pytest.raises(ConfigError, match="QK-norm"):
         QKClip(qwen, 5.0)
+
+
+def test_qk_clip_on_a_kv_shared_layer_scales_its_queries_only():
+    """A KV-shared layer has no keys of its own: QK-clip caps its logits through its queries and
+    leaves the source layer's keys (and so the source layer's logits) as they were."""
+    cfg = ModelConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=128, num_kv_shared_layers=1)
+    torch.manual_seed(0)
+    model = init_weights(build_model(cfg, device="cpu"))
+    source, shared = model.layers[0].attn, model.layers[1].attn
+    assert shared.k_proj is None
+    with torch.no_grad():
+        shared.q_proj.weight.mul_(300)
+    clip = QKClip(model, tau=5.0)
+    x = torch.randint(0, 512, (2, 32))
+    model(x)
+    before = {k: v.clone() for k, v in clip.max_logits.items()}
+    assert float(before[id(source)].max()) < 5.0 < float(before[id(shared)].max())
+    k_source = source.k_proj.weight.clone()
+    assert clip.apply() == int((before[id(shared)] > 5.0).sum())
+    assert torch.equal(source.k_proj.weight, k_source)
+    model(x)
+    expected = torch.minimum(before[id(shared)], torch.tensor(5.0))
+    assert torch.allclose(clip.max_logits[id(shared)], expected, rtol=1e-4)
+    assert torch.allclose(clip.max_logits[id(source)], before[id(source)])
 
 
 # ----------------------------------------------------------------------------------------

@@ -270,14 +270,8 @@ class QuantExperts(Experts):
         self.gate_up = nn.ModuleList(quantize_linear(experts.gate_up_proj[e], None, mode, group_size) for e in range(count))
         self.down = nn.ModuleList(quantize_linear(experts.down_proj[e], None, mode, group_size) for e in range(count))
 
-    def pack_weights(self) -> None:
-        """Already in a kernel layout: nothing for oneDNN packing to do."""
-
-    def release_weights(self) -> None:
-        """The float weights are gone already."""
-
-    def _use_packed(self, x: torch.Tensor) -> bool:
-        return True  # the per-expert path (the all-experts batched path reads the stacked float weights)
+    def run_batched(self, x: torch.Tensor, counts: torch.Tensor) -> bool:
+        return False  # always expert by expert: the all-experts batched path reads the stacked float weights
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up[e](x).split(self.width, dim=-1)

@@ -188,10 +188,14 @@ class QKClip:
             QKClip._rescale_mla(att, gamma)
             return
         h, kv = att.num_heads, att.num_kv_heads
-        group = gamma.view(kv, h // kv)
-        k_scale = group.min(dim=1).values.sqrt()  # (kv,)
-        q_scale = (group / k_scale[:, None]).reshape(h)  # q * k scale = gamma per head
-        for proj, scale in ((att.q_proj, q_scale), (att.k_proj, k_scale)):
+        if att.k_proj is None:  # a KV-shared layer: its keys belong to another layer, so scale its queries alone
+            pairs = ((att.q_proj, gamma),)
+        else:
+            group = gamma.view(kv, h // kv)
+            k_scale = group.min(dim=1).values.sqrt()  # (kv,)
+            q_scale = (group / k_scale[:, None]).reshape(h)  # q * k scale = gamma per head
+            pairs = ((att.q_proj, q_scale), (att.k_proj, k_scale))
+        for proj, scale in pairs:
             rows = scale.repeat_interleave(att.head_dim).to(proj.weight.dtype)
             proj.weight.mul_(rows[:, None])
             if proj.bias is not None:
