@@ -40,7 +40,7 @@ FAMILIES: list[Family] = [
 
 
 def register(family: Family) -> None:
-    """Add a family (used by the MoE/MLA and Gemma 3n modules)."""
+    """Add a family defined outside this package (the ``FAMILY`` of its file)."""
     if family not in FAMILIES:
         FAMILIES.append(family)
 

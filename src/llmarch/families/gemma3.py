@@ -163,7 +163,7 @@ def from_gguf(f: GGUFFile) -> dict:
 
 
 def sanitize(tensors: Stream, cfg: ModelConfig, fmt: str) -> Stream:
-    if fmt == GGUF:
+    if fmt == GGUF:  # llama.cpp stores 1 + w: its RMSNorm multiplies by the weight alone
         tensors = ((n, t - 1.0 if n.endswith("norm.weight") else t) for n, t in rename_gguf(tensors, GGUF_GEMMA3_KEYS))
     return rename(text_only(tensors, TOWERS), GEMMA3_KEYS, "gemma3")
 
