@@ -154,9 +154,8 @@ def from_pretrained(path: str | os.PathLike | HFDirectory | GGUFCheckpoint, dtyp
     its tokenizer also reads, is parsed once). ``dtype=None`` keeps the dtype the weights
     are stored in.
     """
-    from .formats import (
-        open_checkpoint,  # imported here: formats uses this module's readers
-    )
+    # imported here: formats reads directories with this module's helpers
+    from .formats import open_checkpoint
 
     ck = open_checkpoint(path) if isinstance(path, (str, os.PathLike)) else path
     cfg = ck.config
