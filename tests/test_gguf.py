@@ -19,7 +19,8 @@ from gguf import GGMLQuantizationType as QT  # noqa: E402
 from gguf.quants import quantize  # noqa: E402
 
 from llmarch.checkpoints.assets import resolve_model  # noqa: E402
-from llmarch.checkpoints.gguf import GGUFCheckpoint, dequantize  # noqa: E402
+from llmarch.checkpoints.formats import GGUFCheckpoint  # noqa: E402
+from llmarch.checkpoints.gguf import dequantize  # noqa: E402
 from llmarch.errors import CheckpointError  # noqa: E402
 
 

@@ -150,11 +150,17 @@ def test_multimodal_wrapper_loads_text_decoder(tmp_path):
 
 def test_hub_style_wrapper_prefixes(tmp_path):
     """Hub checkpoints of mistral3 / gemma3 store text weights as language_model.model.*."""
-    from llmarch.families import WRAPPERS, rename_wrapped
+    from llmarch.families.base import text_only
+    from llmarch.families.mistral import TOWERS
 
-    w = WRAPPERS["mistral3"]
-    assert rename_wrapped("language_model.model.layers.3.self_attn.q_proj.weight", w) == "model.layers.3.self_attn.q_proj.weight"
-    assert rename_wrapped("model.language_model.norm.weight", w) == "model.norm.weight"
-    assert rename_wrapped("language_model.lm_head.weight", w) == "lm_head.weight"
-    assert rename_wrapped("vision_tower.transformer.layers.0.attention.q_proj.weight", w) is None
-    assert rename_wrapped("multi_modal_projector.linear_1.weight", w) is None
+    def renamed(name):
+        out = [n for n, _ in text_only(iter([(name, None)]), TOWERS)]
+        return out[0] if out else None
+
+    assert renamed("language_model.model.layers.3.self_attn.q_proj.weight") == "model.layers.3.self_attn.q_proj.weight"
+    assert renamed("model.language_model.norm.weight") == "model.norm.weight"
+    assert renamed("language_model.lm_head.weight") == "lm_head.weight"
+    with pytest.warns(UserWarning, match="dropped 1 non-text"):
+        assert renamed("vision_tower.transformer.layers.0.attention.q_proj.weight") is None
+    with pytest.warns(UserWarning, match="dropped 1 non-text"):
+        assert renamed("multi_modal_projector.linear_1.weight") is None

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from llmarch.checkpoints.gguf import GGUFCheckpoint
+from llmarch.checkpoints.formats import GGUFCheckpoint
 from llmarch.checkpoints.tokenizer import StreamDecoder, Tokenizer
 from llmarch.errors import CheckpointError
 

@@ -33,25 +33,13 @@ from .summary import Summary, summarize_model
 
 def load_config(spec: str) -> ModelConfig:
     """A preset name, a Hugging Face checkpoint directory or a .gguf file (config only)."""
-    from ..families import config_from_hf, get_config, preset_names
+    from ..checkpoints.formats import read_config
+    from ..families import get_config, preset_names
 
-    if spec in preset_names():
-        return get_config(spec)
     p = Path(spec)
-    if p.is_dir():
-        from ..checkpoints.hf import read_config_json
-
-        cfg = config_from_hf(read_config_json(p))
-    elif p.is_file() and p.suffix == ".gguf":
-        try:
-            from ..checkpoints.gguf import GGUFCheckpoint
-        except ImportError:
-            raise ConfigError(f"{p}: reading .gguf files needs llmarch.checkpoints.gguf, which this installation lacks") from None
-        cfg = config_from_hf(GGUFCheckpoint(p).hf_config)
-    elif p.exists():
-        raise ConfigError(f"{p} is neither a checkpoint directory nor a .gguf file")
-    else:
-        return get_config(spec)  # raises with the closest preset name
+    if spec in preset_names() or not p.exists():
+        return get_config(spec)  # raises with the closest preset name when unknown
+    cfg = read_config(p)
     return cfg.replace(name=cfg.name or p.name.removesuffix(".gguf"))
 
 

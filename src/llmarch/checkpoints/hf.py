@@ -1,8 +1,9 @@
 """Hugging Face checkpoints: strict, memory-lean loading and export.
 
 Loading builds the module tree on the meta device (no memory), then streams each tensor
-from the memory-mapped safetensors files, renames it with the family's key map, checks its
-shape and assigns it as the parameter: the weights exist once, in the model.
+from the memory-mapped safetensors files (or a GGUF file), passes the stream through the
+family's ``sanitize`` (renaming and any surgery), checks each shape and assigns it as the
+parameter: the weights exist once, in the model.
 """
 
 from __future__ import annotations
@@ -10,23 +11,21 @@ from __future__ import annotations
 import json
 import os
 import struct
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..families import (
-    config_from_hf,
-    family_for_config,
-    family_for_model_type,
-    rename_wrapped,
-    resolve_hf_config,
-)
+from ..families import family_for_config, family_for_model_type
+from ..families.base import HF
 from ..model.config import ModelConfig
 from ..model.decoder import Decoder, build_model
+
+if TYPE_CHECKING:
+    from .formats import GGUFCheckpoint, HFDirectory
 
 # ----------------------------------------------------------------------------------------
 # reading
@@ -123,39 +122,22 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_tensors(
-    model: Decoder, cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]], wrapper=None, dtype=None, device=None
+    model: Decoder, cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]], fmt: str = HF, dtype=None, device=None
 ) -> Decoder:
-    """Assign HF-named tensors to a (meta) model, strictly."""
+    """Assign a checkpoint's tensors (``fmt``: HF or GGUF names) to a (meta) model, strictly."""
     fam = family_for_config(cfg)
     loaded: set[str] = set()
-    dropped = 0
-
-    def text_tensors():
-        nonlocal dropped
-        for hf_name, t in tensors:
-            name = rename_wrapped(hf_name, wrapper)
-            if name is None:
-                dropped += 1
-            else:
-                yield name, t
-
-    stream = text_tensors() if fam.prepare is None else fam.prepare(text_tensors(), cfg)
-    for name, t in stream:
-        if fam.is_ignored(name):
-            continue
-        if cfg.tie_embeddings and name == fam.keys.to_hf("lm_head.weight"):
+    for native, x in fam.to_native(tensors, cfg, fmt):
+        if cfg.tie_embeddings and native == "lm_head.weight":
             continue  # some tied checkpoints also store the head; it is the embedding
-        for native, x in fam.hf_to_native(name, t, cfg):
-            if native in loaded:
-                raise CheckpointError(f"tensor {native!r} appears twice in the checkpoint")
-            if dtype is not None and x.is_floating_point():
-                x = x.to(dtype)
-            if device is not None:
-                x = x.to(device)
-            _set_param(model, native, x)
-            loaded.add(native)
-    if dropped:
-        warnings.warn(f"dropped {dropped} non-text tensors (vision tower / projector); loaded the text decoder only")
+        if native in loaded:
+            raise CheckpointError(f"tensor {native!r} appears twice in the checkpoint")
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)
+        if device is not None:
+            x = x.to(device)
+        _set_param(model, native, x)
+        loaded.add(native)
     missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if missing:
         shown = ", ".join(f"{n} (HF name {fam.keys.to_hf(n) or '?'})" for n in missing[:8])
@@ -164,29 +146,21 @@ def load_tensors(
     return model
 
 
-def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None) -> Decoder:
+def from_pretrained(path: str | os.PathLike | HFDirectory | GGUFCheckpoint, dtype: torch.dtype | None = None, device=None) -> Decoder:
     """Load a Hugging Face checkpoint directory (config.json + safetensors) or a .gguf file.
 
-    ``dtype=None`` keeps the dtype the weights are stored in.
+    ``path`` may also be a checkpoint already opened with
+    :func:`llmarch.checkpoints.formats.open_checkpoint` (so a GGUF file's metadata, which
+    its tokenizer also reads, is parsed once). ``dtype=None`` keeps the dtype the weights
+    are stored in.
     """
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    if p.is_file() and p.suffix == ".gguf":
-        from .gguf import GGUFCheckpoint
+    # imported here: formats reads directories with this module's helpers
+    from .formats import open_checkpoint
 
-        ck = GGUFCheckpoint(p)
-        d = ck.hf_config
-        tensors = ck.tensors()
-    elif p.is_dir():
-        d = read_config_json(p)
-        tensors = iter_safetensors(safetensors_files(p))
-    else:
-        raise CheckpointError(f"{p} is neither a checkpoint directory nor a .gguf file")
-    cfg = config_from_hf(d)
-    _, wrapper = resolve_hf_config(d)
+    ck = open_checkpoint(path) if isinstance(path, (str, os.PathLike)) else path
+    cfg = ck.config
     model = build_model(cfg, device="meta")
-    load_tensors(model, cfg, tensors, wrapper=wrapper, dtype=dtype, device=device)
+    load_tensors(model, cfg, ck.raw_tensors(), fmt=ck.format, dtype=dtype, device=device)
     model.eval()
     return model
 
@@ -223,4 +197,4 @@ def save_pretrained(model: Decoder, path: str | os.PathLike) -> Path:
     return out
 
 
-__all__ = ["from_pretrained", "save_pretrained", "load_tensors", "family_for_model_type"]
+__all__ = ["family_for_model_type", "from_pretrained", "load_tensors", "save_pretrained"]

@@ -8,13 +8,15 @@ GGUF files carry no ``tokenizer.json``; they store the vocabulary, scores,
 token types and (for byte-level BPE) merges as metadata.  :meth:`Tokenizer.from_gguf`
 rebuilds the equivalent ``tokenizers`` pipeline:
 
-* ``tokenizer.ggml.model == "llama"`` (SentencePiece BPE with byte fallback).
-  Gemma files spell multi-space tokens with real spaces and list no merges;
-  we respell them with ``▁`` and derive merges from the vocabulary, ordered by
-  position in the file (Gemma's scores do not follow its merge order).  Gemma
-  does not add a dummy prefix space (``tokenizer.ggml.add_space_prefix`` false).
-* ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE with merges), split first
-  with the regex named by ``tokenizer.ggml.pre`` (``qwen2``, ``llama-bpe``, ...).
+* SentencePiece BPE with byte fallback.  Merges come from the file, or are derived
+  from the vocabulary ranked by score (or by position in the file, for vocabularies
+  whose scores do not follow the merge order).  Vocabularies that spell multi-space
+  tokens with real spaces are respelled with ``▁``.
+* Byte-level BPE with merges, split first with the regex named by ``tokenizer.ggml.pre``.
+
+What the metadata leaves unsaid (which ``tokenizer.ggml.model`` name is which kind,
+the pre-tokenizer regexes, spacing conventions, a default chat template) is a
+:class:`TokenizerQuirks`, filled in by the model's family (``families/``).
 
 Control tokens (token type 3) become special added tokens and user-defined
 ones (type 4) plain added tokens, so both are matched whole in the text.
@@ -24,90 +26,51 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
 
-__all__ = ["Tokenizer", "StreamDecoder", "GEMMA3_CHAT_TEMPLATE"]
+__all__ = ["BYTE_LEVEL", "SENTENCEPIECE", "StreamDecoder", "Tokenizer", "TokenizerQuirks"]
 
 # llama.cpp token types
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+#: tokenizer kinds a ``tokenizer.ggml.model`` name can stand for
+SENTENCEPIECE, BYTE_LEVEL = "sentencepiece", "byte_level"
 
-#: ``tokenizer.ggml.pre`` -> pre-tokenizer split regex (byte-level BPE files).
-PRE_TOKENIZER_SPLITS = {
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "llama-bpe": _LLAMA3_SPLIT,
-    "smaug-bpe": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
-    "deepseek-r1-qwen": _QWEN2_SPLIT,
-    "tekken": _TEKKEN_SPLIT,
-}
+
+@dataclass(frozen=True)
+class TokenizerQuirks:
+    """What a GGUF file leaves unsaid about its tokenizer; each family says it for its files."""
+
+    #: ``tokenizer.ggml.model`` -> SENTENCEPIECE or BYTE_LEVEL (llama.cpp names each kind after a model)
+    models: Mapping[str, str] = field(default_factory=dict)
+    #: ``tokenizer.ggml.pre`` -> the regex that splits text before byte-level BPE
+    pre_tokenizers: Mapping[str, str] = field(default_factory=dict)
+    #: multi-space tokens are stored with real spaces (and text is split on spaces, not Metaspace)
+    spaces_in_vocab: bool = False
+    #: SentencePiece scores do not follow the merge order; the position in the vocabulary does
+    merges_by_position: bool = False
+    #: a dummy prefix space, when ``tokenizer.ggml.add_space_prefix`` is absent
+    add_space_prefix: bool = True
+    #: the chat template, when the file carries no ``tokenizer.chat_template``
+    chat_template: str | None = None
+
+    def merged(self, others: Iterable[TokenizerQuirks]) -> TokenizerQuirks:
+        """These quirks with every family's tokenizer-kind and pre-tokenizer names (they are global names)."""
+        models, pre = dict(self.models), dict(self.pre_tokenizers)
+        for q in others:
+            models.update(q.models)
+            pre.update(q.pre_tokenizers)
+        return replace(self, models=models, pre_tokenizers=pre)
+
 
 #: Tokens that end a chat turn; counted as EOS when the chat template uses them.
 _END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>")
-
-#: The Gemma 3 instruction template (as shipped in google/gemma-3-* tokenizer_config.json);
-#: used for Gemma 3 GGUF files, which carry no ``tokenizer.chat_template``.
-GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- if messages[0]['content'] is string -%}
-        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
-    {%- else -%}
-        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
-    {%- endif -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = "" -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
-    {%- endif -%}
-    {%- if (message['role'] == 'assistant') -%}
-        {%- set role = "model" -%}
-    {%- else -%}
-        {%- set role = message['role'] -%}
-    {%- endif -%}
-    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
-    {%- if message['content'] is string -%}
-        {{ message['content'] | trim }}
-    {%- elif message['content'] is iterable -%}
-        {%- for item in message['content'] -%}
-            {%- if item['type'] == 'image' -%}
-                {{ '<start_of_image>' }}
-            {%- elif item['type'] == 'text' -%}
-                {{ item['text'] | trim }}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- else -%}
-        {{ raise_exception("Invalid content type") }}
-    {%- endif -%}
-    {{ '<end_of_turn>\\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{'<start_of_turn>model\\n'}}
-{%- endif -%}
-"""
-
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-character table used by byte-level BPE."""
@@ -277,11 +240,19 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_gguf(cls, source: Any) -> Tokenizer:
-        """Build the tokenizer described by a GGUF file's metadata (a path or a ``GGUFCheckpoint``)."""
-        from .gguf import GGUFCheckpoint
+    def from_gguf(cls, source: Any, quirks: TokenizerQuirks | None = None) -> Tokenizer:
+        """Build the tokenizer described by a GGUF file's metadata.
 
-        ckpt = source if isinstance(source, GGUFCheckpoint) else GGUFCheckpoint(source)
+        ``source`` is a path or an opened :class:`~llmarch.checkpoints.gguf.GGUFFile` (whose
+        metadata is then not parsed again); ``quirks`` default to those of the file's family.
+        """
+        from .gguf import GGUFFile
+
+        ckpt = source if isinstance(source, GGUFFile) else GGUFFile(source)
+        if quirks is None:
+            from ..families import tokenizer_quirks
+
+            quirks = tokenizer_quirks(ckpt.architecture)
         meta = ckpt.metadata
         model = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
@@ -290,15 +261,16 @@ class Tokenizer:
         tokens = list(tokens)
         types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
 
-        if model == "llama":
-            backend, tokens_as_spelled = _build_spm(ckpt.architecture, tokens, meta)
-        elif model == "gpt2":
-            backend, tokens_as_spelled = _build_byte_level(tokens, meta)
+        kind = quirks.models.get(model)
+        if kind == SENTENCEPIECE:
+            backend, tokens_as_spelled = _build_spm(quirks, tokens, meta)
+        elif kind == BYTE_LEVEL:
+            backend, tokens_as_spelled = _build_byte_level(quirks, tokens, meta)
         else:
             raise CheckpointError(
-                f"unsupported GGUF tokenizer model {model!r} in {ckpt.path} (supported: llama, gpt2)"
+                f"unsupported GGUF tokenizer model {model!r} in {ckpt.path} (supported: {', '.join(quirks.models)})"
             )
-        _add_special_tokens(backend, tokens, types, byte_level=(model == "gpt2"),
+        _add_special_tokens(backend, tokens, types, byte_level=(kind == BYTE_LEVEL),
                             vocab=set(tokens_as_spelled))
 
         def tok(kind: str) -> str | None:
@@ -307,10 +279,10 @@ class Tokenizer:
 
         add_bos = meta.get("tokenizer.ggml.add_bos_token")
         if add_bos is None:
-            add_bos = model == "llama"  # llama.cpp's default for SentencePiece vocabularies
+            add_bos = kind == SENTENCEPIECE  # llama.cpp's default for SentencePiece vocabularies
         template = meta.get("tokenizer.chat_template")
-        if template is None and ckpt.architecture == "gemma3":
-            template = GEMMA3_CHAT_TEMPLATE
+        if template is None:
+            template = quirks.chat_template
         extra = [int(meta[k]) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
                  if meta.get(k) is not None]
         return cls(
@@ -462,16 +434,15 @@ class StreamDecoder:
 
 
 # ---------------------------------------------------------------------- GGUF builders
-def _build_spm(architecture: str, tokens: list[str], meta: dict[str, Any]):
-    """SentencePiece-style BPE with byte fallback (``tokenizer.ggml.model == "llama"``)."""
+def _build_spm(quirks: TokenizerQuirks, tokens: list[str], meta: dict[str, Any]):
+    """SentencePiece-style BPE with byte fallback."""
     from tokenizers import Tokenizer as _Backend
     from tokenizers import decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
 
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[int(unk_id)] if unk_id is not None else None
-    gemma = architecture.startswith("gemma")
-    if gemma:
+    if quirks.spaces_in_vocab:
         # Multi-space tokens are stored with real spaces; the model looks them up as "▁▁...".
         spelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
     else:
@@ -479,8 +450,7 @@ def _build_spm(architecture: str, tokens: list[str], meta: dict[str, Any]):
     vocab = {t: i for i, t in enumerate(spelled)}
     if "tokenizer.ggml.merges" in meta:
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    elif gemma:
-        # Gemma's scores do not follow its merge order; the position in the vocabulary does.
+    elif quirks.merges_by_position:
         merges = _merges_from_vocab(vocab, {t: -i for t, i in vocab.items()})
     else:
         scores = meta.get("tokenizer.ggml.scores")
@@ -494,9 +464,9 @@ def _build_spm(architecture: str, tokens: list[str], meta: dict[str, Any]):
                            byte_fallback=True, dropout=None))
     add_prefix = meta.get("tokenizer.ggml.add_space_prefix")
     if add_prefix is None:
-        add_prefix = not gemma
+        add_prefix = quirks.add_space_prefix
     decoder_steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if gemma and not add_prefix:
+    if quirks.spaces_in_vocab and not add_prefix:
         backend.normalizer = normalizers.Replace(" ", "\u2581")
         backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
     else:
@@ -509,8 +479,8 @@ def _build_spm(architecture: str, tokens: list[str], meta: dict[str, Any]):
     return backend, spelled
 
 
-def _build_byte_level(tokens: list[str], meta: dict[str, Any]):
-    """Byte-level BPE (``tokenizer.ggml.model == "gpt2"``)."""
+def _build_byte_level(quirks: TokenizerQuirks, tokens: list[str], meta: dict[str, Any]):
+    """Byte-level BPE with merges."""
     from tokenizers import Regex, decoders, pre_tokenizers
     from tokenizers import Tokenizer as _Backend
     from tokenizers.models import BPE
@@ -523,7 +493,7 @@ def _build_byte_level(tokens: list[str], meta: dict[str, Any]):
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     backend = _Backend(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                            end_of_word_suffix="", fuse_unk=False))
-    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    split = quirks.pre_tokenizers.get(meta.get("tokenizer.ggml.pre"))
     if split is not None:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(split), behavior="isolated"),

@@ -1,23 +1,48 @@
 """What a family file provides, and the helpers they share.
 
-A family (``llama.py``, ``gemma3.py``, ...) is data: the Hugging Face ``model_type`` names it
-reads, its presets, the translation of ``config.json`` to a :class:`ModelConfig` and back, and
-the key map between Hugging Face tensor names and llmarch's module tree.
+A family file (``llama.py``, ``gemma3.py``, ...) holds everything llmarch knows about one
+architecture family, for every checkpoint format, and nothing else needs to know it:
+
+* ``PRESETS``: the published configurations, by name;
+* ``model_types``: the Hugging Face ``model_type`` names it reads, including the multimodal
+  wrapper types (``gemma3``, ``mistral3``, ``llama4``, ``gemma3n``) whose text decoder it loads;
+* ``from_hf`` / ``to_hf``: ``config.json`` -> :class:`ModelConfig` and back;
+* ``gguf_architectures`` + ``from_gguf``: the GGUF ``general.architecture`` names it reads and
+  their metadata -> ``config.json`` translation; ``gguf_keys``: GGUF tensor names -> HF names;
+* ``keys``: the HF <-> llmarch tensor-name map;
+* ``sanitize(tensors, cfg, fmt)``: all checkpoint surgery on the ``(name, tensor)`` stream of an
+  ``fmt`` (:data:`HF` or :data:`GGUF`) checkpoint, yielding llmarch names: key renames, GGUF
+  layout fixes, FP8 dequantisation, stacking experts, dropping multimodal towers, skipping
+  extra layers. Left out, it is :meth:`Family.rename` (GGUF names, then HF names);
+* ``save_transform``: the reverse of ``sanitize`` for export, where renaming is not enough;
+* ``tokenizer``: a :class:`TokenizerQuirks`, what its GGUF files leave unsaid about the tokenizer.
+
+Adding an architecture = one family file (plus registering its ``FAMILY`` in
+``families/__init__.py``) and any new :class:`ModelConfig` fields it needs.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
+from ..checkpoints.gguf import GGUFFile
+from ..checkpoints.tokenizer import TokenizerQuirks
 from ..errors import CheckpointError, ConfigError
 from ..model.config import CHUNKED, FULL, SLIDING, ModelConfig, RopeConfig
 
 HF_LAYER_TYPES = {"full_attention": FULL, "sliding_attention": SLIDING, "chunked_attention": CHUNKED}
 NATIVE_TO_HF_LAYER_TYPES = {v: k for k, v in HF_LAYER_TYPES.items()}
+
+#: checkpoint formats a ``sanitize`` hook is given
+HF, GGUF = "hf", "gguf"
+
+Stream = Iterator[tuple[str, torch.Tensor]]
 
 
 class KeyMap:
@@ -55,6 +80,12 @@ class KeyMap:
     def to_hf(self, native_name: str) -> str | None:
         return self._apply(self._bwd, native_name)
 
+    def updated(self, pairs: Iterable[tuple[str, str]]) -> KeyMap:
+        """This map with the entries for the given source prefixes replaced or added."""
+        table = dict(self.pairs)
+        table.update(pairs)
+        return KeyMap(table.items())
+
 
 LLAMA_KEYS = KeyMap(
     [
@@ -68,10 +99,110 @@ LLAMA_KEYS = KeyMap(
     ]
 )
 
+#: llama.cpp's tensor names -> HF names of a Llama-style decoder (``.weight`` / ``.bias`` follow)
+GGUF_KEYS = KeyMap(
+    [
+        ("token_embd.", "model.embed_tokens."),
+        ("output_norm.", "model.norm."),
+        ("output.", "lm_head."),
+        ("blk.{i}.attn_q.", "model.layers.{i}.self_attn.q_proj."),
+        ("blk.{i}.attn_k.", "model.layers.{i}.self_attn.k_proj."),
+        ("blk.{i}.attn_v.", "model.layers.{i}.self_attn.v_proj."),
+        ("blk.{i}.attn_output.", "model.layers.{i}.self_attn.o_proj."),
+        ("blk.{i}.attn_q_norm.", "model.layers.{i}.self_attn.q_norm."),
+        ("blk.{i}.attn_k_norm.", "model.layers.{i}.self_attn.k_norm."),
+        ("blk.{i}.ffn_gate.", "model.layers.{i}.mlp.gate_proj."),
+        ("blk.{i}.ffn_up.", "model.layers.{i}.mlp.up_proj."),
+        ("blk.{i}.ffn_down.", "model.layers.{i}.mlp.down_proj."),
+        ("blk.{i}.attn_norm.", "model.layers.{i}.input_layernorm."),
+        ("blk.{i}.ffn_norm.", "model.layers.{i}.post_attention_layernorm."),
+    ]
+)
+#: GGUF tensors with no HF counterpart (derived data, e.g. Llama 3's RoPE frequencies); skipped
+GGUF_DERIVED = frozenset({"rope_freqs.weight"})
+_GGUF_PARAM = re.compile(r"\.(weight|bias)$")
+
+
+def gguf_to_hf_name(keys: KeyMap, gguf_name: str, where: str = "") -> str | None:
+    """The HF name of a GGUF tensor; None for a derived one; a CheckpointError when unknown."""
+    if gguf_name in GGUF_DERIVED:
+        return None
+    hf = keys.to_native(gguf_name) if _GGUF_PARAM.search(gguf_name) else None
+    if hf is None:
+        raise CheckpointError(f"GGUF tensor {gguf_name!r}{where} has no known HF equivalent")
+    return hf
+
+
+def rename_gguf(tensors: Stream, keys: KeyMap) -> Stream:
+    """GGUF-named tensors -> HF-named ones (layout unchanged), derived tensors skipped."""
+    for name, t in tensors:
+        hf = gguf_to_hf_name(keys, name)
+        if hf is not None:
+            yield hf, t
+
+
+def rename(tensors: Stream, keys: KeyMap, family: str) -> Stream:
+    """HF-named tensors -> llmarch names, strictly: a name the key map lacks is an error."""
+    for name, t in tensors:
+        native = keys.to_native(name)
+        if native is None:
+            raise CheckpointError(f"unexpected tensor {name!r} in a {family} checkpoint: no llmarch parameter maps to it")
+        yield native, t
+
+
+def drop(tensors: Stream, pattern: str) -> Stream:
+    """Skip tensors whose name matches ``pattern`` (buffers saved beside the parameters)."""
+    rx = re.compile(pattern)
+    return ((name, t) for name, t in tensors if not rx.search(name))
+
+
+# Multimodal checkpoints keep the text decoder under language_model. (hub format) or
+# model.language_model. (transformers 5); these rewrite its names to the text model's.
+_TEXT_RENAME = [
+    (re.compile(r"^language_model\.model\."), "model."),
+    (re.compile(r"^model\.language_model\."), "model."),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+]
+
+
+def text_only(tensors: Stream, towers: tuple[str, ...]) -> Stream:
+    """A multimodal checkpoint's text decoder: ``towers`` (vision/audio modules) dropped with a warning."""
+    tower = re.compile(r"^(model\.)?(" + "|".join(map(re.escape, towers)) + r")\.")
+    dropped = 0
+    for name, t in tensors:
+        if tower.search(name):
+            dropped += 1
+            continue
+        for rx, rep in _TEXT_RENAME:
+            name, n = rx.subn(rep, name)
+            if n:
+                break
+        yield name, t
+    if dropped:
+        warnings.warn(f"dropped {dropped} non-text tensors (vision tower / projector); loaded the text decoder only")
+
+
+def unwrap_text_config(d: dict[str, Any], wrapper: str, text_model_type: str) -> dict[str, Any]:
+    """The text decoder's config of a multimodal ``config.json`` (model_type ``wrapper``); others unchanged."""
+    if d.get("model_type") != wrapper:
+        return d
+    text = dict(d.get("text_config") or {})
+    if not text:
+        raise ConfigError(f"config.json of model_type {wrapper!r} has no text_config")
+    if text.get("model_type", wrapper) == wrapper:
+        text["model_type"] = text_model_type
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if text.get(k) is None and d.get(k) is not None:
+            text[k] = d[k]
+    return text
+
+
+Sanitize = Callable[[Stream, ModelConfig, str], Stream]
+
 
 @dataclass
 class Family:
-    """One architecture family: presets, config translation and checkpoint key map."""
+    """One architecture family: presets, config translation (HF, GGUF), checkpoint surgery, tokenizer quirks."""
 
     name: str
     model_types: tuple[str, ...]
@@ -79,29 +210,27 @@ class Family:
     config_from_hf: Callable[[dict[str, Any]], ModelConfig]
     config_to_hf: Callable[[ModelConfig], dict[str, Any]]
     keys: KeyMap = LLAMA_KEYS
-    # HF tensors that are not parameters (old GPT-2 attention-mask buffers...) and are skipped
-    ignore: tuple[str, ...] = ()
-    # optional tensor transforms: (hf_name, tensor) -> [(native_name, tensor)]
-    load_transform: Callable[[str, torch.Tensor, ModelConfig], list[tuple[str, torch.Tensor]] | None] | None = None
+    # (checkpoint-named tensors, config, HF or GGUF) -> llmarch-named tensors; None: self.rename
+    sanitize: Sanitize | None = None
     # optional export transform: native state dict -> HF state dict
     save_transform: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
+    # GGUF: the general.architecture names this family reads, their metadata -> config.json dict,
+    # and llama.cpp tensor names -> HF names (for files of this family's model types)
+    gguf_architectures: tuple[str, ...] = ()
+    from_gguf: Callable[[GGUFFile], dict[str, Any]] | None = None
+    gguf_keys: KeyMap | None = None
+    tokenizer: TokenizerQuirks = field(default_factory=TokenizerQuirks)
     notes: list[str] = field(default_factory=list)
-    # optional checkpoint surgery on the whole (hf_name, tensor) stream, before renaming:
-    # FP8 dequantisation, stacking per-expert tensors, skipping extra layers
-    prepare: Callable[[Iterator[tuple[str, torch.Tensor]], ModelConfig], Iterator[tuple[str, torch.Tensor]]] | None = None
 
-    def is_ignored(self, hf_name: str) -> bool:
-        return any(re.search(p, hf_name) for p in self.ignore)
+    def rename(self, tensors: Stream, cfg: ModelConfig, fmt: str = HF) -> Stream:
+        """The plain checkpoint: GGUF names to HF names (for a GGUF file), HF names to llmarch names."""
+        if fmt == GGUF:
+            tensors = rename_gguf(tensors, self.gguf_keys)
+        return rename(tensors, self.keys, self.name)
 
-    def hf_to_native(self, hf_name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
-        if self.load_transform is not None:
-            out = self.load_transform(hf_name, tensor, cfg)
-            if out is not None:
-                return out
-        native = self.keys.to_native(hf_name)
-        if native is None:
-            raise CheckpointError(f"unexpected tensor {hf_name!r} in a {self.name} checkpoint: no llmarch parameter maps to it")
-        return [(native, tensor)]
+    def to_native(self, tensors: Stream, cfg: ModelConfig, fmt: str = HF) -> Stream:
+        """A checkpoint's ``(name, tensor)`` stream in llmarch names, through the family's ``sanitize``."""
+        return (self.sanitize or self.rename)(tensors, cfg, fmt)
 
     def native_to_hf(self, state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
         if self.save_transform is not None:
@@ -241,3 +370,60 @@ def check_exportable(cfg: ModelConfig, family: str, **expected: Any) -> None:
                 f"cannot export as {family}: {fname} = {have!r}, but {family} checkpoints require {want!r}"
             )
 
+
+
+# ----------------------------------------------------------------------------------------
+# GGUF metadata helpers shared by the families
+# ----------------------------------------------------------------------------------------
+
+
+def gguf_config(f: GGUFFile, model_type: str, architecture: str) -> dict[str, Any]:
+    """The ``config.json`` fields every llama.cpp architecture writes under the same metadata keys."""
+    hidden = int(f.require("embedding_length"))
+    n_head = int(f.require("attention.head_count"))
+    n_kv = f.value("attention.head_count_kv", n_head)
+    if isinstance(n_kv, list):  # per-layer lists exist in some files
+        n_kv = max(n_kv)
+    head_dim = f.value("attention.key_length") or f.value("rope.dimension_count")
+    vocab_size = f.value("vocab_size")
+    if vocab_size is None:
+        tokens = f.metadata.get("tokenizer.ggml.tokens")
+        if tokens is not None:
+            vocab_size = len(tokens)
+        elif f.has_tensor("token_embd.weight"):
+            vocab_size = f.tensor_shape("token_embd.weight")[0]
+        else:
+            raise CheckpointError(f"cannot determine vocab_size of {f.path}: no tokenizer "
+                                  f"metadata and no token_embd.weight tensor")
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": int(vocab_size),
+        "hidden_size": hidden,
+        "intermediate_size": int(f.require("feed_forward_length")),
+        "num_hidden_layers": int(f.require("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(n_kv),
+        "head_dim": int(head_dim) if head_dim else hidden // n_head,
+        "rms_norm_eps": f.float_value("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": f.float_value("rope.freq_base", 10000.0),
+        "rope_scaling": _gguf_rope_scaling(f),
+        "max_position_embeddings": int(f.value("context_length", 2048)),
+        "tie_word_embeddings": not f.has_tensor("output.weight"),
+        "bos_token_id": f.token_id("bos"),
+        "eos_token_id": f.token_id("eos"),
+        "pad_token_id": f.token_id("padding"),
+        "attention_dropout": 0.0,
+    }
+
+
+def _gguf_rope_scaling(f: GGUFFile) -> dict[str, Any] | None:
+    kind = f.value("rope.scaling.type")
+    factor = f.float_value("rope.scaling.factor")
+    if not kind or kind == "none" or not factor:
+        return None
+    scaling: dict[str, Any] = {"rope_type": str(kind), "factor": factor}
+    orig = f.value("rope.scaling.original_context_length")
+    if orig:
+        scaling["original_max_position_embeddings"] = int(orig)
+    return scaling

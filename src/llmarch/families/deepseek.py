@@ -21,9 +21,11 @@ from .base import (
     LLAMA_KEYS,
     Family,
     KeyMap,
+    Stream,
     check_exportable,
     common_from_hf,
     common_to_hf,
+    rename,
     require,
 )
 from .experts import skip_layers_from, stack_experts, unstack_experts
@@ -136,14 +138,16 @@ def to_hf(cfg: ModelConfig) -> dict:
     return d
 
 
-def prepare(tensors, cfg: ModelConfig):
+def sanitize(tensors: Stream, cfg: ModelConfig, fmt: str) -> Stream:
     tensors = skip_layers_from(tensors, cfg.num_layers, "DeepSeek's multi-token-prediction module")
     tensors = dequantize_stream(tensors)
-    return stack_experts(tensors, cfg.moe.num_experts) if cfg.moe is not None else tensors
+    if cfg.moe is not None:
+        tensors = stack_experts(tensors, cfg.moe.num_experts)
+    return rename(tensors, KEYS, "deepseek")
 
 
 FAMILY = Family(
-    "deepseek", ("deepseek_v3", "kimi_k2"), PRESETS, from_hf, to_hf, keys=KEYS, prepare=prepare,
+    "deepseek", ("deepseek_v3", "kimi_k2"), PRESETS, from_hf, to_hf, keys=KEYS, sanitize=sanitize,
     save_transform=lambda state, cfg: unstack_experts(state, KEYS),
     notes=["FP8 block-quantised weights are dequantised on load; the multi-token-prediction layer is skipped"],
 )

@@ -19,11 +19,15 @@ from ..model.config import FULL, SLIDING, ModelConfig, RopeConfig
 from .base import (
     Family,
     KeyMap,
+    Stream,
     check_exportable,
     common_from_hf,
     common_to_hf,
     layer_types_to_hf,
     parse_layer_types,
+    rename,
+    text_only,
+    unwrap_text_config,
 )
 from .gemma3 import GEMMA3_KEYS
 
@@ -92,6 +96,7 @@ PRESETS = {
 
 
 def from_hf(d: dict) -> ModelConfig:
+    d = unwrap_text_config(d, "gemma3n", "gemma3n_text")
     nullable = ("final_logit_softcapping", "altup_coef_clip")
     d = {**HF_DEFAULTS, **{k: v for k, v in d.items() if v is not None or k in nullable}}
     sizes = d["intermediate_size"]
@@ -153,14 +158,17 @@ def to_hf(cfg: ModelConfig) -> dict:
 
 
 _KV_TENSOR = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+TOWERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")
 
 
-def load_transform(hf_name: str, tensor, cfg: ModelConfig):
-    """Drop the K/V weights that checkpoints still carry for KV-shared layers (never used)."""
-    m = _KV_TENSOR.match(hf_name)
-    if m and cfg.layer_kv_source(int(m.group(1))) is not None:
-        return []
-    return None
+def _uses_own_kv(name: str, cfg: ModelConfig) -> bool:
+    m = _KV_TENSOR.match(name)
+    return m is None or cfg.layer_kv_source(int(m.group(1))) is None
 
 
-FAMILY = Family("gemma3n", ("gemma3n_text",), PRESETS, from_hf, to_hf, keys=GEMMA3N_KEYS, load_transform=load_transform)
+def sanitize(tensors: Stream, cfg: ModelConfig, fmt: str) -> Stream:
+    """Text decoder only, without the K/V weights checkpoints still carry for KV-shared layers (never used)."""
+    return rename(((n, t) for n, t in text_only(tensors, TOWERS) if _uses_own_kv(n, cfg)), GEMMA3N_KEYS, "gemma3n")
+
+
+FAMILY = Family("gemma3n", ("gemma3n_text", "gemma3n"), PRESETS, from_hf, to_hf, keys=GEMMA3N_KEYS, sanitize=sanitize)

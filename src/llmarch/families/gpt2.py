@@ -2,7 +2,9 @@
 biases on every linear, a plain tanh-GELU MLP, multi-head attention, tied head.
 
 HF stores GPT-2's linears as ``Conv1D`` with (in, out) weights and a fused ``c_attn``; the
-transforms below split and transpose them on load and fuse them back on export.
+transforms below split and transpose them on load and fuse them back on export. Old
+checkpoints also store attention-mask buffers, skipped. llama.cpp names its byte-level BPE
+tokenizer kind ``gpt2``.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import re
 
 import torch
 
+from ..checkpoints.tokenizer import BYTE_LEVEL, TokenizerQuirks
 from ..errors import ConfigError
 from ..model.config import ModelConfig
-from .base import Family, KeyMap, check_exportable, require
+from .base import Family, KeyMap, Stream, check_exportable, drop, rename, require
 
 GPT2_KEYS = KeyMap(
     [
@@ -87,12 +90,12 @@ def to_hf(cfg: ModelConfig) -> dict:
     )
 
 
-def load_transform(name: str, t: torch.Tensor, cfg: ModelConfig):
+def _split_conv1d(name: str, t: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
     if not name.startswith(("transformer.", "lm_head.")):
         name = "transformer." + name  # the original checkpoint has no "transformer." prefix
     m = _LAYER.match(name)
     if m is None:
-        return [(GPT2_KEYS.to_native(name) or _unexpected(name), t)]
+        return list(rename(iter([(name, t)]), GPT2_KEYS, "gpt2"))
     i, mod, kind = m.groups()
     w = t.t() if kind == "weight" else t  # Conv1D stores (in, out)
     if mod == "attn.c_attn":
@@ -101,10 +104,10 @@ def load_transform(name: str, t: torch.Tensor, cfg: ModelConfig):
     return [(f"layers.{i}.{_CONV[mod]}.{kind}", w.contiguous())]
 
 
-def _unexpected(name: str):
-    from ..errors import CheckpointError
-
-    raise CheckpointError(f"unexpected tensor {name!r} in a gpt2 checkpoint: no llmarch parameter maps to it")
+def sanitize(tensors: Stream, cfg: ModelConfig, fmt: str) -> Stream:
+    """Attention-mask buffers skipped; Conv1D weights transposed, c_attn split into q, k, v."""
+    for name, t in drop(tensors, r"\.attn\.(masked_)?bias$"):
+        yield from _split_conv1d(name, t, cfg)
 
 
 def save_transform(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -128,6 +131,6 @@ def save_transform(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
 
 
 FAMILY = Family(
-    "gpt2", ("gpt2",), PRESETS, from_hf, to_hf, keys=GPT2_KEYS,
-    ignore=(r"\.attn\.(masked_)?bias$",), load_transform=load_transform, save_transform=save_transform,
+    "gpt2", ("gpt2",), PRESETS, from_hf, to_hf, keys=GPT2_KEYS, sanitize=sanitize, save_transform=save_transform,
+    tokenizer=TokenizerQuirks(models={"gpt2": BYTE_LEVEL}),
 )

@@ -1,9 +1,31 @@
-"""Llama 3 / 3.2: the article's baseline. Pre-RMSNorm, GQA, SwiGLU, RoPE (llama3 scaling)."""
+"""Llama 3 / 3.2: the article's baseline. Pre-RMSNorm, GQA, SwiGLU, RoPE (llama3 scaling).
+
+GGUF: llama.cpp's converter permutes the rows of ``q_proj``/``k_proj`` from HF's
+rotate-half RoPE layout to its interleaved one (undone on load), and writes Mistral models
+under the ``llama`` architecture too (told apart by ``general.name``). llama.cpp names its
+SentencePiece tokenizer kind ``llama`` and Llama 3's byte-level pre-tokenizer ``llama-bpe``.
+"""
 
 from __future__ import annotations
 
+import torch
+
+from ..checkpoints.gguf import GGUFFile
+from ..checkpoints.tokenizer import SENTENCEPIECE, TokenizerQuirks
 from ..model.config import ModelConfig, RopeConfig
-from .base import Family, check_exportable, common_from_hf, common_to_hf
+from .base import (
+    GGUF,
+    GGUF_KEYS,
+    LLAMA_KEYS,
+    Family,
+    Stream,
+    check_exportable,
+    common_from_hf,
+    common_to_hf,
+    gguf_config,
+    rename,
+    rename_gguf,
+)
 
 LLAMA3_SCALING_32 = {
     "rope_type": "llama3",
@@ -55,4 +77,48 @@ def to_hf(cfg: ModelConfig) -> dict:
     return d
 
 
-FAMILY = Family("llama", ("llama",), PRESETS, from_hf, to_hf)
+def from_gguf(f: GGUFFile) -> dict:
+    d = gguf_config(f, "llama", "LlamaForCausalLM")
+    d.update(hidden_act="silu", attention_bias=f.has_tensor("blk.0.attn_q.bias"), mlp_bias=False)
+    if "mistral" in str(f.metadata.get("general.name", "")).lower():
+        window = f.value("attention.sliding_window")
+        d.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=int(window) if window else None)
+    return d
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Invert llama.cpp's ``LlamaModel.permute`` of Q/K rows (interleaved -> rotate-half RoPE)."""
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def gguf_to_hf_layout(tensors: Stream, cfg: ModelConfig) -> Stream:
+    """A ``llama``-architecture GGUF file's tensors in HF names and HF's rotate-half Q/K row order."""
+    for name, t in rename_gguf(tensors, GGUF_KEYS):
+        if ".self_attn.q_proj." in name:
+            t = _unpermute(t, cfg.num_heads)
+        elif ".self_attn.k_proj." in name:
+            t = _unpermute(t, cfg.num_kv_heads)
+        yield name, t
+
+
+def sanitize(tensors: Stream, cfg: ModelConfig, fmt: str) -> Stream:
+    if fmt == GGUF:
+        tensors = gguf_to_hf_layout(tensors, cfg)
+    return rename(tensors, LLAMA_KEYS, "llama")
+
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+FAMILY = Family(
+    "llama", ("llama",), PRESETS, from_hf, to_hf, sanitize=sanitize,
+    gguf_architectures=("llama",), from_gguf=from_gguf, gguf_keys=GGUF_KEYS,
+    tokenizer=TokenizerQuirks(
+        models={"llama": SENTENCEPIECE},
+        pre_tokenizers=dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe"), _LLAMA3_SPLIT),
+    ),
+)

@@ -18,11 +18,15 @@ from ..model.config import CHUNKED, FULL, ModelConfig, MoEConfig, RopeConfig
 from .base import (
     Family,
     KeyMap,
+    Stream,
     check_exportable,
     common_from_hf,
     common_to_hf,
     layer_types_to_hf,
     parse_layer_types,
+    rename,
+    text_only,
+    unwrap_text_config,
 )
 from .llama import LLAMA3_SCALING_32, llama_config
 
@@ -38,6 +42,7 @@ KEYS = KeyMap(
     ]
 )
 FUSED = (".experts.gate_up_proj", ".experts.down_proj")
+TOWERS = ("vision_model", "multi_modal_projector")
 
 
 def _preset(name: str, experts: int, moe_step: int, qk_norm: str, rope: RopeConfig, max_pos: int) -> ModelConfig:
@@ -63,6 +68,7 @@ PRESETS = {
 
 
 def from_hf(d: dict) -> ModelConfig:
+    d = unwrap_text_config(d, "llama4", "llama4_text")
     kw = common_from_hf(d)
     kw.pop("rope_local")
     n = kw["num_layers"]
@@ -117,11 +123,10 @@ def to_hf(cfg: ModelConfig) -> dict:
     return d
 
 
-def load_transform(name: str, t, cfg: ModelConfig):
-    """Meta's fused experts are stored (E, in, out): transpose to llmarch's (E, out, in)."""
-    if name.endswith(FUSED):
-        return [(KEYS.to_native(name), t.transpose(1, 2).contiguous())]
-    return None
+def sanitize(tensors: Stream, cfg: ModelConfig, fmt: str) -> Stream:
+    """Text decoder only; Meta's fused experts are stored (E, in, out): transposed to llmarch's (E, out, in)."""
+    tensors = ((n, t.transpose(1, 2).contiguous() if n.endswith(FUSED) else t) for n, t in text_only(tensors, TOWERS))
+    return rename(tensors, KEYS, "llama4")
 
 
 def save_transform(state: dict, cfg: ModelConfig) -> dict:
@@ -129,6 +134,6 @@ def save_transform(state: dict, cfg: ModelConfig) -> dict:
 
 
 FAMILY = Family(
-    "llama4", ("llama4_text",), PRESETS, from_hf, to_hf, keys=KEYS, load_transform=load_transform,
+    "llama4", ("llama4_text", "llama4"), PRESETS, from_hf, to_hf, keys=KEYS, sanitize=sanitize,
     save_transform=save_transform, notes=["multimodal checkpoints load the text decoder; the vision tower is dropped"],
 )

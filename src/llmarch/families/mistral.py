@@ -1,15 +1,31 @@
 """Mistral Small 3.1: a Llama-style decoder with head_dim * heads != hidden and rope_theta 1e9.
 
 The released checkpoint is ``Mistral3ForConditionalGeneration``: the text weights sit under
-``language_model.`` beside a vision tower, which llmarch drops (see ``families/__init__``).
+``language_model.`` beside a vision tower, which llmarch drops. GGUF files are written under
+the ``llama`` architecture (see ``llama.py``); the Tekken tokenizer's pre-tokenizer is ``tekken``.
 """
 
 from __future__ import annotations
 
+from ..checkpoints.tokenizer import TokenizerQuirks
 from ..errors import ConfigError
 from ..model.config import FULL, SLIDING, ModelConfig, RopeConfig
-from .base import Family, check_exportable, common_from_hf, common_to_hf
-from .llama import llama_config
+from .base import (
+    GGUF,
+    GGUF_KEYS,
+    LLAMA_KEYS,
+    Family,
+    Stream,
+    check_exportable,
+    common_from_hf,
+    common_to_hf,
+    rename,
+    text_only,
+    unwrap_text_config,
+)
+from .llama import gguf_to_hf_layout, llama_config
+
+TOWERS = ("vision_tower", "multi_modal_projector")
 
 PRESETS = {
     "mistral-small-3.1-24b": lambda: llama_config(
@@ -22,6 +38,7 @@ PRESETS = {
 
 
 def from_hf(d: dict) -> ModelConfig:
+    d = unwrap_text_config(d, "mistral3", "mistral")
     kw = common_from_hf(d)
     kw.pop("rope_local")
     kw["qkv_bias"] = kw["attn_out_bias"] = False
@@ -45,4 +62,20 @@ def to_hf(cfg: ModelConfig) -> dict:
     return d
 
 
-FAMILY = Family("mistral", ("mistral",), PRESETS, from_hf, to_hf)
+def sanitize(tensors: Stream, cfg: ModelConfig, fmt: str) -> Stream:
+    if fmt == GGUF:
+        tensors = gguf_to_hf_layout(tensors, cfg)
+    return rename(text_only(tensors, TOWERS), LLAMA_KEYS, "mistral")
+
+
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+FAMILY = Family(
+    "mistral", ("mistral", "mistral3"), PRESETS, from_hf, to_hf, sanitize=sanitize, gguf_keys=GGUF_KEYS,
+    tokenizer=TokenizerQuirks(pre_tokenizers={"tekken": _TEKKEN_SPLIT}),
+)

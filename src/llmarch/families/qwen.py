@@ -1,14 +1,23 @@
-"""Qwen2.5 (q/k/v bias) and Qwen3 dense (per-head QK-norm, explicit head_dim)."""
+"""Qwen2.5 (q/k/v bias) and Qwen3 dense (per-head QK-norm, explicit head_dim).
+
+GGUF: architectures ``qwen2`` and ``qwen3`` (the HF model_type names), tensors in HF layout
+(llama.cpp uses NEOX-style RoPE for them, so Q/K rows are not permuted); byte-level BPE
+split with the ``qwen2`` pre-tokenizer.
+"""
 
 from __future__ import annotations
 
+from ..checkpoints.gguf import GGUFFile
+from ..checkpoints.tokenizer import TokenizerQuirks
 from ..errors import ConfigError
 from ..model.config import FULL, SLIDING, ModelConfig, RopeConfig
 from .base import (
+    GGUF_KEYS,
     Family,
     check_exportable,
     common_from_hf,
     common_to_hf,
+    gguf_config,
     parse_layer_types,
 )
 from .llama import llama_config
@@ -82,4 +91,26 @@ def to_hf(cfg: ModelConfig) -> dict:
     return d
 
 
-FAMILY = Family("qwen", ("qwen2", "qwen3"), PRESETS, from_hf, to_hf)
+def from_gguf(f: GGUFFile) -> dict:
+    mt = f.architecture  # llama.cpp's qwen2 / qwen3 are the HF model types
+    d = gguf_config(f, mt, "Qwen2ForCausalLM" if mt == "qwen2" else "Qwen3ForCausalLM")
+    n = d["num_hidden_layers"]
+    d.update(hidden_act="silu", use_sliding_window=False, max_window_layers=n)
+    if mt == "qwen2":
+        d["sliding_window"] = d["max_position_embeddings"]
+    else:
+        d.update(sliding_window=None, attention_bias=f.has_tensor("blk.0.attn_q.bias"))
+    return d
+
+
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+FAMILY = Family(
+    "qwen", ("qwen2", "qwen3"), PRESETS, from_hf, to_hf,
+    gguf_architectures=("qwen2", "qwen3"), from_gguf=from_gguf, gguf_keys=GGUF_KEYS,
+    tokenizer=TokenizerQuirks(pre_tokenizers=dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT)),
+)

@@ -9,9 +9,11 @@ from .base import (
     LLAMA_KEYS,
     Family,
     KeyMap,
+    Stream,
     check_exportable,
     common_from_hf,
     common_to_hf,
+    rename,
 )
 from .experts import stack_experts, unstack_experts
 from .llama import llama_config
@@ -73,8 +75,13 @@ def to_hf(cfg: ModelConfig) -> dict:
     return d
 
 
+def sanitize(tensors: Stream, cfg: ModelConfig, fmt: str) -> Stream:
+    if cfg.moe is not None:
+        tensors = stack_experts(tensors, cfg.moe.num_experts)
+    return rename(tensors, KEYS, "qwen3_moe")
+
+
 FAMILY = Family(
-    "qwen3_moe", ("qwen3_moe",), PRESETS, from_hf, to_hf, keys=KEYS,
-    prepare=lambda tensors, cfg: stack_experts(tensors, cfg.moe.num_experts) if cfg.moe is not None else tensors,
+    "qwen3_moe", ("qwen3_moe",), PRESETS, from_hf, to_hf, keys=KEYS, sanitize=sanitize,
     save_transform=lambda state, cfg: unstack_experts(state, KEYS),
 )
