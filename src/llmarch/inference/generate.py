@@ -481,13 +481,15 @@ def load(name_or_path: str | None = None, dtype: torch.dtype | None = torch.floa
     (:func:`llmarch.inference.packed.pack_linears` with ``release``), so the model holds its weights once;
     use :func:`llmarch.from_pretrained` for a model to train or export."""
     from ..checkpoints.assets import resolve_model
+    from ..checkpoints.formats import GGUFCheckpoint, open_checkpoint
     from ..checkpoints.hf import from_pretrained
     from ..checkpoints.tokenizer import Tokenizer
     from .packed import pack_linears
 
-    path = resolve_model(name_or_path)
-    model = from_pretrained(path, dtype=dtype)
+    checkpoint = open_checkpoint(resolve_model(name_or_path))  # a GGUF file's metadata is parsed once, here
+    model = from_pretrained(checkpoint, dtype=dtype)
     if pack:
         pack_linears(model, release=True)
-    tokenizer = Tokenizer.from_file(path) if path.is_dir() else Tokenizer.from_gguf(path)
-    return model, tokenizer
+    if isinstance(checkpoint, GGUFCheckpoint):
+        return model, Tokenizer.from_gguf(checkpoint)
+    return model, Tokenizer.from_file(checkpoint.path)
