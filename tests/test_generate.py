@@ -3,14 +3,14 @@ strings, input validation and the ``llmarch generate`` command."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import TOK, VOCAB, hf_configs, make_hf_model
-from hf_tiny_moe import make_moe_model
+from oracle import TOK, VOCAB
 from tiny_tokenizer import tiny_tokenizer
 
 import llmarch
@@ -40,15 +40,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """arch -> (llmarch model, HF model, checkpoint directory with a tokenizer)."""
+def tiny(tmp_path_factory, tiny_reference):
+    """arch -> (llmarch model, HF model, a copy of its checkpoint directory with a tokenizer)."""
     cache = {}
 
     def get(arch: str):
         if arch not in cache:
+            src, hf = tiny_reference(arch)
             d = tmp_path_factory.mktemp(arch)
-            hf = make_hf_model(arch) if arch in hf_configs() else make_moe_model(arch)
-            hf.save_pretrained(d)
+            shutil.copytree(src, d, dirs_exist_ok=True)
             tok = tiny_tokenizer()
             tok.backend.save(str(d / "tokenizer.json"))
             (d / "tokenizer_config.json").write_text(

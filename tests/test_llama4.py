@@ -1,17 +1,15 @@
 """Llama 4 specifics beyond logit parity (tests/test_moe.py): the features are really exercised."""
 
 import torch
-from hf_tiny import SEQ, VOCAB
-from hf_tiny_moe import make_moe_model
+from oracle import random_ids
 
 import llmarch
 
 
-def test_temperature_tuning_acts_on_nope_layers_only(tmp_path):
-    make_moe_model("llama4_text_scout").save_pretrained(tmp_path)
-    model = llmarch.from_pretrained(tmp_path)
+def test_temperature_tuning_acts_on_nope_layers_only(tiny_reference):
+    model = llmarch.from_pretrained(tiny_reference("llama4_text_scout")[0])
     assert [blk.attn.temperature_tuning for blk in model.layers] == [False, False, False, True]
-    ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    ids = random_ids(batch=1)
     with torch.no_grad():
         tuned = model(ids)
         model.layers[3].attn.temperature_tuning = False

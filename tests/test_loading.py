@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from hf_tiny import VOCAB, make_hf_model
+from oracle import VOCAB, make_hf_model
 from safetensors.torch import load_file, save_file
 
 import llmarch
@@ -134,7 +134,7 @@ def _tiny_gemma3_multimodal():
 
 def test_multimodal_wrapper_loads_text_decoder(tmp_path):
     """gemma3 (multimodal) checkpoints: the text decoder loads, the vision tower is dropped."""
-    from conftest import perturb_
+    from oracle import perturb_
 
     torch.manual_seed(0)
     hf = perturb_(_tiny_gemma3_multimodal()).eval()

@@ -5,8 +5,7 @@ import warnings
 
 import pytest
 import torch
-from hf_tiny import SEQ, VOCAB
-from hf_tiny_moe import make_moe_model
+from oracle import SEQ, random_ids
 
 import llmarch
 from llmarch.checkpoints.fp8 import dequantize_blocks
@@ -15,16 +14,9 @@ from llmarch.families.experts import PER_EXPERT
 from llmarch.model.mla import MLAttention
 
 
-@pytest.fixture(scope="module")
-def ds_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ds")
-    hf = make_moe_model("deepseek_v3")
-    hf.save_pretrained(d)
-    return d, hf
-
-
-def _ids(batch=2, seq=SEQ, seed=0):
-    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+@pytest.fixture
+def ds_dir(tiny_reference):
+    return tiny_reference("deepseek_v3")
 
 
 def _set_absorb(model, value):
@@ -34,10 +26,9 @@ def _set_absorb(model, value):
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v3_plain"])
-def test_absorbed_path_equals_expanded(arch, tmp_path):
-    make_moe_model(arch).save_pretrained(tmp_path)
-    model = llmarch.from_pretrained(tmp_path)
-    ids = _ids()
+def test_absorbed_path_equals_expanded(arch, tiny_reference):
+    model = llmarch.from_pretrained(tiny_reference(arch)[0])
+    ids = random_ids()
     with torch.no_grad():
         _set_absorb(model, False)
         expanded = model(ids)

@@ -1,70 +1,20 @@
-"""Sparse and latent families vs transformers: logits, cached decoding, export round trip,
-plus the MoE module's dispatch, active-parameter accounting and published parameter counts."""
+"""Sparse and latent families: layer schedules and checkpoint layouts read from transformers'
+files, the MoE module's dispatch, active-parameter accounting and published parameter counts.
+Logits, cached decoding and export against transformers: tests/test_parity.py."""
 
 import pytest
 import torch
-from conftest import (
-    cached_vs_full_diff,
-    export_round_trip_diff,
-    max_logit_diff,
-    random_ids,
-    save_hf_models,
-)
-from hf_tiny import SEQ, VOCAB
-from hf_tiny_moe import make_moe_model, moe_configs
+from oracle import SEQ, SPARSE, random_ids
 
 import llmarch
 from llmarch.model.config import ModelConfig, MoEConfig
 from llmarch.model.moe import MoE
 
-ARCHS = list(moe_configs())
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """arch -> (directory of the saved HF model, HF model)."""
-    return save_hf_models(tmp_path_factory, ARCHS, make_moe_model)
-
-
-def _ids(batch=2, seq=SEQ, seed=0):
-    return random_ids(VOCAB, batch, seq, seed)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_logits_match_transformers(arch, saved):
-    d, hf = saved[arch]
-    model = llmarch.from_pretrained(d)
-    err = max_logit_diff(model, hf, _ids())
-    assert err < TOL, f"{arch}: max abs logit difference {err:.2e}"
-    # routing really varies: the tokens of a MoE layer use more than top_k distinct experts
-    moe = [m for m in model.modules() if isinstance(m, MoE)]
-    assert moe and all((m.last_routing.expert_load() > 0).sum() > m.top_k for m in moe)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_cached_decoding_matches_full_forward(arch, saved):
-    d, _ = saved[arch]
-    model = llmarch.from_pretrained(d)
-    # prefill 7 tokens (longer than Llama 4's 5-token chunks), then one token at a time
-    err = cached_vs_full_diff(model, _ids(seq=SEQ + 4, seed=1), splits=[7])
-    assert err < TOL, f"{arch}: cached vs full max abs difference {err:.2e}"
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_export_round_trip_loads_in_transformers(arch, saved, tmp_path):
-    d, _ = saved[arch]
-    model = llmarch.from_pretrained(d)
-    err = export_round_trip_diff(model, tmp_path / "export", _ids(seed=2))
-    assert err < TOL, f"{arch}: exported model differs in transformers by {err:.2e}"
-    again = llmarch.from_pretrained(tmp_path / "export")
-    assert again.config.moe == model.config.moe
-    assert again.config.moe_layers == model.config.moe_layers
-    assert again.config.mla == model.config.mla
-
-
-def test_layer_schedules_read_from_config(saved):
-    cfg = {a: llmarch.from_pretrained(saved[a][0]).config for a in ARCHS}
+def test_layer_schedules_read_from_config(tiny_reference):
+    cfg = {a: llmarch.from_pretrained(tiny_reference(a)[0]).config for a in SPARSE}
     assert cfg["deepseek_v3"].moe_layers == [False, True, True]  # first_k_dense_replace 1
     assert cfg["deepseek_v3"].moe.n_group == 4 and cfg["deepseek_v3"].moe.topk_group == 2
     assert cfg["qwen3_moe"].moe_layers == [True, False, True]  # mlp_only_layers [1]
@@ -76,26 +26,26 @@ def test_layer_schedules_read_from_config(saved):
     assert cfg["llama4_text_scout"].qk_norm == "l2" and cfg["llama4_text"].qk_norm == "none"
 
 
-def test_fused_expert_checkpoint_names_load(saved, tmp_path):
+def test_fused_expert_checkpoint_names_load(tiny_reference, tmp_path):
     """transformers' in-memory layout (experts.gate_up_proj (E, 2I, H)) loads as well as per-expert tensors."""
     from safetensors.torch import save_file
 
-    d, hf = saved["qwen3_moe"]
+    d, hf = tiny_reference("qwen3_moe")
     (tmp_path / "config.json").write_text((d / "config.json").read_text())
     save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "model.safetensors"))
     assert any(k.endswith("experts.gate_up_proj") for k in hf.state_dict())
     model = llmarch.from_pretrained(tmp_path)
     with torch.no_grad():
-        assert (model(_ids()) - hf(_ids()).logits).abs().max() < TOL
+        assert (model(random_ids()) - hf(random_ids()).logits).abs().max() < TOL
 
 
-def test_llama4_multimodal_prefixes(saved, tmp_path):
+def test_llama4_multimodal_prefixes(tiny_reference, tmp_path):
     """Both language_model.model.* (hub) and model.language_model.* prefixes load; the vision tower is dropped."""
     import json
 
     from safetensors.torch import save_file
 
-    d, hf = saved["llama4_text"]
+    d, hf = tiny_reference("llama4_text")
     text_cfg = json.loads((d / "config.json").read_text())
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     for prefix in ("language_model.model.", "model.language_model."):
@@ -109,7 +59,7 @@ def test_llama4_multimodal_prefixes(saved, tmp_path):
         with pytest.warns(UserWarning, match="dropped 1 non-text"):
             model = llmarch.from_pretrained(out)
         with torch.no_grad():
-            assert (model(_ids()) - hf(_ids()).logits).abs().max() < TOL
+            assert (model(random_ids()) - hf(random_ids()).logits).abs().max() < TOL
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,7 +223,7 @@ def test_packed_experts_equal_plain_experts():
 
 @pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "llama4_text_scout"])
-def test_moe_layers_bit_exact_in_bfloat16(arch, saved, pack):
+def test_moe_layers_bit_exact_in_bfloat16(arch, tiny_reference, pack):
     """In bfloat16 the inference path (packed experts, what ``llmarch generate`` runs) equals
     transformers' MoE layers to the last bit, for prefill-sized and single-token inputs: the
     same router precision (float32 logits for DeepSeek, activation dtype for Qwen3-MoE and
@@ -289,7 +239,7 @@ def test_moe_layers_bit_exact_in_bfloat16(arch, saved, pack):
 
     from llmarch.inference.packed import pack_linears
 
-    d, hf = saved[arch]
+    d, hf = tiny_reference(arch)
     hf = copy.deepcopy(hf).to(torch.bfloat16)
     hf.config._experts_implementation = "eager"
     model = llmarch.from_pretrained(d, dtype=torch.bfloat16)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from conftest import perturb_
+from oracle import perturb_
 
 import llmarch
 from llmarch.model.layers import RMSNorm

@@ -4,8 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import save_hf_models
-from hf_tiny import SEQ, VOCAB, make_hf_model
+from oracle import ARCHS, random_ids
 
 import llmarch
 from llmarch.inference.packed import PackedLinear, pack_linears, packing_available
@@ -14,14 +13,12 @@ pytestmark = pytest.mark.skipif(not packing_available(), reason="oneDNN not avai
 
 
 @pytest.fixture(scope="module", params=["gemma3_text", "qwen2"])  # tied head + biases, untied head
-def model(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(request.param)
-    make_hf_model(request.param).save_pretrained(d)
-    return llmarch.from_pretrained(d)
+def model(request, tiny_reference):
+    return llmarch.from_pretrained(tiny_reference(request.param)[0])
 
 
 def _ids():
-    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    return random_ids()
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
@@ -100,47 +97,15 @@ def test_fused_projections_are_used_and_follow_weight_changes(model):
         assert (packed(_ids()).float() - ref(_ids()).float()).abs().max().item() == 0.0
 
 
-def _every_family():
-    from hf_tiny import hf_configs
-    from hf_tiny_moe import moe_configs
-
-    return list(hf_configs()) + list(moe_configs()) + ["gemma3n"]
-
-
-def _make_any(arch):
-    """The tiny random transformers model of any family the suites build."""
-    from hf_tiny import hf_configs
-    from hf_tiny_moe import make_moe_model
-
-    if arch == "gemma3n":
-        from test_gemma3n import make_hf, tiny_hf_config
-
-        return make_hf(tiny_hf_config())
-    return make_hf_model(arch) if arch in hf_configs() else make_moe_model(arch)
-
-
-@pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory):
-    """arch -> a saved tiny random checkpoint (built on first use)."""
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = save_hf_models(tmp_path_factory, [arch], _make_any)[arch][0]
-        return cache[arch]
-
-    return get
-
-
-@pytest.mark.parametrize("arch", _every_family())
-def test_released_weights_give_the_same_tokens_and_refuse_training(arch, family_dirs):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_released_weights_give_the_same_tokens_and_refuse_training(arch, tiny_reference):
     """pack_linears(release=True) (what llmarch.inference.generate.load does) frees the plain copy of
     every packed weight: logits and cached greedy decoding equal the packed model's exactly,
     the linear weights are gone (meta), and training fails with a message saying why."""
     from llmarch.inference.generate import GenerationConfig, generate
     from llmarch.inference.packed import RELEASED
 
-    d = family_dirs(arch)
+    d = tiny_reference(arch)[0]
     kept = pack_linears(llmarch.from_pretrained(d, dtype=torch.bfloat16))
     freed = pack_linears(llmarch.from_pretrained(d, dtype=torch.bfloat16), release=True)
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -158,10 +123,10 @@ def test_released_weights_give_the_same_tokens_and_refuse_training(arch, family_
     assert "train" in RELEASED
 
 
-def test_released_model_refuses_export(family_dirs, tmp_path):
+def test_released_model_refuses_export(tiny_reference, tmp_path):
     from llmarch.errors import CheckpointError
 
-    freed = pack_linears(llmarch.from_pretrained(family_dirs("qwen2")), release=True)
+    freed = pack_linears(llmarch.from_pretrained(tiny_reference("qwen2")[0]), release=True)
     with pytest.raises(CheckpointError, match="released"):
         llmarch.save_pretrained(freed, tmp_path / "out")
 

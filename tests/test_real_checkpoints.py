@@ -1,12 +1,13 @@
 """The two packaged real checkpoints (Gemma 3 270M and Qwen2.5-Coder-0.5B-Instruct, GGUF
 Q4_K_M) against transformers loading the same GGUF file, in float32.
 
-* Live oracle (slow: transformers takes about a minute to dequantise each file): logits on a
+* Live oracle (transformers takes about a minute to dequantise each file): logits on a
   fixed prompt within 1e-3, and greedy generation of 32 new tokens token for token.
-* Recorded oracle (fast, runs with every test command): ``data/real_greedy.json`` holds
-  transformers' greedy continuations; llmarch's engine and ``llmarch generate`` (default
-  model) must reproduce them. The slow test checks that the recording still matches live
-  transformers, so it cannot go stale.
+* Recorded oracle (no transformers): ``data/real_greedy.json`` holds transformers' greedy
+  continuations; llmarch's engine and ``llmarch generate`` (default model) must reproduce them.
+  The live test checks that the recording still matches live transformers, so it cannot go stale.
+
+Every test here loads a real checkpoint: all are marked slow (``pytest -m "not slow"`` skips them).
 """
 
 import copy
@@ -30,6 +31,8 @@ RECORDED = json.loads((Path(__file__).parent / "data" / "real_greedy.json").read
 ALIASES = list(RECORDED)
 SRC = Path(__file__).resolve().parents[1] / "src"
 LOGIT_TOL = 1e-3
+
+pytestmark = pytest.mark.slow
 
 
 def _path(alias: str) -> Path:
@@ -91,7 +94,6 @@ def live(request, tmp_path_factory):
     del hf, model
 
 
-@pytest.mark.slow
 def test_logits_match_transformers(live):
     alias, model, hf, tokenizer = live
     ids = torch.tensor([tokenizer.encode(RECORDED[alias]["prompt"])])
@@ -104,7 +106,6 @@ def test_logits_match_transformers(live):
     assert ref.std() > 1
 
 
-@pytest.mark.slow
 def test_greedy_generation_matches_transformers(live):
     alias, model, hf, tokenizer = live
     rec = RECORDED[alias]

@@ -142,6 +142,7 @@ def test_schedules():
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", preset_names())
 def test_loss_decreases_for_every_preset(preset, data_dir, tmp_path):
     summary = train(run_cfg(data_dir, tmp_path, arch=preset, tokens=4 * 32 * 15, lr=5e-3))
@@ -151,6 +152,7 @@ def test_loss_decreases_for_every_preset(preset, data_dir, tmp_path):
     assert summary["finished"] and summary["final_val_loss"] < losses[0] - 0.6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,schedule", [("adamw", "wsd"), ("muon", "cosine")])
 def test_resume_reproduces_losses_exactly(optimizer, schedule, data_dir, tmp_path):
     kw = dict(optimizer=optimizer, schedule=schedule, tokens=4 * 32 * 8, grad_accum=2, batch_size=2)
@@ -356,6 +358,7 @@ def test_resume_of_another_architecture_is_refused(capsys, data_dir, tmp_path):
     assert rc == 2 and "no checkpoint.pt" in err
 
 
+@pytest.mark.slow
 def test_cli_train_and_resume(capsys, data_dir, tmp_path):
     out = str(tmp_path / "run")
     args = ["train", "--arch", "smollm3-3b", "--data", str(data_dir), "--out", out, "--tokens", str(4 * 32 * 6),
@@ -372,6 +375,7 @@ def test_cli_train_and_resume(capsys, data_dir, tmp_path):
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ablation_matches_params_and_writes_results(data_dir, tmp_path):
     import yaml
 

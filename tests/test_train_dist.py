@@ -12,6 +12,8 @@ from llmarch.training.loop import read_metrics
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
+pytestmark = pytest.mark.slow  # torchrun with 2 processes, several runs
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):

@@ -1,7 +1,7 @@
 """A real (``tokenizers``-backed) character tokenizer over the tiny models' vocabulary, for
 generation tests: one character per id, ids 0/1/2 are <pad>/<bos>/<eos>."""
 
-from hf_tiny import TOK, VOCAB
+from oracle import TOK, VOCAB
 
 from llmarch.checkpoints.tokenizer import Tokenizer
 
