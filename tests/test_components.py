@@ -3,7 +3,7 @@ each builds, decodes with a cache exactly as the uncached forward, and changes t
 
 import pytest
 import torch
-from conftest import perturb_
+from oracle import perturb_
 
 import llmarch
 from llmarch.checkpoints.matformer import slice_state

@@ -21,7 +21,7 @@ from ..families import config_from_hf, config_json_from_gguf, family_for_model_t
 from ..families.base import GGUF, HF, Family, gguf_to_hf_name
 from ..model.config import ModelConfig
 from .gguf import GGUFFile
-from .hf import iter_safetensors, read_config_json, safetensors_files
+from .safetensors import iter_safetensors, read_config_json, safetensors_files
 
 
 class _Opened:

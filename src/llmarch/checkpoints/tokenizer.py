@@ -26,48 +26,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..families.base import BYTE_LEVEL, SENTENCEPIECE, TokenizerQuirks
 
-__all__ = ["BYTE_LEVEL", "SENTENCEPIECE", "StreamDecoder", "Tokenizer", "TokenizerQuirks"]
+__all__ = ["StreamDecoder", "Tokenizer"]
 
 # llama.cpp token types
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
-
-#: tokenizer kinds a ``tokenizer.ggml.model`` name can stand for
-SENTENCEPIECE, BYTE_LEVEL = "sentencepiece", "byte_level"
-
-
-@dataclass(frozen=True)
-class TokenizerQuirks:
-    """What a GGUF file leaves unsaid about its tokenizer; each family says it for its files."""
-
-    #: ``tokenizer.ggml.model`` -> SENTENCEPIECE or BYTE_LEVEL (llama.cpp names each kind after a model)
-    models: Mapping[str, str] = field(default_factory=dict)
-    #: ``tokenizer.ggml.pre`` -> the regex that splits text before byte-level BPE
-    pre_tokenizers: Mapping[str, str] = field(default_factory=dict)
-    #: multi-space tokens are stored with real spaces (and text is split on spaces, not Metaspace)
-    spaces_in_vocab: bool = False
-    #: SentencePiece scores do not follow the merge order; the position in the vocabulary does
-    merges_by_position: bool = False
-    #: a dummy prefix space, when ``tokenizer.ggml.add_space_prefix`` is absent
-    add_space_prefix: bool = True
-    #: the chat template, when the file carries no ``tokenizer.chat_template``
-    chat_template: str | None = None
-
-    def merged(self, others: Iterable[TokenizerQuirks]) -> TokenizerQuirks:
-        """These quirks with every family's tokenizer-kind and pre-tokenizer names (they are global names)."""
-        models, pre = dict(self.models), dict(self.pre_tokenizers)
-        for q in others:
-            models.update(q.models)
-            pre.update(q.pre_tokenizers)
-        return replace(self, models=models, pre_tokenizers=pre)
-
 
 #: Tokens that end a chat turn; counted as EOS when the chat template uses them.
 _END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>")

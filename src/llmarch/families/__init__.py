@@ -6,7 +6,6 @@ import difflib
 from typing import Any
 
 from ..checkpoints.gguf import GGUFFile
-from ..checkpoints.tokenizer import TokenizerQuirks
 from ..errors import CheckpointError, ConfigError
 from ..model.config import ModelConfig
 from . import (
@@ -22,7 +21,7 @@ from . import (
     qwen3_moe,
     smollm3,
 )
-from .base import Family
+from .base import Family, TokenizerQuirks
 
 FAMILIES: list[Family] = [
     gpt2.FAMILY,

@@ -25,16 +25,46 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from ..checkpoints.gguf import GGUFFile
-from ..checkpoints.tokenizer import TokenizerQuirks
 from ..errors import CheckpointError, ConfigError
 from ..model.config import CHUNKED, FULL, SLIDING, ModelConfig, RopeConfig
+
+#: tokenizer kinds a ``tokenizer.ggml.model`` name can stand for
+SENTENCEPIECE, BYTE_LEVEL = "sentencepiece", "byte_level"
+
+
+@dataclass(frozen=True)
+class TokenizerQuirks:
+    """What a GGUF file leaves unsaid about its tokenizer; each family says it for its files."""
+
+    #: ``tokenizer.ggml.model`` -> SENTENCEPIECE or BYTE_LEVEL (llama.cpp names each kind after a model)
+    models: Mapping[str, str] = field(default_factory=dict)
+    #: ``tokenizer.ggml.pre`` -> the regex that splits text before byte-level BPE
+    pre_tokenizers: Mapping[str, str] = field(default_factory=dict)
+    #: multi-space tokens are stored with real spaces (and text is split on spaces, not Metaspace)
+    spaces_in_vocab: bool = False
+    #: SentencePiece scores do not follow the merge order; the position in the vocabulary does
+    merges_by_position: bool = False
+    #: a dummy prefix space, when ``tokenizer.ggml.add_space_prefix`` is absent
+    add_space_prefix: bool = True
+    #: the chat template, when the file carries no ``tokenizer.chat_template``
+    chat_template: str | None = None
+
+    def merged(self, others: Iterable[TokenizerQuirks]) -> TokenizerQuirks:
+        """These quirks with every family's tokenizer-kind and pre-tokenizer names (they are global names)."""
+        models, pre = dict(self.models), dict(self.pre_tokenizers)
+        for q in others:
+            models.update(q.models)
+            pre.update(q.pre_tokenizers)
+        return replace(self, models=models, pre_tokenizers=pre)
+
+
 
 HF_LAYER_TYPES = {"full_attention": FULL, "sliding_attention": SLIDING, "chunked_attention": CHUNKED}
 NATIVE_TO_HF_LAYER_TYPES = {v: k for k, v in HF_LAYER_TYPES.items()}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 from ..checkpoints.gguf import GGUFFile
-from ..checkpoints.tokenizer import TokenizerQuirks
 from ..errors import ConfigError
 from ..model.config import FULL, SLIDING, ModelConfig, RopeConfig
 from .base import (
@@ -24,6 +23,7 @@ from .base import (
     Family,
     KeyMap,
     Stream,
+    TokenizerQuirks,
     check_exportable,
     common_from_hf,
     common_to_hf,

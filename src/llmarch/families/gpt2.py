@@ -13,10 +13,19 @@ import re
 
 import torch
 
-from ..checkpoints.tokenizer import BYTE_LEVEL, TokenizerQuirks
 from ..errors import ConfigError
 from ..model.config import ModelConfig
-from .base import Family, KeyMap, Stream, check_exportable, drop, rename, require
+from .base import (
+    BYTE_LEVEL,
+    Family,
+    KeyMap,
+    Stream,
+    TokenizerQuirks,
+    check_exportable,
+    drop,
+    rename,
+    require,
+)
 
 GPT2_KEYS = KeyMap(
     [

@@ -11,14 +11,15 @@ from __future__ import annotations
 import torch
 
 from ..checkpoints.gguf import GGUFFile
-from ..checkpoints.tokenizer import SENTENCEPIECE, TokenizerQuirks
 from ..model.config import ModelConfig, RopeConfig
 from .base import (
     GGUF,
     GGUF_KEYS,
     LLAMA_KEYS,
+    SENTENCEPIECE,
     Family,
     Stream,
+    TokenizerQuirks,
     check_exportable,
     common_from_hf,
     common_to_hf,

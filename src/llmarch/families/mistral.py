@@ -7,7 +7,6 @@ the ``llama`` architecture (see ``llama.py``); the Tekken tokenizer's pre-tokeni
 
 from __future__ import annotations
 
-from ..checkpoints.tokenizer import TokenizerQuirks
 from ..errors import ConfigError
 from ..model.config import FULL, SLIDING, ModelConfig, RopeConfig
 from .base import (
@@ -16,6 +15,7 @@ from .base import (
     LLAMA_KEYS,
     Family,
     Stream,
+    TokenizerQuirks,
     check_exportable,
     common_from_hf,
     common_to_hf,

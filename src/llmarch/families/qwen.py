@@ -8,12 +8,12 @@ split with the ``qwen2`` pre-tokenizer.
 from __future__ import annotations
 
 from ..checkpoints.gguf import GGUFFile
-from ..checkpoints.tokenizer import TokenizerQuirks
 from ..errors import ConfigError
 from ..model.config import FULL, SLIDING, ModelConfig, RopeConfig
 from .base import (
     GGUF_KEYS,
     Family,
+    TokenizerQuirks,
     check_exportable,
     common_from_hf,
     common_to_hf,
