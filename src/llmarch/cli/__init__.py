@@ -24,11 +24,12 @@ from . import (
     plot,
     presets,
     report,
+    serve,
     train,
 )
 from . import slice as slice_
 
-COMMANDS = (params, slice_, presets, compare, diff, plot, diagram, report, generate, perplexity, data, train, ablate)
+COMMANDS = (params, slice_, presets, compare, diff, plot, diagram, report, generate, serve, perplexity, data, train, ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:
