@@ -14,6 +14,7 @@ import sys
 from ..errors import LlmarchError
 from . import (
     ablate,
+    chat,
     compare,
     data,
     diagram,
@@ -29,7 +30,7 @@ from . import (
 )
 from . import slice as slice_
 
-COMMANDS = (params, slice_, presets, compare, diff, plot, diagram, report, generate, serve, perplexity, data, train, ablate)
+COMMANDS = (params, slice_, presets, compare, diff, plot, diagram, report, generate, chat, serve, perplexity, data, train, ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:
