@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import CheckpointError
+from . import hub
 
 __all__ = ["DEFAULT_MODEL", "MODELS", "PackagedModel", "cache_dir", "resolve_model"]
 
@@ -156,6 +157,8 @@ def resolve_model(name_or_path: str | os.PathLike | None = None, *, progress: bo
     model = MODELS.get(key) or MODELS.get(key.lower())
     if model is None:
         path = Path(key).expanduser()
+        if not path.exists() and hub.parse_hub_id(key):
+            return hub.download(key)
         if not path.exists():
             raise CheckpointError(
                 f"no such model or path: {key!r} (known models: {', '.join(MODELS)})"

@@ -14,6 +14,7 @@ import sys
 from ..errors import LlmarchError
 from . import (
     ablate,
+    chat,
     compare,
     data,
     diagram,
@@ -24,11 +25,12 @@ from . import (
     plot,
     presets,
     report,
+    serve,
     train,
 )
 from . import slice as slice_
 
-COMMANDS = (params, slice_, presets, compare, diff, plot, diagram, report, generate, perplexity, data, train, ablate)
+COMMANDS = (params, slice_, presets, compare, diff, plot, diagram, report, generate, chat, serve, perplexity, data, train, ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:

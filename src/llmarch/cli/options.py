@@ -40,3 +40,36 @@ def apply_runtime(args: argparse.Namespace):
     else:
         dtype, why = getattr(torch, args.dtype), args.dtype
     return dtype, f"{why}; {threads} thread{'s' if threads > 1 else ''}"
+
+
+DEVICES = ("cpu", "cuda", "mps", "auto")
+
+
+def add_device(sp: argparse.ArgumentParser) -> None:
+    """``--device``: where the model runs."""
+    sp.add_argument("--device", choices=DEVICES, default="cpu",
+                    help="cpu (default), cuda, mps, or auto (the first of cuda, mps, cpu that is available)")
+
+
+def load_on_device(args: argparse.Namespace, name: str | None):
+    """Model and tokenizer of ``name`` on ``args.device`` with ``args.dtype`` (bfloat16 on an
+    accelerator by default); returns (model, tokenizer, a few words on the choice)."""
+    import torch
+
+    from ..errors import GenerationError
+    from ..inference.generate import load
+
+    dtype, why = apply_runtime(args)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[device]:
+        raise GenerationError(f"--device {device}: no {device} device is available to this torch build; use --device cpu")
+    if device == "cpu":
+        model, tokenizer = load(name, dtype)
+        return model, tokenizer, why
+    if args.dtype == "auto":
+        dtype, why = torch.bfloat16, f"bfloat16 on {device}"
+    model, tokenizer = load(name, dtype, pack=False)  # oneDNN packing is for CPUs
+    return model.to(device), tokenizer, why
