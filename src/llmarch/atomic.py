@@ -86,11 +86,14 @@ def atomic_dir(path: str | Path, replaceable: Callable[[Path], bool], what: str)
     path = Path(path)
     if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or replaceable(path))):
         raise ConfigError(f"{path} exists and is not {what}; refusing to replace it: give another --out or remove it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path.parent)
     tmp = _tmp_sibling(path)
-    _remove(tmp)
-    tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(path.parent)
+        _remove(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise ConfigError(f"cannot write {path} ({e.strerror or e}); give a folder you can write to") from None
     try:
         yield tmp
         for f in tmp.rglob("*"):
