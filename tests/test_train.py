@@ -399,7 +399,8 @@ def test_ablation_matches_params_and_writes_results(data_dir, tmp_path):
         assert (out / f).stat().st_size > 0, f
     table = (out / "results.md").read_text()
     assert "| MHA |" in table and "final val loss" in table
-    assert "--tokens 512" in (out / "runs" / "mha" / "command.txt").read_text()
+    (mha,) = (out / "runs").glob("mha-*")  # one folder per variant, keyed by its configuration
+    assert "--tokens 512" in (mha / "command.txt").read_text()
 
 
 def test_peak_rss_is_the_child_process_own():

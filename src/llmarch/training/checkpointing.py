@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch import nn
 
 from ..atomic import atomic_file
@@ -42,6 +43,8 @@ TRAIN_CONFIG = "train_config.json"
 MODEL_CONFIG = "model_config.json"
 FORMAT = "llmarch-train-state/1"
 _TENSOR, _ITEMS, _TUPLE = "__tensor__", "__items__", "__tuple__"
+# what a malformed or foreign file raises while its header, JSON and tensors are read back
+_UNREADABLE = (SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError)
 
 
 def _state_dicts(model: nn.Module, opt: Optimizers) -> tuple[dict, list[dict] | dict]:
@@ -152,15 +155,15 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, opt: Optimizers, cf
     optimizer = _encode(opt_state, tensors, "optimizer")
     tensors = _storable(tensors)
     py_version, py_state, py_gauss = random.getstate()
-    header = dict(
-        format=FORMAT,
-        step=step,
-        train_config=cfg.to_dict(),
-        model_config=model_cfg.to_dict(),
-        optimizer=optimizer,
-        rng=dict(numpy=[np_state[0], *np_state[2:]], python=[py_version, list(py_state), py_gauss]),
-        sha256=_digest(tensors),
-    )
+    header = {
+        "format": FORMAT,
+        "step": step,
+        "train_config": cfg.to_dict(),
+        "model_config": model_cfg.to_dict(),
+        "optimizer": optimizer,
+        "rng": {"numpy": [np_state[0], *np_state[2:]], "python": [py_version, list(py_state), py_gauss]},
+        "sha256": _digest(tensors),
+    }
     with atomic_file(Path(path) / CHECKPOINT) as tmp:
         save_file(tensors, str(tmp), metadata={"llmarch": json.dumps(header)})
 
@@ -193,7 +196,7 @@ def _header(f: Path) -> dict[str, Any]:
         if header.get("format") != FORMAT:
             raise ValueError(f"format {header.get('format')!r}, expected {FORMAT!r}")
         return header
-    except Exception as e:  # safetensors raises its own error type for a malformed file
+    except _UNREADABLE as e:
         raise CheckpointError(f"cannot read {f}: it is not an llmarch training checkpoint ({e})") from None
 
 
@@ -207,25 +210,25 @@ def read_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     header = _header(f)
     try:
         with safe_open(str(f), "pt") as sf:
-            tensors = {k: sf.get_tensor(k) for k in sf.keys()}
+            tensors = {k: sf.get_tensor(k) for k in sf.keys()}  # noqa: SIM118 (safe_open is no mapping)
         if _digest(tensors) != header["sha256"]:
             raise ValueError("its tensors do not match the checksum written with them: the file was changed or damaged")
         model = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
         np_name, *np_rest = header["rng"]["numpy"]
         py_version, py_state, py_gauss = header["rng"]["python"]
-        return dict(
-            step=int(header["step"]),
-            model=model,
-            optimizer=_decode(header["optimizer"], tensors),
-            train_config=header["train_config"],
-            model_config=header["model_config"],
-            rng=dict(
-                torch=tensors["rng/torch"],
-                numpy=(np_name, tensors["rng/numpy"].numpy().view(np.uint32).copy(), *np_rest),
-                python=(py_version, tuple(py_state), py_gauss),
-            ),
-        )
-    except Exception as e:
+        return {
+            "step": int(header["step"]),
+            "model": model,
+            "optimizer": _decode(header["optimizer"], tensors),
+            "train_config": header["train_config"],
+            "model_config": header["model_config"],
+            "rng": {
+                "torch": tensors["rng/torch"],
+                "numpy": (np_name, tensors["rng/numpy"].numpy().view(np.uint32).copy(), *np_rest),
+                "python": (py_version, tuple(py_state), py_gauss),
+            },
+        }
+    except _UNREADABLE as e:
         raise CheckpointError(f"cannot read {f}: {e}") from None
 
 

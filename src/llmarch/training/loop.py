@@ -163,14 +163,15 @@ def _start_run_folder(out: Path, resuming: bool, start: int, cfg: TrainConfig, m
     resumed one keeps the metrics up to its checkpoint's step (a torn last line is dropped)."""
     clean_stale(out)
     metrics_path = out / METRICS
-    if resuming:
-        kept = [r for r in read_metrics(metrics_path) if r["step"] <= start] if metrics_path.exists() else []
-        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-    else:
+    kept = []
+    if resuming and metrics_path.exists():
+        kept = [r for r in read_metrics(metrics_path) if r["step"] <= start]
+    elif not resuming:
         for f in RUN_FILES:
             (out / f).unlink(missing_ok=True)
-        write_text(metrics_path, "")
+    # train_config.json last: once it exists, the folder can be resumed
     write_text(out / MODEL_CONFIG, json.dumps(model_cfg.to_dict(), indent=2))
+    write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     write_text(out / TRAIN_CONFIG, json.dumps(cfg.to_dict(), indent=2))
 
 
