@@ -55,8 +55,8 @@ def _one_thread():
 
 
 def cfg_for(data_dir, out, **kw) -> TrainConfig:
-    base = dict(arch="llama3.2-1b", data=str(data_dir), out=str(out), tokens=4 * 32 * STEPS, batch_size=4, seq_len=32,
-                warmup=2, eval_every=4, eval_batches=2, save_every=1, progress=False)
+    base = {"arch": "llama3.2-1b", "data": str(data_dir), "out": str(out), "tokens": 4 * 32 * STEPS, "batch_size": 4, "seq_len": 32,
+                "warmup": 2, "eval_every": 4, "eval_batches": 2, "save_every": 1, "progress": False}
     return TrainConfig(**{**base, **kw})
 
 
@@ -207,9 +207,9 @@ def test_data_prepare_replaces_a_data_folder_whole_and_refuses_other_folders(cap
 
 
 def _spec(tmp_path, data_dir, **changes):
-    spec = dict(out=str(tmp_path / "abl"), data=str(data_dir),
-                base=dict(arch="llama3.2-1b", tokens=4 * 32 * 2, batch_size=4, seq_len=32),
-                variants=[dict(name="A"), dict(name="a", lr=1e-3)])
+    spec = {"out": str(tmp_path / "abl"), "data": str(data_dir),
+                "base": {"arch": "llama3.2-1b", "tokens": 4 * 32 * 2, "batch_size": 4, "seq_len": 32},
+                "variants": [{"name": "A"}, {"name": "a", "lr": 1e-3}]}
     spec.update(changes)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -236,7 +236,7 @@ def test_ablate_runs_are_keyed_by_their_configuration(tmp_path, data_dir):
 
 
 def test_ablate_name_clash_is_refused(tmp_path, data_dir):
-    path, _ = _spec(tmp_path, data_dir, variants=[dict(name="A"), dict(name="A", lr=1e-3)])
+    path, _ = _spec(tmp_path, data_dir, variants=[{"name": "A"}, {"name": "A", "lr": 1e-3}])
     with pytest.raises(ConfigError, match="unique 'name'"):
         load_spec(path)
 
@@ -249,10 +249,10 @@ def test_ablate_only_nosuch_is_an_error_listing_the_variants(capsys, tmp_path, d
 
 
 @pytest.mark.parametrize("change,fragment", [
-    (dict(base=5), "'base' must be a mapping"),
-    (dict(variants=[dict(name="A", set=3)]), "'set' in variant 1 must be a mapping"),
-    (dict(variants=[dict(name="A", learning_rate=1)]), "unknown field(s) learning_rate in variant 1"),
-    (dict(variants=[dict(name=7)]), "unique 'name'"),
+    ({"base": 5}, "'base' must be a mapping"),
+    ({"variants": [{"name": "A", "set": 3}]}, "'set' in variant 1 must be a mapping"),
+    ({"variants": [{"name": "A", "learning_rate": 1}]}, "unknown field(s) learning_rate in variant 1"),
+    ({"variants": [{"name": 7}]}, "unique 'name'"),
 ], ids=["base-5", "set-3", "unknown-field", "name-7"])
 def test_ablate_spec_with_bad_types_is_one_error(capsys, tmp_path, data_dir, change, fragment):
     path, _ = _spec(tmp_path, data_dir, **change)
@@ -295,7 +295,7 @@ def test_kill_9_at_random_moments_never_changes_the_resumed_curve(tmp_path, data
             step = read_checkpoint(out)["step"]
             assert len(read_metrics(out / "metrics.jsonl")) >= step
     assert kills >= 2
-    final = subprocess.run(command(), env=env, capture_output=True, text=True, timeout=120)
+    final = subprocess.run(command(), env=env, capture_output=True, text=True, timeout=120, check=False)
     assert final.returncode == 0, final.stderr[-2000:]
     assert_same_curve(read_metrics(out / "metrics.jsonl"), reference)
     assert not [p for p in out.iterdir() if p.name.endswith(".llmarch-tmp")]
