@@ -252,6 +252,38 @@ def test_cli_slice_reports_bad_input(saved, tmp_path, capsys):
     assert "out of range" in capsys.readouterr().err
 
 
+def test_cli_slice_skip_layers_reversed_range_is_refused(saved, tmp_path, capsys):
+    assert cli_main(["slice", str(saved[0]), "--skip-layers", "5-2", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "range '5-2'" in err and "2-5" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_cli_slice_out_in_source_is_refused(saved, capsys, where):
+    src = saved[0]
+    before = {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()}
+    out = src if where == "same" else src / "sub"
+    assert cli_main(["slice", str(src), "--ffn-widths", "64", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is the source checkpoint" in err and len(err.splitlines()) == 1
+    assert {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()} == before and not (src / "sub").exists()
+
+
+def test_cli_slice_replaces_an_old_slice_atomically_and_refuses_other_folders(saved, tmp_path, capsys):
+    out = tmp_path / "sliced"
+    assert cli_main(["slice", str(saved[0]), "--skip-layers", "6", "--out", str(out)]) == 0
+    assert cli_main(["slice", str(saved[0]), "--out", str(out)]) == 0  # an earlier slice is replaced whole
+    assert llmarch.from_pretrained(out).config.num_layers == 7
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary sibling left
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    capsys.readouterr()
+    assert cli_main(["slice", str(saved[0]), "--out", str(tmp_path / "notes")]) == 2
+    assert "is not a checkpoint folder" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
 def test_e2b_shape_is_a_slice_of_e4b():
     """FFN 16384 -> 8192 and one 4-sliding + 1-full group of KV-shared layers dropped turns the
     E4B configuration into E2B's (the same shapes; which layers Google's E2B keeps is not claimed)."""

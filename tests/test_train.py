@@ -15,6 +15,7 @@ from llmarch.cli import main as cli_main
 from llmarch.errors import CheckpointError, ConfigError, DataError
 from llmarch.model.decoder import Decoder, build_model
 from llmarch.training.balance import ExpertLoad, load_balancing_loss, router_modules
+from llmarch.training.checkpointing import read_checkpoint
 from llmarch.training.config import TrainConfig
 from llmarch.training.data import DEFAULT_CORPUS, TokenData, prepare
 from llmarch.training.loop import init_weights, read_metrics, train
@@ -310,7 +311,7 @@ def test_moe_training_logs_load_and_updates_bias(data_dir, tmp_path):
     for r in rows:
         assert len(r["expert_load"]) == n_moe and len(r["expert_load"][0]) == 256
         assert sum(r["expert_load"][0]) == pytest.approx(1.0, abs=1e-3) and r["aux_loss"] > 0
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    state = read_checkpoint(tmp_path)["model"]
     bias = [v for k, v in state.items() if k.endswith("e_score_correction_bias")]
     assert bias and all(float(b.abs().max()) == pytest.approx(0.004, abs=1e-6) for b in bias)  # 4 steps of gamma
 
@@ -355,7 +356,7 @@ def test_resume_of_another_architecture_is_refused(capsys, data_dir, tmp_path):
     with pytest.raises(CheckpointError, match="different model configuration"):
         train(run_cfg(data_dir, tmp_path / "a", tokens=4 * 32 * 4, overrides={"qk_norm": "head"}), resume=str(tmp_path / "a"))
     rc, err = _cli(capsys, "train", "--resume", str(tmp_path / "nothing"))
-    assert rc == 2 and "no checkpoint.pt" in err
+    assert rc == 2 and "no checkpoint.safetensors" in err
 
 
 @pytest.mark.slow
@@ -398,7 +399,8 @@ def test_ablation_matches_params_and_writes_results(data_dir, tmp_path):
         assert (out / f).stat().st_size > 0, f
     table = (out / "results.md").read_text()
     assert "| MHA |" in table and "final val loss" in table
-    assert "--tokens 512" in (out / "runs" / "mha" / "command.txt").read_text()
+    (mha,) = (out / "runs").glob("mha-*")  # one folder per variant, keyed by its configuration
+    assert "--tokens 512" in (mha / "command.txt").read_text()
 
 
 def test_peak_rss_is_the_child_process_own():

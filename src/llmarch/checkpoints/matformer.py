@@ -12,10 +12,12 @@ it is kept.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..atomic import atomic_dir
 from ..errors import ConfigError
 from ..model.config import ModelConfig
 from ..model.decoder import Decoder, build_model
@@ -122,26 +124,32 @@ def parse_int_list(text: str) -> list[int]:
     out: list[int] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
-            if "-" in part:
-                a, b = part.split("-")
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
+            a, b = (int(x) for x in part.split("-")) if "-" in part else (int(part), int(part))
         except ValueError:
             raise ConfigError(f"cannot read {part!r} in {text!r}: expected integers or ranges like 20-24") from None
+        if a > b:
+            raise ConfigError(f"range {part!r} in {text!r} is empty: write ranges low-high, like {b}-{a}")
+        out.extend(range(a, b + 1))
     return out
 
 
 def slice_checkpoint(src: str, out: str, ffn_widths: str | None, skip_layers: str | None) -> Decoder:
-    """``llmarch slice``: load ``src``, slice it, write an HF checkpoint to ``out``."""
+    """``llmarch slice``: load ``src``, slice it, write an HF checkpoint to ``out``.
+
+    ``out`` is written beside itself and renamed into place; it may not be ``src`` or inside it,
+    and an existing folder there is replaced only if it holds a checkpoint (a config.json)."""
     from .hf import from_pretrained, save_pretrained
 
-    model = from_pretrained(src)
+    src_path, out_path = Path(src).resolve(), Path(out).resolve()
+    if out_path == src_path or src_path in out_path.parents:
+        raise ConfigError(f"--out {out} is the source checkpoint {src} or inside it; write the slice to another folder")
     widths = parse_int_list(ffn_widths) if ffn_widths else None
     if widths is not None and len(widths) == 1:
         widths = widths[0]
-    sliced = slice_model(model, widths, parse_int_list(skip_layers) if skip_layers else ())
-    save_pretrained(sliced, out)
+    skip = parse_int_list(skip_layers) if skip_layers else ()
+    with atomic_dir(out, lambda p: (p / "config.json").is_file(), "a checkpoint folder") as tmp:
+        sliced = slice_model(from_pretrained(src), widths, skip)
+        save_pretrained(sliced, tmp)
     return sliced
 
 

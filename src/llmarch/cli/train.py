@@ -35,8 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--dist", default="ddp", choices=["ddp", "fsdp"], help="data parallelism under torchrun")
     sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     sp.add_argument("--device", default=None)
-    sp.add_argument("--out", default=None, help="run folder (metrics.jsonl, checkpoint.pt, summary.json)")
+    sp.add_argument("--out", default=None, help="run folder (metrics.jsonl, checkpoint.safetensors, summary.json)")
     sp.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
+    sp.add_argument("--force", action="store_true", help="replace a run that --out already holds")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=run)
 
@@ -65,6 +66,6 @@ def run(args: argparse.Namespace) -> None:
             eval_batches=args.eval_batches, save_every=args.save_every, stop_at=args.stop_at, seed=args.seed,
             dtype=args.dtype, dist=args.dist, threads=args.threads, progress=not args.no_progress,
         )
-    summary = train(cfg, resume=args.resume, device=args.device)
+    summary = train(cfg, resume=args.resume, device=args.device, force=args.force)
     if summary:
         print(json.dumps(summary, indent=2))

@@ -7,7 +7,7 @@
 * ``optim``: AdamW, Muon and MuonClip's QK-clip;
 * ``balance``: MoE load balancing (auxiliary loss, DeepSeek-V3's bias update) and expert-load logging;
 * ``distributed``: data parallelism under ``torchrun`` (DDP or FSDP2);
-* ``checkpointing``: ``checkpoint.pt`` save and exact resume;
+* ``checkpointing``: ``checkpoint.safetensors`` (tensors + JSON, no pickle) save and exact resume;
 * ``loop``: weight init, the training loop, evaluation, metrics and the run summary;
 * ``ablate``: train a set of variants under one budget and tabulate / plot them.
 """

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,9 +51,19 @@ class TrainConfig:
     progress: bool = True
 
     def check(self) -> None:
-        for name in ("tokens", "batch_size", "seq_len", "grad_accum", "eval_batches"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        """Refuse settings that would fail or mislead later, with the option a user can fix."""
+        for name in ("tokens", "batch_size", "seq_len", "grad_accum", "eval_batches", "eval_every"):
+            _require(self, name, lambda v: v > 0, "a positive integer")
+        _require(self, "lr", lambda v: math.isfinite(v) and v > 0, "a positive number")
+        for name in ("warmup", "save_every"):
+            _require(self, name, lambda v: v >= 0, "0 or more")
+        for name in ("weight_decay", "grad_clip", "aux_loss", "bias_update"):
+            _require(self, name, lambda v: math.isfinite(v) and v >= 0, "a finite number, 0 or more")
+        for name in ("min_lr_ratio", "decay_fraction"):
+            _require(self, name, lambda v: 0 <= v <= 1, "between 0 and 1")
+        _require(self, "qk_clip", lambda v: v is None or (math.isfinite(v) and v > 0), "a positive number")
+        _require(self, "stop_at", lambda v: v is None or v > 0, "a positive step")
+        _require(self, "threads", lambda v: v is None or v >= 1, "at least 1")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
@@ -68,6 +80,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _require(cfg: TrainConfig, name: str, ok: Callable[[Any], bool], expected: str) -> None:
+    value = getattr(cfg, name)
+    try:
+        good = ok(value)
+    except TypeError:  # e.g. a string from an ablation spec
+        good = False
+    if not good:
+        raise ConfigError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
 
 
 __all__ = ["SCHEDULES", "TrainConfig"]

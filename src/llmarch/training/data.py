@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_dir
 from ..errors import DataError
 
 DEFAULT_CORPUS = Path(__file__).parent.parent / "data" / "shakespeare.txt.gz"
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".md")
 DOC_SEPARATOR = "<|endoftext|>"
+MIN_BPE_VOCAB = 257
 
 
 def _read_text(path: Path) -> str:
@@ -120,40 +122,60 @@ def prepare(
     val_fraction: float = 0.05,
     progress: bool = True,
 ) -> dict:
-    """Tokenise a corpus into ``out/{train,val}.bin`` + ``meta.json`` + ``tokenizer.json``."""
+    """Tokenise a corpus into ``out/{train,val}.bin`` + ``meta.json`` + ``tokenizer.json``.
+
+    The folder is built beside ``out`` and renamed into place, so an earlier data folder there is
+    replaced whole or not at all; a folder that is not a data folder is refused."""
     from tokenizers import Tokenizer
 
     if not 0.0 < val_fraction < 0.5:
         raise DataError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
-    docs = read_documents(corpus)
-    if tokenizer in (None, "bpe"):
-        tok = train_bpe(docs, vocab_size)
-    else:
-        tpath = Path(tokenizer)
-        if not tpath.is_file():
-            raise DataError(f"tokenizer {tpath} does not exist; give a tokenizer.json or 'bpe'")
-        tok = Tokenizer.from_file(str(tpath))
-    ids = tokenize(tok, docs, progress)
-    n_val = max(1, int(len(ids) * val_fraction))
-    if len(ids) - n_val < 2:
-        raise DataError(f"corpus {corpus} has only {len(ids)} tokens; too few for a train/validation split")
-    vocab = tok.get_vocab_size()
-    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ids[: len(ids) - n_val].astype(dtype).tofile(out / "train.bin")
-    ids[len(ids) - n_val :].astype(dtype).tofile(out / "val.bin")
-    tok.save(str(out / "tokenizer.json"))
-    meta = dict(
-        vocab_size=vocab,
-        dtype=np.dtype(dtype).name,
-        train_tokens=int(len(ids) - n_val),
-        val_tokens=int(n_val),
-        corpus=[str(p) for p in corpus_files(corpus)],
-        characters=sum(len(d) for d in docs),
-        tokenizer="bpe" if tokenizer in (None, "bpe") else str(tokenizer),
-    )
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    bpe = tokenizer in (None, "bpe")
+    if bpe and vocab_size < MIN_BPE_VOCAB:
+        raise DataError(f"--vocab-size must be at least {MIN_BPE_VOCAB} (256 bytes + the document separator), got {vocab_size}")
+    with atomic_dir(out, lambda p: (p / "meta.json").is_file(), "a prepared data folder") as tmp:
+        docs = read_documents(corpus)
+        if bpe:
+            tok = train_bpe(docs, vocab_size)
+        else:
+            tpath = Path(tokenizer)
+            if not tpath.is_file():
+                raise DataError(f"tokenizer {tpath} does not exist; give a tokenizer.json or 'bpe'")
+            tok = Tokenizer.from_file(str(tpath))
+        ids = tokenize(tok, docs, progress)
+        n_val = max(1, int(len(ids) * val_fraction))
+        if len(ids) - n_val < 2:
+            raise DataError(f"corpus {corpus} has only {len(ids)} tokens; too few for a train/validation split")
+        vocab = tok.get_vocab_size()
+        dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
+        ids[: len(ids) - n_val].astype(dtype).tofile(tmp / "train.bin")
+        ids[len(ids) - n_val :].astype(dtype).tofile(tmp / "val.bin")
+        tok.save(str(tmp / "tokenizer.json"))
+        meta = dict(
+            vocab_size=vocab,
+            dtype=np.dtype(dtype).name,
+            train_tokens=int(len(ids) - n_val),
+            val_tokens=int(n_val),
+            corpus=[str(p) for p in corpus_files(corpus)],
+            characters=sum(len(d) for d in docs),
+            tokenizer="bpe" if bpe else str(tokenizer),
+        )
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def _read_meta(path: Path) -> dict:
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{path} is not a prepared data folder (no meta.json); run `llmarch data prepare --out {path}`")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        vocab, dtype = meta["vocab_size"], np.dtype(meta["dtype"])
+        if not (isinstance(vocab, int) and vocab > 0 and dtype in (np.uint16, np.uint32)):
+            raise ValueError(f"vocab_size {vocab!r} and dtype {meta['dtype']!r} are not a positive int and uint16/uint32")
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{meta_path} is damaged ({type(e).__name__}: {e}); prepare the data again "
+                        f"(llmarch data prepare --out {path})") from None
     return meta
 
 
@@ -169,10 +191,7 @@ class TokenData:
     @classmethod
     def open(cls, path: str | Path) -> TokenData:
         path = Path(path)
-        meta_path = path / "meta.json"
-        if not meta_path.is_file():
-            raise DataError(f"{path} is not a prepared data folder (no meta.json); run `llmarch data prepare --out {path}`")
-        meta = json.loads(meta_path.read_text())
+        meta = _read_meta(path)
         dtype = np.dtype(meta["dtype"])
 
         def load(split: str) -> np.ndarray:

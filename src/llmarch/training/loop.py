@@ -32,13 +32,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..analysis.params import count_model
-from ..errors import ConfigError
+from ..atomic import check_writable_dir, clean_stale, write_text
+from ..errors import CheckpointError, ConfigError
 from ..model.config import ModelConfig
 from ..model.decoder import Decoder, build_model
 from ..model.layers import RMSNorm
 from . import distributed
 from .balance import ExpertLoad, load_balancing_loss, load_fractions, router_modules
 from .checkpointing import (
+    CHECKPOINT,
+    LEGACY_CHECKPOINT,
+    MODEL_CONFIG,
+    TRAIN_CONFIG,
+    find_checkpoint,
     load_checkpoint,
     read_checkpoint,
     resume_config,
@@ -51,6 +57,8 @@ from .scale import resolve_model_config
 from .schedule import count_spikes, lr_factor
 
 METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+RUN_FILES = (CHECKPOINT, LEGACY_CHECKPOINT, METRICS, SUMMARY, TRAIN_CONFIG, MODEL_CONFIG)
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
 
@@ -116,17 +124,73 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None) -> dict[str, Any]:
+def _device(name: str | None) -> torch.device:
+    """The device to train on, checked before any work: ``None`` picks CUDA when there is a GPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: llmarch trains on cpu or cuda, not {dev.type}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: torch sees no CUDA GPU on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
+
+
+def run_files(out: Path) -> list[str]:
+    """The files in ``out`` that show a run was started there (empty: no run)."""
+    return [f for f in RUN_FILES if (out / f).exists()]
+
+
+def _prepare_out(out: Path, resume: str | None, force: bool) -> None:
+    """Check the run folder before any slow work: writable, and holding no run this one would overwrite."""
+    check_writable_dir(out)
+    resuming_here = resume is not None and out.resolve() == Path(resume).resolve()
+    found = run_files(out)
+    if found and not resuming_here and not force:
+        raise ConfigError(
+            f"--out {out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
+            "replace it with --force, or give another --out"
+        )
+
+
+def _start_run_folder(out: Path, resuming: bool, start: int, cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """Rank 0: clean stale temporary files; a new run deletes what a forced-over run left, a
+    resumed one keeps the metrics up to its checkpoint's step (a torn last line is dropped)."""
+    clean_stale(out)
+    metrics_path = out / METRICS
+    kept = []
+    if resuming and metrics_path.exists():
+        kept = [r for r in read_metrics(metrics_path) if r["step"] <= start]
+    elif not resuming:
+        for f in RUN_FILES:
+            (out / f).unlink(missing_ok=True)
+    # train_config.json last: once it exists, the folder can be resumed
+    write_text(out / MODEL_CONFIG, json.dumps(model_cfg.to_dict(), indent=2))
+    write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    write_text(out / TRAIN_CONFIG, json.dumps(cfg.to_dict(), indent=2))
+
+
+def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None, force: bool = False) -> dict[str, Any]:
     """Run (or resume) one training run; return its summary (also written to ``out/summary.json``).
 
-    Every check (configuration, data size, checkpoint compatibility) happens before the first
-    step, so a bad run fails fast with a ConfigError / DataError / CheckpointError.
+    Every check (configuration, device, output folder, data size, checkpoint compatibility)
+    happens before the first step, so a bad run fails fast with a ConfigError / DataError /
+    CheckpointError. A folder that already holds a run is refused unless it is the one being
+    resumed or ``force`` is given (then the old run is deleted).
     """
     cfg.check()
+    dev = _device(device)
+    out = Path(cfg.out)
+    rank, world = distributed.rank_and_world()
+    if rank == 0:
+        _prepare_out(out, resume, force)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world = distributed.rank_and_world()
     data = TokenData.open(cfg.data)
     model_cfg = resolve_model_config(cfg.arch, cfg.scale, cfg.overrides, data.vocab_size, cfg.seq_len)
     data.check_fits(cfg.seq_len, cfg.batch_size * cfg.grad_accum * world)
@@ -137,7 +201,7 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
     ckpt = None
     if resume is not None:
         resume_config(resume, cfg.arch, model_cfg)
-        ckpt = read_checkpoint(resume)
+        ckpt = read_checkpoint(resume) if find_checkpoint(resume) else None
     dev = distributed.setup(dev)
 
     torch.manual_seed(cfg.seed)
@@ -150,15 +214,9 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
     opt = build_optimizer(wrapped, cfg.optimizer, cfg.lr, cfg.weight_decay)
     start = load_checkpoint(wrapped, opt, ckpt, resume) if ckpt is not None else 0
 
-    out = Path(cfg.out)
     metrics_path = out / METRICS
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2))
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        lines = metrics_path.read_text().splitlines() if (ckpt is not None and metrics_path.exists()) else []
-        kept = [ln for ln in lines if json.loads(ln)["step"] <= start]  # drop steps after the checkpoint
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        _start_run_folder(out, resume is not None, start, cfg, model_cfg)
     val_batches = data.val_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches)
 
     from tqdm import tqdm
@@ -211,7 +269,7 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
             val_loss = evaluate(wrapped, val_batches, dev, cfg)
             record["val_loss"] = val_loss
         if rank == 0:
-            with open(metrics_path, "a") as f:
+            with open(metrics_path, "a") as f:  # a kill mid-line leaves a torn last line, which resume drops
                 f.write(json.dumps(record) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{record['lr']:.2e}")
@@ -226,7 +284,21 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The rows of a ``metrics.jsonl``. A last line without its newline is a write cut short by a
+    killed process and is dropped; any other line that is not JSON is an error."""
+    text = Path(path).read_text()
+    lines = text.split("\n")
+    rows = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            rows.append(json.loads(ln))
+        except ValueError:
+            if i == len(lines) - 1:  # no newline after it: torn
+                break
+            raise CheckpointError(f"line {i + 1} of {path} is not a JSON record: {ln[:80]!r}") from None
+    return rows
 
 
 def _summary(metrics_path: Path, cfg: TrainConfig, model_cfg: ModelConfig, counts, total_steps: int, rank: int) -> dict:
@@ -250,9 +322,8 @@ def _summary(metrics_path: Path, cfg: TrainConfig, model_cfg: ModelConfig, count
         params_active=counts.active,
         params_non_embedding=counts.non_embedding,
     )
-    (metrics_path.parent / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(metrics_path.parent / SUMMARY, json.dumps(summary, indent=2))
     return summary
 
 
-
-__all__ = ["METRICS", "evaluate", "init_weights", "read_metrics", "train"]
+__all__ = ["METRICS", "RUN_FILES", "SUMMARY", "evaluate", "init_weights", "read_metrics", "run_files", "train"]

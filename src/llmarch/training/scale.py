@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
@@ -192,8 +193,25 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _check_override_type(key: str, old: Any, new: Any) -> None:
+    """``--set`` values must have the type of the field they replace (an int for an int field...)."""
+    if old is None or new is None:
+        return
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a JSON list",
+             dict: "a JSON object"}
+    want = type(old)
+    ok = isinstance(new, want) and not (want is int and isinstance(new, bool))
+    if want is float and isinstance(new, int) and not isinstance(new, bool):
+        ok = True
+    if not ok:
+        raise ConfigError(f"--set {key}={json.dumps(new)}: {key} takes {kinds.get(want, want.__name__)}, "
+                          f"like its current value {json.dumps(old)}")
+
+
 def apply_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
     d = cfg.to_dict()
+    for key, value in overrides.items():
+        _check_override_type(key, d.get(key), value)
     d.update(overrides)
     if ("hidden_size" in overrides or "num_heads" in overrides) and "head_dim" not in overrides:
         d["head_dim"] = None  # re-derive it from the new hidden_size / num_heads
@@ -201,7 +219,12 @@ def apply_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
         for key in ("layer_types", "rope_layers"):
             if key not in overrides and d.get(key) is not None:
                 d[key] = _schedule(d[key], overrides["num_layers"])
-    return ModelConfig.from_dict(d).validate()
+    try:
+        return ModelConfig.from_dict(d).validate()
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ConfigError(f"--set {', '.join(overrides)} gives an invalid configuration: {e}") from None
 
 
 def check_trainable(cfg: ModelConfig, seq_len: int) -> None:
@@ -217,13 +240,30 @@ def check_trainable(cfg: ModelConfig, seq_len: int) -> None:
         )
 
 
+def _read_arch_json(path: str) -> ModelConfig:
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--arch {path}: no such file; give a preset name (llmarch presets) or an llmarch config.json") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--arch {path} is not a readable JSON file: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"--arch {path} holds a JSON {type(d).__name__}, expected an object of config fields")
+    try:
+        return ModelConfig.from_dict(d).validate()
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ConfigError(f"--arch {path} is not a valid llmarch model configuration: {e}") from None
+
+
 def resolve_model_config(
     arch: str, scale: str | None, overrides: dict[str, Any], vocab_size: int, seq_len: int
 ) -> ModelConfig:
     """Preset name or config.json -> (scaled, overridden) config for a vocabulary and context."""
     from ..families import get_config
 
-    cfg = ModelConfig.from_json(arch) if arch.endswith(".json") else get_config(arch)
+    cfg = _read_arch_json(arch) if arch.endswith(".json") else get_config(arch)
     if scale:
         cfg = scale_config(cfg, scale, vocab_size, seq_len)
     else:
