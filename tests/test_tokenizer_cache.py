@@ -189,3 +189,14 @@ def test_real_cached_tokenizer_equals_built(which, real_paths, tmp_path, monkeyp
     cached = Tokenizer.from_gguf(ckpt)
     assert calls == []
     _same(built, cached)
+
+
+def test_cli_import_is_light():
+    """``import llmarch.cli`` (every start of the command) loads no torch, analysis, matplotlib or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, llmarch.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'matplotlib', 'transformers') or m.startswith('llmarch.analysis')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
