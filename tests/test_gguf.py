@@ -20,7 +20,7 @@ from gguf.quants import quantize  # noqa: E402
 
 from llmarch.checkpoints.assets import resolve_model  # noqa: E402
 from llmarch.checkpoints.formats import GGUFCheckpoint  # noqa: E402
-from llmarch.checkpoints.gguf import dequantize  # noqa: E402
+from llmarch.checkpoints.gguf import GGUFFile, dequantize  # noqa: E402
 from llmarch.errors import CheckpointError  # noqa: E402
 
 
@@ -132,7 +132,7 @@ def test_real_kquant_layout(real_ckpts):
     """K-quant (and Q5_0/Q8_0) tensors from the real files: torch shape is ggml ne reversed."""
     seen = set()
     for ckpt in real_ckpts.values():
-        for t in sorted(ckpt._reader.tensors, key=lambda t: int(t.n_elements)):
+        for t in sorted(ckpt._tensors.values(), key=lambda t: int(t.n_elements)):
             ty = t.tensor_type.name
             if ty in seen or ty == "F32":
                 continue
@@ -144,6 +144,57 @@ def test_real_kquant_layout(real_ckpts):
             ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
             np.testing.assert_array_equal(out.numpy(), ref)
     assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= seen
+
+
+def test_metadata_arrays_are_decoded_only_when_read(real_paths):
+    """Opening a file (and reading its config) decodes no array; the vocabulary reads as gguf's reader gives it."""
+    ckpt = GGUFCheckpoint(real_paths["gemma"])
+    assert ckpt.hf_config["vocab_size"] == 262144
+    assert ckpt.metadata.decoded_arrays == 0
+    assert ckpt.metadata.array_length("tokenizer.ggml.tokens") == 262144
+    tokens = ckpt.metadata["tokenizer.ggml.tokens"]
+    assert ckpt.metadata.decoded_arrays == 1
+    assert ckpt.metadata["tokenizer.ggml.tokens"] is tokens  # decoded once
+    reader = gguf.GGUFReader(real_paths["gemma"])
+    assert tokens == reader.fields["tokenizer.ggml.tokens"].contents()
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type", "general.tags"):
+        assert ckpt.metadata[key] == reader.fields[key].contents(), key
+    assert ckpt.metadata.decoded_arrays == 4
+    assert {k for k in reader.fields if not k.startswith("GGUF.")} == set(ckpt.metadata)
+
+
+def test_metadata_digest_covers_only_the_prefix(tmp_path):
+    base = {"tokenizer.ggml.pre": "x"}
+    a = GGUFFile(_write_gguf(tmp_path / "a.gguf", extra={**base, "general.name": "a"}))
+    b = GGUFFile(_write_gguf(tmp_path / "b.gguf", extra={**base, "general.name": "b"}))
+    c = GGUFFile(_write_gguf(tmp_path / "c.gguf", extra={"tokenizer.ggml.pre": "y", "general.name": "a"}))
+    assert a.metadata_digest("tokenizer.") == b.metadata_digest("tokenizer.") != c.metadata_digest("tokenizer.")
+    assert a.metadata_digest("general.") != b.metadata_digest("general.")
+
+
+@pytest.mark.parametrize("offset,value", [(8, (1 << 62).to_bytes(8, "little")),      # tensor count
+                                          (16, (1 << 40).to_bytes(8, "little")),     # kv count
+                                          (4, (7).to_bytes(4, "little"))])           # version
+def test_corrupt_header_fields(tmp_path, offset, value):
+    path = _write_gguf(tmp_path / "ok.gguf", tensors=[("token_embd.weight", np.zeros((4, 16), np.float32), QT.F32)])
+    data = bytearray(path.read_bytes())
+    data[offset:offset + len(value)] = value
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="truncated or corrupt GGUF file"):
+        GGUFCheckpoint(bad)
+
+
+def test_corrupt_string_length_in_array(tmp_path, real_paths):
+    """A vocabulary entry whose length points past the end of the file is caught at open."""
+    with open(real_paths["gemma"], "rb") as fh:
+        head = bytearray(fh.read(8 << 20))
+    i = head.index(b"tokenizer.ggml.tokens") + len("tokenizer.ggml.tokens") + 4 + 4 + 8  # type, item type, count
+    head[i:i + 8] = (1 << 50).to_bytes(8, "little")
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(bytes(head))
+    with pytest.raises(CheckpointError, match="truncated or corrupt GGUF file"):
+        GGUFCheckpoint(p)
 
 
 # --------------------------------------------------------------------------- dequantisation on synthetic data

@@ -7,8 +7,10 @@
     logits = model(torch.tensor([[1, 2, 3]]))
 """
 
-from .analysis.params import count_params
-from .checkpoints.hf import from_pretrained, save_pretrained
+from __future__ import annotations
+
+from typing import Any
+
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -16,9 +18,28 @@ from .errors import (
     GenerationError,
     LlmarchError,
 )
-from .families import get_config, preset_names
-from .model.config import ModelConfig, RopeConfig
-from .model.decoder import Decoder, build_model
+
+
+def __getattr__(name: str) -> Any:
+    """The part of the API that needs torch, imported on first use: ``import llmarch`` (and the CLI) stays light."""
+    if name not in __all__:
+        raise AttributeError(f"module 'llmarch' has no attribute {name!r}")
+    from .analysis.params import count_params
+    from .checkpoints.hf import from_pretrained, save_pretrained
+    from .families import get_config, preset_names
+    from .model.config import ModelConfig, RopeConfig
+    from .model.decoder import Decoder, build_model
+
+    api = {"count_params": count_params, "from_pretrained": from_pretrained, "save_pretrained": save_pretrained,
+           "get_config": get_config, "preset_names": preset_names, "ModelConfig": ModelConfig,
+           "RopeConfig": RopeConfig, "Decoder": Decoder, "build_model": build_model}
+    globals().update(api)
+    return api[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __version__ = "0.1.0"
 

@@ -11,17 +11,23 @@ and how their tensors become llmarch's is each family's business (``families/``)
 
 from __future__ import annotations
 
+import hashlib
+import math
+import mmap
 import os
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterator, Mapping
+from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["SUPPORTED_TENSOR_TYPES", "GGUFFile", "dequantize", "is_gguf_file", "round_f32"]
+__all__ = ["SUPPORTED_TENSOR_TYPES", "GGMLType", "GGUFFile", "GGUFMetadata", "GGUFTensor", "dequantize",
+           "is_gguf_file", "round_f32"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -32,55 +38,160 @@ SUPPORTED_TENSOR_TYPES = (
 )
 
 
-def _reader_class():
-    """``gguf.GGUFReader`` with a fast path for metadata arrays.
+#: ggml tensor types: id -> (name, elements per block, bytes per block), as in ggml.h
+_GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292), 16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8),
+    28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
+}
+#: The ggml tensor type of a tensor; an ``IntEnum`` equal to ``gguf.GGMLQuantizationType`` (without importing gguf).
+GGMLType = IntEnum("GGMLType", {name: i for i, (name, _, _) in _GGML_TYPES.items()})
+#: Types whose data is read as a typed array (the rest as uint8 blocks), as ``gguf.GGUFReader`` does.
+_PLAIN_DTYPES = {"F32": "f4", "F16": "f2", "F64": "f8", "I8": "i1", "I16": "i2", "I32": "i4", "I64": "i8"}
 
-    Stock ``GGUFReader`` builds two numpy views per element of every metadata
-    array, which takes ~10 s for Gemma's 262k-token vocabulary.  This subclass
-    parses arrays of strings with ``struct`` into memoryview slices and keeps
-    numeric arrays as one numpy view, which ``ReaderField.contents()`` reads the
-    same way.  Anything unusual (big-endian files, nested arrays) goes through
-    the stock code.
-    """
-    import struct
+# GGUF metadata value types
+_UINT32, _STRING, _ARRAY, _UINT64 = 4, 8, 9, 10
+#: scalar value type -> struct / numpy format character
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", _UINT32: "I", 5: "i", 6: "f", 7: "?", _UINT64: "Q", 11: "q", 12: "d"}
+_ALIGNMENT = 32
 
-    from gguf import GGUFReader, GGUFValueType
 
-    class _FastReader(GGUFReader):
-        def _get_field_parts(self, orig_offs, raw_type):
-            if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
-                return super()._get_field_parts(orig_offs, raw_type)
-            raw_itype = self._get(orig_offs, np.uint32)
-            alen = self._get(orig_offs + 4, np.uint64)
-            itype = GGUFValueType(int(raw_itype[0]))
-            count = int(alen[0])
-            offs = orig_offs + 12
-            parts: list[Any] = [raw_itype, alen]
-            if itype == GGUFValueType.STRING:
-                view = getattr(self, "_llmarch_view", None)
-                if view is None:
-                    view = self._llmarch_view = memoryview(self.data)
-                data: list[int] = []
-                unpack = struct.Struct("<Q").unpack_from
-                for _ in range(count):
-                    (n,) = unpack(view, offs)
-                    parts.append(view[offs:offs + 8])
-                    parts.append(view[offs + 8:offs + 8 + n])
-                    data.append(len(parts) - 1)
-                    offs += 8 + n
-                if offs > len(view):
-                    raise ValueError("string array extends past the end of the file")
-                return offs - orig_offs, parts, data, [GGUFValueType.ARRAY, itype]
-            nptype = self.gguf_scalar_to_np.get(itype)
-            if nptype is None:
-                return super()._get_field_parts(orig_offs, raw_type)
-            values = self._get(offs, nptype, count)
-            if len(values) != count:
-                raise ValueError("array extends past the end of the file")
-            parts.append(values)
-            return 12 + int(values.nbytes), parts, [2], [GGUFValueType.ARRAY, itype]
+class _Lazy(NamedTuple):
+    """A metadata array not decoded yet: its element type, element count and first element's offset."""
 
-    return _FastReader
+    item_type: int
+    count: int
+    offset: int
+
+
+class _Parser:
+    """Reads GGUF values from a memory map with bounds checks; arrays are skipped, not decoded."""
+
+    def __init__(self, buf: mmap.mmap, endian: str):
+        self.buf, self.endian = buf, endian
+        self.size = len(buf)
+        self._formats: dict[str, struct.Struct] = {}
+
+    def unpack(self, fmt: str, offset: int) -> Any:
+        s = self._formats.get(fmt)
+        if s is None:
+            s = self._formats[fmt] = struct.Struct(self.endian + fmt)
+        return s.unpack_from(self.buf, offset)[0]
+
+    def string(self, offset: int) -> tuple[str, int]:
+        n = self.unpack("Q", offset)
+        end = offset + 8 + n
+        if end > self.size:
+            raise ValueError(f"string at offset {offset} extends past the end of the file")
+        return str(self.buf[offset + 8:end], "utf-8"), end
+
+    def value(self, vtype: int, offset: int) -> tuple[Any, int]:
+        """A scalar or string value, or a :class:`_Lazy` array; and the offset after it."""
+        fmt = _SCALARS.get(vtype)
+        if fmt is not None:
+            return self.unpack(fmt, offset), offset + struct.calcsize(fmt)
+        if vtype == _STRING:
+            return self.string(offset)
+        if vtype == _ARRAY:
+            item_type, count = self.unpack("I", offset), self.unpack("Q", offset + 4)
+            return _Lazy(item_type, count, offset + 12), self.skip_array(item_type, count, offset + 12)
+        raise ValueError(f"unknown metadata value type {vtype} at offset {offset}")
+
+    def skip_array(self, item_type: int, count: int, offset: int) -> int:
+        """The offset after ``count`` elements of ``item_type`` starting at ``offset``."""
+        fmt = _SCALARS.get(item_type)
+        min_size = struct.calcsize(fmt) if fmt is not None else 8
+        if offset + count * min_size > self.size:
+            raise ValueError(f"array of {count} elements at offset {offset} extends past the end of the file")
+        if fmt is not None:
+            return offset + count * min_size
+        if item_type == _STRING:
+            unpack = struct.Struct(self.endian + "Q").unpack_from
+            buf = self.buf
+            for _ in range(count):
+                offset += 8 + unpack(buf, offset)[0]
+            if offset > self.size:
+                raise ValueError("string array extends past the end of the file")
+            return offset
+        for _ in range(count):
+            offset = self.value(item_type, offset)[1]
+        return offset
+
+    def decode(self, lazy: _Lazy) -> list[Any]:
+        """The elements of an array, as ``gguf.GGUFReader``'s ``contents()`` gives them."""
+        fmt = _SCALARS.get(lazy.item_type)
+        if fmt is not None:
+            return np.frombuffer(self.buf, np.dtype(self.endian + fmt), lazy.count, lazy.offset).tolist()
+        out, offset = [], lazy.offset
+        for _ in range(lazy.count):
+            item, offset = self.value(lazy.item_type, offset)
+            out.append(self.decode(item) if isinstance(item, _Lazy) else item)
+        return out
+
+
+class GGUFMetadata(Mapping[str, Any]):
+    """A GGUF file's metadata, key -> value; arrays (the vocabulary...) are decoded on first access."""
+
+    def __init__(self, parser: _Parser, values: dict[str, Any], path: Path):
+        self._parser, self._values, self._path = parser, values, path
+        #: how many arrays have been decoded so far
+        self.decoded_arrays = 0
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._values[key]
+        if isinstance(value, _Lazy):
+            try:
+                value = self._parser.decode(value)
+            except (ValueError, struct.error) as exc:
+                raise CheckpointError(
+                    f"truncated or corrupt GGUF file {self._path}: cannot read metadata {key!r}: {exc}"
+                ) from exc
+            self._values[key] = value
+            self.decoded_arrays += 1
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def array_length(self, key: str) -> int | None:
+        """Number of elements of the array ``key`` (without decoding it), or None when absent or not an array."""
+        value = self._values.get(key)
+        if isinstance(value, _Lazy):
+            return value.count
+        return len(value) if isinstance(value, list) else None
+
+
+class GGUFTensor(NamedTuple):
+    """One tensor's entry in a GGUF file (the fields of ``gguf.ReaderTensor`` that llmarch reads)."""
+
+    name: str
+    tensor_type: GGMLType
+    #: ggml's ``ne``: the fastest-varying dimension first
+    shape: tuple[int, ...]
+    n_elements: int
+    n_bytes: int
+    data_offset: int
+    buffer: mmap.mmap
+    endian: str
+
+    @property
+    def data(self) -> np.ndarray:
+        """The raw data, a read-only view of the file: a typed array for plain types, uint8 blocks otherwise."""
+        np_shape = tuple(reversed(self.shape))
+        plain = _PLAIN_DTYPES.get(self.tensor_type.name)
+        if plain is not None:
+            return np.frombuffer(self.buffer, np.dtype(self.endian + plain), self.n_elements, self.data_offset).reshape(np_shape)
+        _, block, type_size = _GGML_TYPES[self.tensor_type]
+        byte_shape = (*np_shape[:-1], np_shape[-1] // block * type_size)
+        return np.frombuffer(self.buffer, np.uint8, self.n_bytes, self.data_offset).reshape(byte_shape)
 
 
 def is_gguf_file(path: str | os.PathLike) -> bool:
@@ -152,38 +263,88 @@ class GGUFFile:
                 f"not a GGUF file (bad magic {magic!r}, expected {GGUF_MAGIC!r}): {self.path}"
             )
         try:
-            reader_class = _reader_class()
-        except ImportError:
-            raise CheckpointError(f"reading {self.path} needs the gguf package: pip install gguf") from None
-        try:
-            self._reader = reader_class(self.path, "r")
-            size = self.path.stat().st_size
-            for t in self._reader.tensors:
-                if t.data_offset + int(t.n_bytes) > size:
-                    raise ValueError(f"tensor {t.name!r} extends past the end of the file")
-        except Exception as exc:  # GGUFReader raises assorted errors on damaged files
+            self._parser = self._open()
+            self._tensors, self._spans, values = self._read_header()
+        except (ValueError, OverflowError, struct.error) as exc:
             raise CheckpointError(
                 f"truncated or corrupt GGUF file {self.path}: {type(exc).__name__}: {exc}"
             ) from exc
-
-        self._tensors = {t.name: t for t in self._reader.tensors}
-        self.metadata: dict[str, Any] = {}
-        for key, field in self._reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            try:
-                self.metadata[key] = field.contents()
-            except Exception as exc:
-                raise CheckpointError(
-                    f"truncated or corrupt GGUF file {self.path}: cannot read metadata {key!r}: {exc}"
-                ) from exc
+        self.metadata = GGUFMetadata(self._parser, values, self.path)
 
         arch = self.metadata.get("general.architecture")
         if arch is None:
             raise CheckpointError(f"GGUF file {self.path} has no general.architecture metadata")
         self.architecture: str = str(arch)
 
+    def _open(self) -> _Parser:
+        with open(self.path, "rb") as fh:
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        version = struct.unpack_from("<I", buf, 4)[0]
+        endian = "<"
+        if version & 0xFFFF == 0:  # written on a machine of the other byte order
+            endian, version = ">", struct.unpack_from(">I", buf, 4)[0]
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
+        return _Parser(buf, endian)
+
+    def _read_header(self) -> tuple[dict[str, GGUFTensor], dict[str, tuple[int, int]], dict[str, Any]]:
+        """Tensor infos, each metadata entry's byte span, and the metadata (arrays left undecoded)."""
+        p = self._parser
+        n_tensors, n_kv = p.unpack("Q", 8), p.unpack("Q", 16)
+        offset = 24
+        values: dict[str, Any] = {}
+        spans: dict[str, tuple[int, int]] = {}
+        for _ in range(n_kv):
+            start = offset
+            key, offset = p.string(offset)
+            if key in values:
+                raise ValueError(f"duplicate metadata key {key!r}")
+            values[key], offset = p.value(p.unpack("I", offset), offset + 4)
+            spans[key] = (start, offset)
+        infos = []
+        for _ in range(n_tensors):
+            name, offset = p.string(offset)
+            n_dims = p.unpack("I", offset)
+            if n_dims > 4:
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions (ggml allows at most 4)")
+            shape = tuple(p.unpack("Q", offset + 4 + 8 * i) for i in range(n_dims))
+            offset += 4 + 8 * n_dims
+            infos.append((name, shape, p.unpack("I", offset), p.unpack("Q", offset + 4)))
+            offset += 12
+        alignment = values.get("general.alignment", _ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"general.alignment must be a power of two, got {alignment!r}")
+        data_start = -(-offset // alignment) * alignment
+        tensors: dict[str, GGUFTensor] = {}
+        for name, shape, type_id, rel_offset in infos:
+            if name in tensors:
+                raise ValueError(f"duplicate tensor {name!r}")
+            if type_id not in _GGML_TYPES:
+                raise ValueError(f"tensor {name!r} has unknown GGML type id {type_id}")
+            _, block, type_size = _GGML_TYPES[type_id]
+            n_elements = math.prod(shape)
+            if shape and shape[0] % block:
+                raise ValueError(f"tensor {name!r}: rows of {shape[0]} elements are not whole blocks of {block}")
+            n_bytes = n_elements // block * type_size
+            data_offset = data_start + rel_offset
+            if data_offset + n_bytes > p.size:
+                raise ValueError(f"tensor {name!r} extends past the end of the file")
+            tensors[name] = GGUFTensor(name, GGMLType(type_id), shape, n_elements, n_bytes, data_offset,
+                                       p.buf, p.endian)
+        return tensors, spans, values
+
     # ------------------------------------------------------------------ metadata
+    def metadata_digest(self, prefix: str) -> str:
+        """SHA-256 of the raw bytes of the metadata entries whose key starts with ``prefix``, in file order.
+
+        Cheap (no value is decoded): a cache key for what those entries determine, e.g. the tokenizer.
+        """
+        digest = hashlib.sha256()
+        for key, (start, end) in self._spans.items():
+            if key.startswith(prefix):
+                digest.update(self._parser.buf[start:end])
+        return digest.hexdigest()
+
     def value(self, key: str, default: Any = None) -> Any:
         """The architecture's own metadata ``{architecture}.{key}``, or ``default``."""
         return self.metadata.get(f"{self.architecture}.{key}", default)
@@ -219,7 +380,7 @@ class GGUFFile:
 
     def tensor_shape(self, gguf_name: str) -> tuple[int, ...]:
         """Shape in torch order (ggml's ``ne`` reversed)."""
-        return tuple(int(d) for d in reversed(self._tensors[gguf_name].shape.tolist()))
+        return tuple(reversed(self._tensors[gguf_name].shape))
 
     def tensor_type(self, gguf_name: str) -> str:
         """GGML type name (``Q4_K``, ``F32``, ...)."""

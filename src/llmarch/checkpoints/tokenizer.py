@@ -215,7 +215,9 @@ class Tokenizer:
 
         ``source`` is a path or an opened :class:`~llmarch.checkpoints.gguf.GGUFFile` (whose
         metadata is then not parsed again); ``quirks`` default to those of the file's family.
+        Built once, then read from the cache (:mod:`llmarch.checkpoints.cache`).
         """
+        from .cache import cached_tokenizer
         from .gguf import GGUFFile
 
         ckpt = source if isinstance(source, GGUFFile) else GGUFFile(source)
@@ -223,6 +225,10 @@ class Tokenizer:
             from ..families import tokenizer_quirks
 
             quirks = tokenizer_quirks(ckpt.architecture)
+        return cached_tokenizer(cls, ckpt, quirks, lambda: cls._build_from_gguf(ckpt, quirks))
+
+    @classmethod
+    def _build_from_gguf(cls, ckpt: Any, quirks: TokenizerQuirks) -> Tokenizer:
         meta = ckpt.metadata
         model = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")

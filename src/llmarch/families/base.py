@@ -417,9 +417,9 @@ def gguf_config(f: GGUFFile, model_type: str, architecture: str) -> dict[str, An
     head_dim = f.value("attention.key_length") or f.value("rope.dimension_count")
     vocab_size = f.value("vocab_size")
     if vocab_size is None:
-        tokens = f.metadata.get("tokenizer.ggml.tokens")
-        if tokens is not None:
-            vocab_size = len(tokens)
+        n_tokens = f.metadata.array_length("tokenizer.ggml.tokens")  # the vocabulary is not decoded
+        if n_tokens is not None:
+            vocab_size = n_tokens
         elif f.has_tensor("token_embd.weight"):
             vocab_size = f.tensor_shape("token_embd.weight")[0]
         else:
