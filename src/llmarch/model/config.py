@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, GenerationError
 
 # Attention kinds a layer can have (``layer_types``).
 FULL = "full"
@@ -29,6 +29,14 @@ POSITIONS = ("rope", "learned", "none")
 ATTENTION_KINDS = ("mha", "mla")  # mha: q/k/v heads (MHA, GQA, MQA); mla: DeepSeek latent attention
 ROUTER_SCORES = ("softmax", "sigmoid")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def check_token_ids(ids: Any, vocab_size: int) -> None:
+    """Token ids must index the vocabulary: a GenerationError (not an IndexError) otherwise."""
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise GenerationError(f"token id {bad} is outside the model's vocabulary [0, {vocab_size})")
 
 
 @dataclass
