@@ -8,6 +8,7 @@ overlap. Every failure is a :class:`CheckpointError` naming the file (and tensor
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -119,7 +120,7 @@ def read_header(f: Path) -> dict[str, dict[str, Any]]:
                               "expected an object of tensor name -> {dtype, shape, data_offsets}")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     spans = sorted((*_check_entry(f, k, v), k) for k, v in tensors.items())
-    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+    for (_, end, a), (begin, _, b) in itertools.pairwise(spans):
         if begin < end:
             raise CheckpointError(f"{f} is corrupt: the data of tensors {a!r} and {b!r} overlap")
     need = 8 + n + (spans[-1][1] if spans else 0)

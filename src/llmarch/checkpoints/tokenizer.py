@@ -222,9 +222,9 @@ def _render_env():
                 raise SecurityError(f"exponent {right} is too large")
             return super().call_binop(context, operator, left, right)
 
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
+        def call(self, context, obj, /, *args, **kwargs):
             _check_sizes(args, kwargs)  # 'a'.center(10**9), 'a'.ljust(...), range(...)
-            return super().call(__context, __obj, *args, **kwargs)
+            return super().call(context, obj, *args, **kwargs)
 
     class CappedNamespace(Namespace):
         """``namespace()`` whose values cannot grow past the cap (the one mutable state a template has)."""
