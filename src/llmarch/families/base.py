@@ -349,14 +349,14 @@ MAX_LAYERS = 10_000
 MAX_SIZE = 1 << 31
 
 
-def as_int(value: Any, field: str, maximum: int = MAX_SIZE) -> int:
+def as_int(value: Any, field: str, maximum: int = MAX_SIZE, minimum: int = -MAX_SIZE) -> int:
     """A configuration integer, strictly: ``64`` or ``64.0``, never ``64.5``, ``"64"`` or ``true``."""
     integral = isinstance(value, numbers.Integral) or (
         isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer())
     if isinstance(value, bool) or not integral:
         raise ConfigError(f"{field} must be an integer, got {value!r}")
-    if not -maximum <= int(value) <= maximum:
-        raise ConfigError(f"{field} = {int(value)} is out of range (at most {maximum})")
+    if not minimum <= int(value) <= maximum:
+        raise ConfigError(f"{field} = {int(value)} is out of range (expected {minimum} to {maximum})")
     return int(value)
 
 
@@ -479,7 +479,7 @@ def gguf_config(f: GGUFFile, model_type: str, architecture: str) -> dict[str, An
         "rms_norm_eps": f.float_value("attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": f.float_value("rope.freq_base", 10000.0),
         "rope_scaling": _gguf_rope_scaling(f),
-        "max_position_embeddings": as_int(f.value("context_length", 2048), "context_length"),
+        "max_position_embeddings": as_int(f.value("context_length", 2048), "context_length", minimum=1),
         "tie_word_embeddings": not f.has_tensor("output.weight"),
         "bos_token_id": f.token_id("bos"),
         "eos_token_id": f.token_id("eos"),
