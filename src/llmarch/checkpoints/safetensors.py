@@ -83,7 +83,7 @@ def _check_entry(f: Path, name: str, v: Any) -> tuple[int, int]:
     if not isinstance(v, dict):
         raise bad(f"has header entry {v!r}; expected an object with dtype, shape and data_offsets")
     dtype, shape, offsets = v.get("dtype"), v.get("shape"), v.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise bad(f"has dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad(f"has shape {shape!r}; expected a list of non-negative integers")

@@ -284,6 +284,8 @@ class Family:
 def _scaling_from(params: dict[str, Any] | None) -> dict[str, Any] | None:
     if not params:
         return None
+    if not isinstance(params, dict):
+        raise ConfigError(f"rope_scaling / rope_parameters must be an object, got {params!r}")
     s = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
     s["rope_type"] = params.get("rope_type", params.get("type", "default"))
     if s["rope_type"] == "default" and set(s) <= {"rope_type", "partial_rotary_factor"}:
@@ -299,6 +301,8 @@ def parse_rope(d: dict[str, Any], default_theta: float = 10000.0) -> tuple[RopeC
     layer type.
     """
     rp = d.get("rope_parameters")
+    if rp and not isinstance(rp, dict):
+        raise ConfigError(f"rope_parameters must be an object, got {rp!r}")
     if rp:
         if "full_attention" in rp or "sliding_attention" in rp or "chunked_attention" in rp:
             full = rp.get("full_attention") or rp.get("chunked_attention") or {}
@@ -450,8 +454,8 @@ def check_exportable(cfg: ModelConfig, family: str, **expected: Any) -> None:
 
 def gguf_config(f: GGUFFile, model_type: str, architecture: str) -> dict[str, Any]:
     """The ``config.json`` fields every llama.cpp architecture writes under the same metadata keys."""
-    hidden = as_int(f.require("embedding_length"), "embedding_length")
-    n_head = as_int(f.require("attention.head_count"), "attention.head_count")
+    hidden = as_int(f.require("embedding_length"), "embedding_length", minimum=1)
+    n_head = as_int(f.require("attention.head_count"), "attention.head_count", minimum=1)
     n_kv = f.value("attention.head_count_kv", n_head)
     if isinstance(n_kv, list):  # per-layer lists exist in some files
         n_kv = max(n_kv)
