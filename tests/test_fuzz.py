@@ -14,6 +14,7 @@ CI runs a fixed, derandomised set of examples per target (the file takes well un
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -84,6 +85,7 @@ def fuzz(strategy):
         if not MINUTES:
             return test
 
+        @functools.wraps(test)  # keeps the fixture arguments pytest passes
         def long_run(*args, **kwargs):
             stop, run = time.monotonic() + 60 * MINUTES, 0
             while time.monotonic() < stop:
@@ -93,7 +95,6 @@ def fuzz(strategy):
                 seeded(*args, **kwargs)
             print(f"{body.__name__}: {run} runs of 500 examples")
 
-        long_run.__name__ = body.__name__
         return long_run
     return wrap
 

@@ -333,3 +333,10 @@ def test_a_genuine_bug_still_shows_its_traceback(monkeypatch):
 def test_missing_model_is_one_error(capsys, tmp_path):
     assert main(["generate", "hi", "--model", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith("llmarch: error: no such model or path")
+
+
+@pytest.mark.parametrize("template", [[None], 5, [{"name": "default", "template": 7}]])
+def test_tokenizer_config_chat_template_of_the_wrong_type_is_one_error(tmp_path, template):
+    d = write_tokenizer_dir(tmp_path / "tok", {"bos_token": "<s>", "chat_template": template})
+    with pytest.raises(CheckpointError, match="chat_template in .* must be text"):
+        Tokenizer.from_file(d)

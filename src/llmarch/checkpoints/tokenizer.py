@@ -381,8 +381,13 @@ class Tokenizer:
 
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            if not all(isinstance(t, dict) for t in template):
+                raise CheckpointError(f"chat_template in {directory} must be text or a list of "
+                                      "{\"name\": ..., \"template\": ...} objects")
             named = {t.get("name"): t.get("template") for t in template}
             template = named.get("default") or next(iter(named.values()), None)
+        if template is not None and not isinstance(template, str):
+            raise CheckpointError(f"chat_template in {directory} must be text, got {type(template).__name__}")
         jinja_file = directory / "chat_template.jinja"
         if template is None and jinja_file.is_file():
             template = jinja_file.read_text(encoding="utf-8")
