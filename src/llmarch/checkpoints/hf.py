@@ -21,6 +21,7 @@ from ..families import family_for_config, family_for_model_type
 from ..families.base import HF
 from ..model.config import ModelConfig
 from ..model.decoder import Decoder, build_model
+from .budget import check_budget
 from .formats import GGUFCheckpoint, HFDirectory, open_checkpoint
 
 
@@ -39,6 +40,8 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     if mod is None or attr not in mod._parameters or mod._parameters[attr] is None:
         raise CheckpointError(f"checkpoint tensor maps to {name!r}, which this architecture does not have")
     cur = mod._parameters[attr]
+    if cur.is_floating_point() and not tensor.is_floating_point():
+        raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}; the configuration expects a floating-point weight")
     if tuple(cur.shape) != tuple(tensor.shape):
         raise CheckpointError(
             f"tensor {name!r} has shape {tuple(tensor.shape)}; the configuration expects {tuple(cur.shape)}"
@@ -83,6 +86,7 @@ def from_pretrained(path: str | os.PathLike | HFDirectory | GGUFCheckpoint, dtyp
 
     ck = open_checkpoint(path) if isinstance(path, (str, os.PathLike)) else path
     cfg = ck.config
+    check_budget(ck, cfg, dtype=dtype, device=device)
     model = build_model(cfg, device="meta")
     load_tensors(model, cfg, ck.raw_tensors(), fmt=ck.format, dtype=dtype, device=device)
     model.eval()

@@ -24,15 +24,19 @@ ones (type 4) plain added tokens, so both are matched whole in the text.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, GenerationError, LlmarchError
 from ..families.base import BYTE_LEVEL, SENTENCEPIECE, TokenizerQuirks
+from .safetensors import read_json_object
 
 __all__ = ["StreamDecoder", "Tokenizer"]
 
@@ -82,13 +86,165 @@ def _token_text(value: Any) -> str | None:
     return str(value)
 
 
+#: the longest text a chat template may render, in characters (far beyond any model's context)
+MAX_RENDERED_CHARS = 10_000_000
+#: address space a template may allocate while it is compiled and rendered (Linux)
+TEMPLATE_MEMORY_BYTES = 1 << 30
+#: wall-clock seconds a template may take to compile and render (main thread, POSIX)
+TEMPLATE_SECONDS = 10.0
+#: iterations of ``range`` a template may create in total (the sandbox caps each one at 100,000)
+TEMPLATE_RANGE_BUDGET = 1_000_000
+
+
+class _TemplateTimeout(Exception):
+    pass
+
+
+def _too_big(what: str) -> CheckpointError:
+    return CheckpointError(f"the chat template tried to build {what} longer than {MAX_RENDERED_CHARS:,} characters; "
+                           "the template is broken or hostile")
+
+
+def _vm_size() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def _template_limits() -> Iterator[None]:
+    """Bound the memory (``RLIMIT_AS``, Linux) and the time (``SIGALRM``, main thread) of a template.
+
+    A limit that cannot be set here (another platform, a worker thread, an alarm already in use)
+    is skipped; the operator, ``range`` and output caps of :func:`_render_env` still hold.
+    """
+    import resource
+    import signal
+    import threading
+
+    restore = []
+    vm = _vm_size()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if vm is not None and (soft == resource.RLIM_INFINITY or soft > vm + TEMPLATE_MEMORY_BYTES):
+        cap = vm + TEMPLATE_MEMORY_BYTES if hard == resource.RLIM_INFINITY else min(vm + TEMPLATE_MEMORY_BYTES, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+        restore.append(lambda: resource.setrlimit(resource.RLIMIT_AS, (soft, hard)))
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGALRM) == signal.SIG_DFL:
+        def timeout(signum, frame):
+            raise _TemplateTimeout
+
+        signal.signal(signal.SIGALRM, timeout)
+        signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
+        restore.append(lambda: (signal.setitimer(signal.ITIMER_REAL, 0), signal.signal(signal.SIGALRM, signal.SIG_DFL)))
+    try:
+        try:
+            yield
+        finally:
+            for undo in reversed(restore):
+                undo()
+    except MemoryError:
+        raise CheckpointError(f"the chat template needs more than {TEMPLATE_MEMORY_BYTES >> 20} MB of memory; "
+                              "the template is broken or hostile") from None
+    except _TemplateTimeout:
+        raise CheckpointError(f"the chat template ran for more than {TEMPLATE_SECONDS:g} s; "
+                              "the template is broken or hostile") from None
+
+
+def _sized(x: Any) -> int:
+    return len(x) if isinstance(x, (str, list, tuple)) else 0
+
+
+def _check_sizes(args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+    """A width or count argument past the cap (``center(10**9)``, ``slice(10**9)``) is refused."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_RENDERED_CHARS:
+            raise CheckpointError(f"the chat template asked for a width or count of {a:,}, past the cap of "
+                                  f"{MAX_RENDERED_CHARS:,}; the template is broken or hostile")
+
+
+_PRINTF_WIDTH = re.compile(r"%[-#0 +]*(?:\((?:[^)]*)\))?[-#0 +]*(\d*)(?:\.(\d*))?")
+
+
+def _check_printf(fmt: Any) -> None:
+    """``'%999999999d'|format(1)``: a printf width or precision past the cap is refused."""
+    if isinstance(fmt, str):
+        for m in _PRINTF_WIDTH.finditer(fmt):
+            _check_sizes([int(g) for g in m.groups() if g], {})
+
+
+def _capped_format(f: Any) -> Any:
+    """The ``format`` filter with its printf widths checked too."""
+
+    @functools.wraps(f)
+    def capped(value, *args, **kwargs):
+        _check_printf(value)
+        return f(value, *args, **kwargs)
+
+    return capped
+
+
+def _capped_filter(f: Any) -> Any:
+    """A jinja2 filter whose arguments (not the filtered value) pass :func:`_check_sizes`."""
+    skip = 2 if getattr(f, "jinja_pass_arg", None) else 1  # (context/environment,) value, arguments...
+
+    @functools.wraps(f)
+    def capped(*args, **kwargs):
+        _check_sizes(args[skip:], kwargs)
+        return f(*args, **kwargs)
+
+    return capped
+
+
 def _render_env():
-    import jinja2
+    """jinja2's immutable sandbox (as transformers renders chat templates), with size caps."""
     from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError, safe_range
+    from jinja2.utils import Namespace
+
+    class CappedEnvironment(ImmutableSandboxedEnvironment):
+        """Refuses ``'a' * 10**9``-style amplification before it allocates; no compile-time folding of these."""
+
+        intercepted_binops = frozenset({"*", "+", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*" and isinstance(right, int) and _sized(left) * right > MAX_RENDERED_CHARS:
+                raise _too_big("a value")
+            if operator == "*" and isinstance(left, int) and _sized(right) * left > MAX_RENDERED_CHARS:
+                raise _too_big("a value")
+            if operator == "+" and _sized(left) + _sized(right) > MAX_RENDERED_CHARS:
+                raise _too_big("a value")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 4096:
+                raise SecurityError(f"exponent {right} is too large")
+            return super().call_binop(context, operator, left, right)
+
+        def call(self, context, obj, /, *args, **kwargs):
+            _check_sizes(args, kwargs)  # 'a'.center(10**9), 'a'.ljust(...), range(...)
+            return super().call(context, obj, *args, **kwargs)
+
+    class CappedNamespace(Namespace):
+        """``namespace()`` whose values cannot grow past the cap (the one mutable state a template has)."""
+
+        def __setitem__(self, name, value):
+            if _sized(value) > MAX_RENDERED_CHARS:
+                raise _too_big("a namespace value")
+            super().__setitem__(name, value)
+
+    ranged = [0]
+
+    def budget_range(*args):
+        r = safe_range(*args)
+        ranged[0] += len(r)
+        if ranged[0] > TEMPLATE_RANGE_BUDGET:
+            raise SecurityError(f"the template loops more than {TEMPLATE_RANGE_BUDGET:,} times")
+        return r
 
     def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
+        raise GenerationError(f"the chat template refused the messages: {message}")
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
@@ -97,11 +253,70 @@ def _render_env():
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = CappedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
+    env.filters = {name: _capped_filter(f) for name, f in env.filters.items()}
+    env.filters["format"] = _capped_format(env.filters["format"])
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, namespace=CappedNamespace,
+                       range=budget_range)
+    env.reset_range_budget = lambda: ranged.__setitem__(0, 0)
     return env
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Messages must be text that UTF-8 can encode (a non-UTF-8 argument arrives with lone surrogates)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise GenerationError(f"{where} is not valid UTF-8 text") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_text(v, f"{where}[{i}]")
+
+
+@contextmanager
+def _template_errors() -> Iterator[None]:
+    """A template's own failures (syntax, ``raise_exception``, the sandbox, the caps) as one llmarch error."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+    from jinja2.sandbox import SecurityError
+
+    try:
+        with _template_limits():
+            yield
+    except LlmarchError:
+        raise
+    except TemplateSyntaxError as e:
+        raise CheckpointError(f"the model's chat template is invalid (line {e.lineno}): {e}") from None
+    except (TemplateError, SecurityError, TypeError, ValueError, AttributeError, LookupError, ArithmeticError,
+            RecursionError) as e:
+        raise CheckpointError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
+
+
+class ChatTemplate:
+    """A chat template compiled in the capped sandbox of :func:`_render_env`; :meth:`render` keeps the caps."""
+
+    def __init__(self, source: str):
+        self._env = _render_env()
+        with _template_errors():
+            self._compiled = self._env.from_string(source)
+
+    def render(self, messages: Sequence[dict[str, Any]], **context: Any) -> str:
+        _check_text(list(messages), "message")
+        _check_text(context, "chat template argument")
+        self._env.reset_range_budget()
+        out: list[str] = []
+        size = 0
+        with _template_errors():
+            for piece in self._compiled.generate(messages=list(messages), **context):
+                size += len(piece)
+                if size > MAX_RENDERED_CHARS:
+                    raise _too_big("a prompt")
+                out.append(piece)
+        return "".join(out)
 
 
 class Tokenizer:
@@ -162,12 +377,17 @@ class Tokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later wins
             f = directory / name
             if f.is_file():
-                config.update(json.loads(f.read_text(encoding="utf-8")))
+                config.update(read_json_object(f, name))
 
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            if not all(isinstance(t, dict) for t in template):
+                raise CheckpointError(f"chat_template in {directory} must be text or a list of "
+                                      "{\"name\": ..., \"template\": ...} objects")
             named = {t.get("name"): t.get("template") for t in template}
             template = named.get("default") or next(iter(named.values()), None)
+        if template is not None and not isinstance(template, str):
+            raise CheckpointError(f"chat_template in {directory} must be text, got {type(template).__name__}")
         jinja_file = directory / "chat_template.jinja"
         if template is None and jinja_file.is_file():
             template = jinja_file.read_text(encoding="utf-8")
@@ -193,7 +413,7 @@ class Tokenizer:
         extra_eos: list[int] = []
         gen = directory / "generation_config.json"
         if gen.is_file():
-            ids = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
+            ids = read_json_object(gen, gen.name).get("eos_token_id")
             if ids is not None:
                 extra_eos = list(ids) if isinstance(ids, list) else [ids]
 
@@ -331,12 +551,13 @@ class Tokenizer:
         tools: list[dict] | None = None,
         **kwargs: Any,
     ) -> str:
-        """Render ``messages`` with the chat template (jinja2 sandbox, as transformers does)."""
+        """Render ``messages`` with the chat template (jinja2 sandbox, as transformers does, with size,
+        memory and time caps); a broken template or messages that are not text are one llmarch error."""
         template = chat_template or self.chat_template
         if template is None:
             raise CheckpointError("this tokenizer has no chat template")
         if chat_template is not None or self._template is None:
-            compiled = _render_env().from_string(template)
+            compiled = ChatTemplate(template)
             if chat_template is None:
                 self._template = compiled
         else:
@@ -350,8 +571,7 @@ class Tokenizer:
         context.update(kwargs)
         if tools is not None:
             context["tools"] = tools
-        return compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                               **context)
+        return compiled.render(messages, add_generation_prompt=add_generation_prompt, **context)
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from ..errors import LlmarchError
 from . import (
@@ -35,18 +36,31 @@ COMMANDS = (params, slice_, presets, compare, diff, plot, diagram, report, gener
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmarch", description="Build, load, run, compare and train LLM architectures.")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an expected error (a bad file or argument) instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)
+    for parser in (p, *sub.choices.values()):
+        parser.error = _usage_error  # a bad option is one `llmarch: error:` line too, not usage + error
     return p
 
 
+def _usage_error(message: str) -> NoReturn:
+    print(f"llmarch: error: {message} (see llmarch --help)", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. An expected failure (:class:`LlmarchError`) is one ``llmarch: error:`` line and
+    exit status 2 (its traceback with ``--debug``); any other exception is a bug and shows its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
     except LlmarchError as e:
+        if args.debug:
+            raise
         print(f"llmarch: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

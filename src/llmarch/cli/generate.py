@@ -48,7 +48,7 @@ def _usage_error(message: str) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..checkpoints.assets import DEFAULT_MODEL
-    from ..inference.generate import GenerationConfig, chat_prompt, load, stream
+    from ..inference.generate import GenerationConfig, chat_prompt, check_text, load, stream
 
     if not args.prompts:
         raise GenerationError('no prompt given (usage: llmarch generate "your prompt")')
@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> None:
         ignore_eos=args.ignore_eos,
     )
     config.validate()  # before the (slow) model load
+    check_text(args.prompts, "prompt")
+    check_text([args.system], "system message")
     dtype, why = apply_runtime(args)
     print(f"loading {args.model or DEFAULT_MODEL} ({why}) ...", file=sys.stderr, flush=True)
     model, tokenizer = load(args.model, dtype)

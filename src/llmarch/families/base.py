@@ -23,6 +23,8 @@ Adding an architecture = one family file (plus registering its ``FAMILY`` in
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -282,6 +284,8 @@ class Family:
 def _scaling_from(params: dict[str, Any] | None) -> dict[str, Any] | None:
     if not params:
         return None
+    if not isinstance(params, dict):
+        raise ConfigError(f"rope_scaling / rope_parameters must be an object, got {params!r}")
     s = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
     s["rope_type"] = params.get("rope_type", params.get("type", "default"))
     if s["rope_type"] == "default" and set(s) <= {"rope_type", "partial_rotary_factor"}:
@@ -297,20 +301,23 @@ def parse_rope(d: dict[str, Any], default_theta: float = 10000.0) -> tuple[RopeC
     layer type.
     """
     rp = d.get("rope_parameters")
+    if rp and not isinstance(rp, dict):
+        raise ConfigError(f"rope_parameters must be an object, got {rp!r}")
     if rp:
         if "full_attention" in rp or "sliding_attention" in rp or "chunked_attention" in rp:
             full = rp.get("full_attention") or rp.get("chunked_attention") or {}
-            glob = RopeConfig(float(full.get("rope_theta", default_theta)), _scaling_from(full))
+            glob = RopeConfig(as_float(full.get("rope_theta", default_theta), "rope_theta"), _scaling_from(full))
             local = None
             if "sliding_attention" in rp:
                 sl = rp["sliding_attention"]
-                local = RopeConfig(float(sl.get("rope_theta", default_theta)), _scaling_from(sl))
+                local = RopeConfig(as_float(sl.get("rope_theta", default_theta), "rope_theta"), _scaling_from(sl))
             return glob, local
-        return RopeConfig(float(rp.get("rope_theta", d.get("rope_theta", default_theta))), _scaling_from(rp)), None
-    glob = RopeConfig(float(d.get("rope_theta", default_theta)), _scaling_from(d.get("rope_scaling")))
+        theta = rp.get("rope_theta", d.get("rope_theta", default_theta))
+        return RopeConfig(as_float(theta, "rope_theta"), _scaling_from(rp)), None
+    glob = RopeConfig(as_float(d.get("rope_theta", default_theta), "rope_theta"), _scaling_from(d.get("rope_scaling")))
     local = None
     if d.get("rope_local_base_freq") is not None:
-        local = RopeConfig(float(d["rope_local_base_freq"]), None)
+        local = RopeConfig(as_float(d["rope_local_base_freq"], "rope_local_base_freq"), None)
     return glob, local
 
 
@@ -340,25 +347,63 @@ def require(d: dict[str, Any], *keys: str) -> None:
         raise ConfigError(f"config.json (model_type {d.get('model_type')!r}) lacks required field(s): {', '.join(missing)}")
 
 
+#: the most layers a configuration may declare (the largest published models have about 130)
+MAX_LAYERS = 10_000
+#: the largest size (width, vocabulary, context) a configuration may declare
+MAX_SIZE = 1 << 31
+
+
+def as_int(value: Any, field: str, maximum: int = MAX_SIZE, minimum: int = -MAX_SIZE) -> int:
+    """A configuration integer, strictly: ``64`` or ``64.0``, never ``64.5``, ``"64"`` or ``true``."""
+    integral = isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer())
+    if isinstance(value, bool) or not integral:
+        raise ConfigError(f"{field} must be an integer, got {value!r}")
+    if not minimum <= int(value) <= maximum:
+        raise ConfigError(f"{field} = {int(value)} is out of range (expected {minimum} to {maximum})")
+    return int(value)
+
+
+def as_float(value: Any, field: str) -> float:
+    """A configuration number, strictly: finite, and a number (not a string or a boolean)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{field} must be a finite number, got {value!r}")
+    return float(value)
+
+
+#: Hugging Face ``hidden_act`` names -> llmarch activations
+HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                  "gelu_new": "gelu_tanh", "relu": "relu"}
+
+
+def activation_from_hf(d: dict[str, Any], default: str = "silu") -> str:
+    """The FFN activation of ``hidden_activation`` / ``hidden_act`` (``default`` when absent)."""
+    act = d.get("hidden_activation") or d.get("hidden_act") or default
+    if act not in HF_ACTIVATIONS:
+        raise ConfigError(f"unsupported hidden_act {act!r} in config.json; expected one of {', '.join(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[act]
+
+
 def common_from_hf(d: dict[str, Any], tie_default: bool = False) -> dict[str, Any]:
-    """ModelConfig fields that every decoder-only HF config spells the same way."""
+    """ModelConfig fields that every decoder-only HF config spells the same way, strictly typed."""
     require(d, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-    heads = int(d["num_attention_heads"])
-    n = int(d["num_hidden_layers"])
+    heads = as_int(d["num_attention_heads"], "num_attention_heads")
+    hidden = as_int(d["hidden_size"], "hidden_size")
     glob, local = parse_rope(d)
     return dict(
-        vocab_size=int(d["vocab_size"]),
-        hidden_size=int(d["hidden_size"]),
-        num_layers=n,
+        vocab_size=as_int(d["vocab_size"], "vocab_size"),
+        hidden_size=hidden,
+        num_layers=as_int(d["num_hidden_layers"], "num_hidden_layers", MAX_LAYERS),
         num_heads=heads,
-        num_kv_heads=int(d.get("num_key_value_heads") or heads),
-        head_dim=int(d.get("head_dim") or d["hidden_size"] // heads),
-        intermediate_size=int(d["intermediate_size"]),
-        max_position_embeddings=int(d.get("max_position_embeddings") or 4096),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        num_kv_heads=as_int(d.get("num_key_value_heads") or heads, "num_key_value_heads"),
+        head_dim=as_int(d.get("head_dim") or (hidden // heads if heads > 0 else 0), "head_dim"),
+        intermediate_size=as_int(d["intermediate_size"], "intermediate_size"),
+        max_position_embeddings=as_int(d.get("max_position_embeddings") or 4096, "max_position_embeddings"),
+        norm_eps=as_float(d.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
         tie_embeddings=bool(d.get("tie_word_embeddings", tie_default)),
         rope=glob,
         rope_local=local,
+        activation=activation_from_hf(d),
         qkv_bias=bool(d.get("attention_bias", False)),
         attn_out_bias=bool(d.get("attention_bias", False)),
         bos_token_id=d.get("bos_token_id"),
@@ -409,8 +454,8 @@ def check_exportable(cfg: ModelConfig, family: str, **expected: Any) -> None:
 
 def gguf_config(f: GGUFFile, model_type: str, architecture: str) -> dict[str, Any]:
     """The ``config.json`` fields every llama.cpp architecture writes under the same metadata keys."""
-    hidden = int(f.require("embedding_length"))
-    n_head = int(f.require("attention.head_count"))
+    hidden = as_int(f.require("embedding_length"), "embedding_length", minimum=1)
+    n_head = as_int(f.require("attention.head_count"), "attention.head_count", minimum=1)
     n_kv = f.value("attention.head_count_kv", n_head)
     if isinstance(n_kv, list):  # per-layer lists exist in some files
         n_kv = max(n_kv)
@@ -430,15 +475,15 @@ def gguf_config(f: GGUFFile, model_type: str, architecture: str) -> dict[str, An
         "model_type": model_type,
         "vocab_size": int(vocab_size),
         "hidden_size": hidden,
-        "intermediate_size": int(f.require("feed_forward_length")),
-        "num_hidden_layers": int(f.require("block_count")),
+        "intermediate_size": as_int(f.require("feed_forward_length"), "feed_forward_length"),
+        "num_hidden_layers": as_int(f.require("block_count"), "block_count", MAX_LAYERS),
         "num_attention_heads": n_head,
         "num_key_value_heads": int(n_kv),
         "head_dim": int(head_dim) if head_dim else hidden // n_head,
         "rms_norm_eps": f.float_value("attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": f.float_value("rope.freq_base", 10000.0),
         "rope_scaling": _gguf_rope_scaling(f),
-        "max_position_embeddings": int(f.value("context_length", 2048)),
+        "max_position_embeddings": as_int(f.value("context_length", 2048), "context_length", minimum=1),
         "tie_word_embeddings": not f.has_tensor("output.weight"),
         "bos_token_id": f.token_id("bos"),
         "eos_token_id": f.token_id("eos"),

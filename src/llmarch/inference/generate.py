@@ -26,6 +26,8 @@ How one request runs:
 
 from __future__ import annotations
 
+import math
+import operator
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -60,6 +62,15 @@ class GenerationConfig:
     eos_token_ids: Sequence[int] | None = None  # None: the tokenizer's EOS / end-of-turn ids
 
     def validate(self) -> None:
+        """Check every field before any slow work; a GenerationError names the first bad one."""
+        for name in ("max_new_tokens", "top_k", "max_context", "seed"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise GenerationError(f"{name} must be an integer, got {v!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise GenerationError(f"{name} must be a finite number, got {v!r}")
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -74,10 +85,13 @@ class GenerationConfig:
             raise GenerationError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
         if self.max_context is not None and self.max_context < 1:
             raise GenerationError(f"max_context must be at least 1, got {self.max_context}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise GenerationError(f"seed must be in [0, 2**64), got {self.seed}")
         if isinstance(self.stop, str):
             raise GenerationError("stop must be a list of strings, not a single string")
-        if any(not s for s in self.stop):
-            raise GenerationError("stop strings must not be empty")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise GenerationError("stop strings must be non-empty strings")
+        check_text(list(self.stop), "stop string")
 
     @property
     def greedy(self) -> bool:
@@ -289,6 +303,19 @@ class _Row:
         return longest
 
 
+def check_text(texts: Sequence[str | None], what: str) -> None:
+    """Text from the command line must be UTF-8 (Python hands undecodable bytes over as lone surrogates)."""
+    for i, t in enumerate(texts):
+        try:
+            if t is not None:
+                t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = ord(e.object[e.start]) - 0xDC00  # the undecodable byte, as Python escaped it
+            shown = f"byte 0x{byte:02x}" if 0 <= byte < 256 else f"character {e.object[e.start]!r}"
+            raise GenerationError(f"{what} {i} is not valid UTF-8 text ({shown} at position {e.start}); "
+                                  "pass UTF-8 text") from None
+
+
 def chat_prompt(tokenizer, message: str, system: str | None = None) -> list[int]:
     """Token ids of a one-turn chat (the tokenizer's chat template, generation prompt added)."""
     if not message:
@@ -304,9 +331,13 @@ def _prompt_ids(tokenizer, prompt: Prompt, index: int) -> list[int]:
             raise GenerationError(f"prompt {index} is empty")
         if tokenizer is None:
             raise GenerationError("text prompts need a tokenizer (or pass token ids)")
+        check_text([prompt], "prompt")
         ids = tokenizer.encode(prompt)
     else:
-        ids = [int(i) for i in prompt]
+        try:
+            ids = [operator.index(i) for i in prompt]
+        except TypeError:
+            raise GenerationError(f"prompt {index} must be text or a sequence of integer token ids") from None
     if not ids:
         raise GenerationError(f"prompt {index} is empty (no tokens)")
     return ids

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, GenerationError
 
 # Attention kinds a layer can have (``layer_types``).
 FULL = "full"
@@ -29,6 +29,14 @@ POSITIONS = ("rope", "learned", "none")
 ATTENTION_KINDS = ("mha", "mla")  # mha: q/k/v heads (MHA, GQA, MQA); mla: DeepSeek latent attention
 ROUTER_SCORES = ("softmax", "sigmoid")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def check_token_ids(ids: Any, vocab_size: int) -> None:
+    """Token ids must index the vocabulary: a GenerationError (not an IndexError) otherwise."""
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise GenerationError(f"token id {bad} is outside the model's vocabulary [0, {vocab_size})")
 
 
 @dataclass
@@ -210,11 +218,14 @@ class ModelConfig:
         def bad(msg: str) -> None:
             raise ConfigError(f"invalid config{' ' + repr(self.name) if self.name else ''}: {msg}")
 
-        for fname in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        for fname in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                      "max_position_embeddings"):
             v = getattr(self, fname)
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(f"{fname} must be a positive integer, got {v!r}")
-        if self.head_dim is None or self.head_dim <= 0:
+        if not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < 1:
+            bad(f"norm_eps must be a small positive number, got {self.norm_eps!r}")
+        if not isinstance(self.head_dim, int) or self.head_dim <= 0:
             bad(f"head_dim must be given when hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads})")
         if self.num_heads % self.num_kv_heads != 0:
             bad(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
@@ -245,8 +256,6 @@ class ModelConfig:
         for rc in (self.rope, self.rope_local):
             if rc is not None and rc.rope_type not in ROPE_TYPES:
                 bad(f"rope scaling type {rc.rope_type!r} is not supported; expected one of {', '.join(ROPE_TYPES)}")
-        if self.position == "learned" and self.max_position_embeddings <= 0:
-            bad("learned positions need max_position_embeddings > 0")
         self._validate_sparse_and_latent(bad)
         self._validate_small_device_fields(bad)
         return self

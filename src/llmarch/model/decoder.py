@@ -18,7 +18,7 @@ from .components import (
     merge_streams,
     widen_streams,
 )
-from .config import ModelConfig
+from .config import ModelConfig, check_token_ids
 from .ffn import make_ffn
 from .layers import Rotary, make_norm
 from .mla import MLAttention
@@ -150,6 +150,8 @@ class Decoder(nn.Module):
         return KVCache.for_model(self, batch, max_len, dtype, device)
 
     def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if input_ids.device.type == "cpu" and input_ids.numel():  # elsewhere the check would cost a sync
+            check_token_ids(input_ids, self.config.vocab_size)
         x = self.embed(input_ids)
         if self.config.embed_scale is not None:
             # Gemma: the scale is cast to the activation dtype first, as in the reference
