@@ -120,8 +120,8 @@ def _vm_size() -> int | None:
 def _template_limits() -> Iterator[None]:
     """Bound the memory (``RLIMIT_AS``, Linux) and the time (``SIGALRM``, main thread) of a template.
 
-    A limit that cannot be set here (another platform, a worker thread, an alarm already in use)
-    is skipped; the operator, ``range`` and output caps of :func:`_render_env` still hold.
+    A limit that cannot be set here (another platform, a worker thread, other threads running, an
+    alarm already in use) is skipped; the operator, ``range`` and output caps of :func:`_render_env` still hold.
     """
     import resource
     import signal
@@ -130,7 +130,10 @@ def _template_limits() -> Iterator[None]:
     restore = []
     vm = _vm_size()
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if vm is not None and (soft == resource.RLIM_INFINITY or soft > vm + TEMPLATE_MEMORY_BYTES):
+    # the address-space cap is process-wide: only set it while no other Python thread (a server's
+    # scheduler, say) could have its own allocations refused during the render
+    alone = threading.active_count() == 1
+    if alone and vm is not None and (soft == resource.RLIM_INFINITY or soft > vm + TEMPLATE_MEMORY_BYTES):
         cap = vm + TEMPLATE_MEMORY_BYTES if hard == resource.RLIM_INFINITY else min(vm + TEMPLATE_MEMORY_BYTES, hard)
         resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
         restore.append(lambda: resource.setrlimit(resource.RLIMIT_AS, (soft, hard)))
