@@ -19,7 +19,7 @@ from xml.sax.saxutils import escape
 
 from ..errors import ConfigError
 from . import compare
-from .compare import Profile, load_config, profile
+from .compare import Profile
 from .summary import Summary
 
 COL_W = 360  # one model's column
@@ -305,12 +305,12 @@ def to_png(lay: Layout, path: str | Path, dpi: int = 100) -> Path:
     return Path(path)
 
 
-def write(specs: list[str], out: str | Path) -> list[Path]:
+def write(specs: list[str], out: str | Path, sets: list[str] | None = None) -> list[Path]:
     """Write the diagram of one or two models to ``out`` (.svg) and the same with .png."""
     out = Path(out)
     if out.suffix != ".svg":
         raise ConfigError(f"--out must name an .svg file (a .png is written beside it), got {out}")
-    lay = layout([profile(load_config(s)) for s in specs])
+    lay = layout(compare.profiles(specs, sets=sets))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(to_svg(lay))
     return [out, to_png(lay, out.with_suffix(".png"))]

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backe
 
 from ..errors import ConfigError
 from . import modules as an
-from .compare import Profile, load_config, profile
+from .compare import Profile, profiles
 
 KINDS = ("kv", "params", "breakdown")
 COMPONENT_COLORS = {
@@ -113,9 +113,10 @@ def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
     return buf.getvalue()
 
 
-def plot(kind: str, specs: list[str], out: str | Path, context: int = 131072, dtype: str = "bf16") -> list[Path]:
+def plot(kind: str, specs: list[str], out: str | Path, context: int = 131072, dtype: str = "bf16",
+         sets: list[str] | None = None) -> list[Path]:
     """Write ``OUT/{kind}.png`` and ``OUT/{kind}.svg``; returns their paths."""
-    profs = [profile(load_config(s), context, dtype) for s in specs]
+    profs = profiles(specs, context, dtype, sets)
     fig = figure(kind, profs, context, dtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
