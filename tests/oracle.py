@@ -61,6 +61,11 @@ def dense_configs() -> dict:
                                           rope_parameters={
                                               "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
                                               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        # 1:1 sliding / global with a window shorter than the input, both soft-caps
+        "gemma2": T.Gemma2Config(vocab_size=VOCAB, **TOK, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+                                 sliding_window=5, attn_logit_softcapping=2.0, final_logit_softcapping=30.0,
+                                 max_position_embeddings=128),
         "smollm3": T.SmolLM3Config(vocab_size=VOCAB, **TOK, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                                    no_rope_layers=[1, 0, 1, 0]),

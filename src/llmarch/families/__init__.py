@@ -10,6 +10,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model.config import ModelConfig
 from . import (
     deepseek,
+    gemma2,
     gemma3,
     gemma3n,
     gpt2,
@@ -29,6 +30,7 @@ FAMILIES: list[Family] = [
     mistral.FAMILY,
     qwen.FAMILY,
     olmo2.FAMILY,
+    gemma2.FAMILY,
     gemma3.FAMILY,
     smollm3.FAMILY,
     gemma3n.FAMILY,

@@ -111,6 +111,8 @@ class ModelConfig:
     qk_norm: str = "none"  # none | head (Qwen3, Gemma 3) | proj (OLMo 2) | l2 (Llama 4)
     # softmax scale is query_pre_attn_scalar ** -0.5 (Gemma); None -> head_dim ** -0.5
     query_pre_attn_scalar: float | None = None
+    # Gemma 2: attention scores pass through cap * tanh(score / cap) before the softmax
+    attn_logit_softcap: float | None = None
     # per-layer schedule: "full", "sliding" (sliding_window) or "chunked" (attention_chunk_size)
     layer_types: list[str] | None = None
     sliding_window: int | None = None
