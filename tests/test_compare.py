@@ -566,3 +566,59 @@ def test_report_renders_in_headless_chromium(report_path, tmp_path):
     # the table, the plots and the diagrams all drew something: no horizontal band is empty
     bands = [px[i : i + 600].std() for i in range(0, 2400, 600)]
     assert min(bands) > 5, bands
+
+
+@pytest.mark.parametrize("name,roles,absent", [
+    ("deepseek-v3", {"router", "experts", "shared-expert", "latent", "down-projection"}, {"extra", "ple-table"}),
+    ("qwen3-235b-a22b", {"router", "experts"}, {"shared-expert", "latent"}),
+    ("gemma3n-e4b", {"extra", "ple-table"}, {"router", "latent"}),
+    ("llama3-8b", set(), {"router", "experts", "shared-expert", "latent", "extra", "ple-table"}),
+])
+def test_diagram_draws_the_concepts(tmp_path, name, roles, absent):
+    from llmarch.analysis.diagram import layout, to_svg
+
+    p = profile(llmarch.get_config(name))
+    root = ET.fromstring(to_svg(layout([p])))
+    boxes = {b.get("data-role"): b for b in root.iter(f"{SVG}g") if b.get("class") == "box"}
+    assert roles <= set(boxes) and not absent & set(boxes)
+    text = {r: " ".join(t.text or "" for t in b.iter(f"{SVG}tspan")) for r, b in boxes.items()}
+    s = p.summary
+    if "router" in roles:
+        m = s.moe[0]
+        assert f"top-{m.active} of {m.experts}" in text["router"]
+        assert f"{m.experts} routed experts" in text["experts"] and f"width {m.width:,}" in text["experts"]
+    if "shared-expert" in roles:
+        assert "width 2,048" in text["shared-expert"]
+        assert "3 dense layers: FFN width 18432" in text["moe"]
+    if "latent" in roles:
+        assert "latent 512" in text["latent"] and "1.12 KiB/token" in text["latent"]  # (512 + 64) x bf16
+        assert "7,168 -> 576" in text["down-projection"]
+    if "extra" in roles:
+        names = [b.get("data-name") for b in root.iter(f"{SVG}g") if b.get("data-role") == "extra"]
+        assert names == ["AltUp", "LAuReL", "per-layer inputs"]
+        assert "2.35B parameters" in text["ple-table"]
+    # the per-layer schedules: one cell per layer, where the kinds vary
+    strips = {g.get("data-kind"): [r.get("data-kind") for r in g.iter(f"{SVG}rect") if r.get("data-layer")]
+              for g in root.iter(f"{SVG}g") if g.get("class") == "strip"}
+    if name == "deepseek-v3":
+        assert strips == {"ffn": ["dense FFN"] * 3 + ["MoE"] * 58}
+    if name == "gemma3n-e4b":
+        assert strips["attention"] == (["sliding"] * 4 + ["global"]) * 4 + ["shared K/V"] * 15
+    if name == "llama3-8b":
+        assert strips == {}
+
+
+def test_diagram_columns_are_aligned():
+    from llmarch.analysis.diagram import layout, to_svg
+
+    root = ET.fromstring(to_svg(layout(profiles(["gemma3-27b", "gemma3n-e4b"]))))
+    tops = {}
+    for g in root.iter(f"{SVG}g"):
+        if g.get("class") == "model":
+            tops[g.get("data-model")] = {b.get("data-role"): (float(b.find(f"{SVG}rect").get("y")),
+                                                              float(b.find(f"{SVG}rect").get("height")))
+                                         for b in g.iter(f"{SVG}g") if b.get("class") == "box"}
+    a, b = tops.values()
+    assert a["head"][0] == b["head"][0]  # the output heads start on one row
+    assert a["block"] == b["block"]  # the repeated blocks span the same rows
+    assert a["embedding"][0] == b["embedding"][0]
