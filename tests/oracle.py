@@ -99,6 +99,12 @@ def moe_configs() -> dict:
                                       norm_topk_prob=True, mlp_only_layers=[1]),
         "qwen3_moe_sparse_step": T.Qwen3MoeConfig(**qm, num_hidden_layers=2, num_experts=6, num_experts_per_tok=2,
                                                   norm_topk_prob=False, decoder_sparse_step=2),
+        # a shared expert behind a sigmoid gate, one dense layer, no renormalisation, q/k/v biases
+        "qwen2_moe": T.Qwen2MoeConfig(vocab_size=VOCAB, **TOK, hidden_size=64, intermediate_size=96,
+                                      moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                      num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, num_experts=8,
+                                      num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[1],
+                                      tie_word_embeddings=False),
         # Maverick shape: alternating dense / MoE, no QK-norm; layer 3 NoPE
         "llama4_text": T.Llama4TextConfig(**l4, num_hidden_layers=4, num_local_experts=4, interleave_moe_layer_step=2,
                                           use_qk_norm=False),

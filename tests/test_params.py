@@ -140,3 +140,31 @@ def test_gemma2_attention_softcap_is_exercised(tiny_reference):
         if hasattr(m, "logit_softcap"):
             m.logit_softcap = None
     assert max_logit_diff(model, hf, random_ids()) > 1e-2
+
+
+# MoE models with a gated shared expert (Qwen2-MoE): (total, active) in billions as the model cards print them
+MOE_CARD = {
+    "qwen1.5-moe-a2.7b": ("14.3", "2.7"),  # Qwen/Qwen1.5-MoE-A2.7B: "14.3B parameters in total and 2.7B activated"
+    "qwen2-57b-a14b": ("57", "14"),  # Qwen/Qwen2-57B-A14B: 57B total, 14B activated
+}
+
+
+@pytest.mark.parametrize("name,card", sorted(MOE_CARD.items()))
+def test_moe_model_card_figures(name, card):
+    c = count_params(llmarch.get_config(name))
+    for printed, value in zip(card, (c.total, c.active), strict=True):
+        nd = len(printed.split(".")[1]) if "." in printed else 0
+        assert f"{value / 1e9:.{nd}f}" == printed
+
+
+def test_qwen2_moe_shared_expert_gate_is_exercised(tiny_reference):
+    from oracle import max_logit_diff, random_ids
+
+    d, hf = tiny_reference("qwen2_moe")
+    model = llmarch.from_pretrained(d)
+    assert max_logit_diff(model, hf, random_ids()) < 1e-4
+    gates = [m for m in model.modules() if getattr(m, "shared_expert_gate", None) is not None]
+    assert len(gates) == 2  # the two MoE layers (layer 1 is dense)
+    for m in gates:
+        m.shared_expert_gate = None  # the ungated shared expert: transformers' logits move away
+    assert max_logit_diff(model, hf, random_ids()) > 1e-2

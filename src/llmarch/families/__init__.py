@@ -19,6 +19,7 @@ from . import (
     mistral,
     olmo2,
     qwen,
+    qwen2_moe,
     qwen3_moe,
     smollm3,
 )
@@ -35,6 +36,7 @@ FAMILIES: list[Family] = [
     smollm3.FAMILY,
     gemma3n.FAMILY,
     deepseek.FAMILY,
+    qwen2_moe.FAMILY,
     qwen3_moe.FAMILY,
     llama4.FAMILY,
 ]

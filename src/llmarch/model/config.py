@@ -68,6 +68,8 @@ class MoEConfig:
     * DeepSeek-V3 / Kimi K2: ``score="sigmoid"``, ``score_correction_bias`` (selection only),
       group-limited top-k (``n_group``/``topk_group``), renormalised, ``routed_scaling_factor``,
       one shared expert.
+    * Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): softmax top-k plus a shared expert behind a
+      sigmoid gate (``shared_expert_gate``).
     * Llama 4: ``score="sigmoid"``, top-1, ``scale_input`` (the router score multiplies the
       expert's input, not its output), a shared expert always added.
     """
@@ -83,6 +85,8 @@ class MoEConfig:
     score_correction_bias: bool = False
     scale_input: bool = False
     shared_expert_size: int = 0  # width of the always-on shared GLU; 0 = none
+    # Qwen2-MoE: the shared expert's output is scaled by sigmoid(w . x), a learned per-token gate
+    shared_expert_gate: bool = False
     # DeepSeek-V3 / Kimi K2 route in float32: logits from float32 inputs and weights, and each
     # expert's output is weighted in float32 before rounding to the activations' dtype.
     # Otherwise (Qwen3-MoE, Llama 4) the logits and the routing weights are rounded to the
