@@ -207,3 +207,17 @@ def test_params_cli_accepts_checkpoints_and_set(tmp_path, capsys):
     assert full == count_params(cfg).total
     assert two == count_params(cfg.replace(num_layers=2, layer_types=None)).total
     assert rows[1]["name"] == "qwen3-0.6b [num_layers=2]"
+
+
+def test_bench_measures_a_scaled_model_and_plots_it():
+    from llmarch.analysis.bench import bench, figure
+
+    cfg = llmarch.get_config("qwen3-0.6b").replace(vocab_size=512, hidden_size=64, intermediate_size=128,
+                                                   num_heads=4, num_kv_heads=2, head_dim=16)
+    r = bench(cfg, context=16, steps=3, scale=0.25)
+    assert (r.name, r.layers, r.context) == ("qwen3-0.6b", 7, 16)  # a quarter of 28 layers
+    assert r.prefill_tok_s > 0 and r.decode_tok_s > 0
+    # float32 weights + a full K/V cache of 16 + 3 positions in 7 layers (2 KV heads of 16)
+    assert r.memory_bytes == 4 * r.params + 7 * 2 * 2 * 16 * (16 + 3) * 4
+    fig = figure([r, r])
+    assert [t.get_text() for t in fig.axes[1].texts] == [f"{r.memory_bytes / 2**30:.2f}"] * 2

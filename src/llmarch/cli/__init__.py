@@ -14,6 +14,7 @@ import sys
 from ..errors import LlmarchError
 from . import (
     ablate,
+    bench,
     compare,
     data,
     diagram,
@@ -28,7 +29,7 @@ from . import (
 )
 from . import slice as slice_
 
-COMMANDS = (params, slice_, presets, compare, diff, plot, diagram, report, generate, perplexity, data, train, ablate)
+COMMANDS = (params, slice_, presets, compare, diff, plot, diagram, report, bench, generate, perplexity, data, train, ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:
