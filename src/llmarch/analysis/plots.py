@@ -49,18 +49,18 @@ def _gib(n: float) -> str:
 
 
 def kv_figure(profs: list[Profile], longest: int = 131072, dtype: str = "bf16", log: bool = True,
-              title: str | None = None) -> Figure:
+              title: str | None = None, labels: list[str] | None = None) -> Figure:
     """KV-cache GiB per sequence against context; dotted beyond a model's maximum context. Each
-    legend entry ends with the model's cache at the longest context."""
+    legend entry (``labels``, default the model names) ends with the cache at the longest context."""
     bpe = an.dtype_bytes(dtype)
-    ctx = contexts_up_to(longest) if log else sorted({*range(0, longest + 1, max(1, longest // 64))[1:], longest})
+    ctx = contexts_up_to(longest) if log else sorted({*range(0, longest + 1, max(1, longest // 256))[1:], longest})
     fig = Figure(figsize=(10, 5.5))
     ax = fig.subplots()
-    for p, style in zip(profs, series_styles(len(profs)), strict=True):
+    for p, name, style in zip(profs, labels or [p.name for p in profs], series_styles(len(profs)), strict=True):
         gib = [p.summary.kv_cache_bytes(c, bpe) / 2**30 for c in ctx]
         limit = p.summary.max_context
         inside = [j for j, c in enumerate(ctx) if c <= limit]
-        label = f"{p.name}: {_gib(gib[-1])} @ {longest:,}"
+        label = f"{name}: {_gib(gib[-1])} @ {longest:,}"
         ax.plot([ctx[j] for j in inside], [gib[j] for j in inside], color=style["color"], ls=style["ls"],
                 marker=style["marker"] if log else None, ms=3.5, lw=1.8, label=label, gid=f"kv-{p.name}")
         beyond = [j for j in range(len(ctx)) if j >= (inside[-1] if inside else 0)]
@@ -72,6 +72,7 @@ def kv_figure(profs: list[Profile], longest: int = 131072, dtype: str = "bf16", 
     else:
         ax.set_xlim(0, longest)
         ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MultipleLocator(max(1024, longest // 8 // 1024 * 1024)))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:g}k"))
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel(f"KV cache per sequence (GiB, {dtype})")
@@ -79,7 +80,7 @@ def kv_figure(profs: list[Profile], longest: int = 131072, dtype: str = "bf16", 
                  "model's max context)", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     outside = len(profs) > 8
-    ax.legend(loc="center left" if outside else "upper left", bbox_to_anchor=(1.01, 0.5) if outside else None,
+    ax.legend(loc="center left" if outside else "upper left" if log else "lower right", bbox_to_anchor=(1.01, 0.5) if outside else None,
               fontsize=8, frameon=not outside)
     fig.tight_layout()
     return fig

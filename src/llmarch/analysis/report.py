@@ -116,7 +116,13 @@ def _what_if(w: article.WhatIf, get: article.Profiles) -> str:
     fig = ""
     if w.measure in ("kv-context", "crossover"):
         profs = [get(m) for _, m in w.variants]
-        kv = plots.kv_figure(profs, article.CONTEXTS[1], get.dtype, log=False, title=w.title)
+        kv = plots.kv_figure(profs, article.CONTEXTS[1], get.dtype, log=False, title=w.title,
+                             labels=[label for label, _ in w.variants])
+        cross = article.crossover(*profs) if w.measure == "crossover" else None
+        if cross:
+            ax = kv.axes[0]
+            ax.axvline(cross, color="#555", lw=1, ls=":")
+            ax.text(cross, ax.get_ylim()[1] * 0.6, f" the caches cross at {cross:,} tokens", fontsize=9)
         fig = f"<figure>{_png_img(plots.png_bytes(kv), w.title, 'whatif-' + w.key)}</figure>"
     return (f'<section class="whatif" id="whatif-{w.key}"><h3>{escape(w.title)}</h3>'
             f'<p class="claim">{escape(w.question)}</p><table class="whatif">{head}{rows}</table>'
