@@ -61,6 +61,11 @@ def dense_configs() -> dict:
                                           rope_parameters={
                                               "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
                                               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        # 1:1 sliding / global with a window shorter than the input, both soft-caps
+        "gemma2": T.Gemma2Config(vocab_size=VOCAB, **TOK, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+                                 sliding_window=5, attn_logit_softcapping=2.0, final_logit_softcapping=30.0,
+                                 max_position_embeddings=128),
         "smollm3": T.SmolLM3Config(vocab_size=VOCAB, **TOK, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                                    no_rope_layers=[1, 0, 1, 0]),
@@ -94,6 +99,12 @@ def moe_configs() -> dict:
                                       norm_topk_prob=True, mlp_only_layers=[1]),
         "qwen3_moe_sparse_step": T.Qwen3MoeConfig(**qm, num_hidden_layers=2, num_experts=6, num_experts_per_tok=2,
                                                   norm_topk_prob=False, decoder_sparse_step=2),
+        # a shared expert behind a sigmoid gate, one dense layer, no renormalisation, q/k/v biases
+        "qwen2_moe": T.Qwen2MoeConfig(vocab_size=VOCAB, **TOK, hidden_size=64, intermediate_size=96,
+                                      moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                      num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, num_experts=8,
+                                      num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[1],
+                                      tie_word_embeddings=False),
         # Maverick shape: alternating dense / MoE, no QK-norm; layer 3 NoPE
         "llama4_text": T.Llama4TextConfig(**l4, num_hidden_layers=4, num_local_experts=4, interleave_moe_layer_step=2,
                                           use_qk_norm=False),

@@ -10,6 +10,7 @@ import pytest
 import llmarch
 from llmarch.analysis import compare, diagram, plots
 from llmarch.analysis.compare import Profile
+from llmarch.analysis.params import count_params
 from llmarch.analysis.summary import Summary, summarize_config
 
 CONTEXT = 32768
@@ -145,3 +146,78 @@ def test_renderers_follow_the_summary_fields(detached):
     line = compare.diff(detached[1], Profile(dataclasses.replace(ds, ffn=fewer), model=None))
     assert line == [("FFN: MoE 256 experts, 8 active + 1 shared, first 3 layers dense -> "
                      "MoE 64 experts, 4 active + 1 shared, first 3 layers dense")]
+
+
+# ----------------------------------------------------------------------------------------
+# what-ifs: --set field=value
+# ----------------------------------------------------------------------------------------
+
+
+def test_set_all_global_gemma3_27b_kv_by_hand():
+    from llmarch.analysis.overrides import apply
+
+    cfg = apply(llmarch.get_config("gemma3-27b"), ['layer_types=["full"]'])
+    s = summarize_config(cfg, context=CONTEXT)
+    # 62 layers x (K and V) x 16 KV heads x 128 x bf16, every token of the 32k context
+    assert s.kv_bytes == 62 * 2 * 16 * 128 * BF16 * CONTEXT
+    assert cfg.layer_types == ["full"] * 62 and "layer_types" in cfg.name
+
+
+def test_set_dotted_and_typed_errors():
+    from llmarch.analysis.overrides import apply
+    from llmarch.errors import ConfigError
+
+    base = llmarch.get_config("qwen3-30b-a3b")
+    cfg = apply(base, ["moe.top_k=2", "rope.theta=5e5", "sliding_window=null"])
+    assert (cfg.moe.top_k, cfg.moe.num_experts, cfg.rope.theta) == (2, base.moe.num_experts, 5e5)
+    with pytest.raises(ConfigError, match=r"num_heads: expected int, got \"abc\""):
+        apply(base, ["num_heads=abc"])
+    with pytest.raises(ConfigError, match="moe has no field 'topk'.*top_k"):
+        apply(base, ["moe.topk=2"])
+    with pytest.raises(ConfigError, match="field=value"):
+        apply(base, ["num_heads"])
+    # a per-layer pattern repeats; a shorter model keeps the first layers of each list
+    assert apply(llmarch.get_config("gemma3-27b"), ['layer_types=["sliding","full"]']).layer_types[:4] == [
+        "sliding", "full", "sliding", "full"]
+    assert apply(llmarch.get_config("deepseek-v3"), ["num_layers=5"]).moe_layers == [False] * 3 + [True] * 2
+
+
+def test_diff_cli_shows_parameter_and_kv_deltas(capsys):
+    from llmarch.cli import main
+
+    # DeepSeek-V3 with 128-head MHA (head_dim 128) instead of MLA, per token in bf16
+    assert main(["diff", "deepseek-v3", "deepseek-v3", "--set", "attention_kind=mha", "--set", "num_kv_heads=128",
+                 "--set", "head_dim=128", "--context", "1024", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    mha = 61 * 2 * 128 * 128 * 4
+    mla = 61 * (512 + 64) * 4
+    assert f"KV cache / token (fp32): {compare._bytes(mla)} -> {compare._bytes(mha)}" in out
+    assert f"KV cache @ 1,024 tokens (fp32): {compare._bytes(mla * 1024)} -> {compare._bytes(mha * 1024)}" in out
+    assert "active params: 37.55B" in out
+
+
+def test_params_cli_accepts_checkpoints_and_set(tmp_path, capsys):
+    from llmarch.cli import main
+
+    cfg = llmarch.get_config("qwen3-0.6b")
+    (tmp_path / "config.json").write_text(json.dumps(llmarch.families.family_for_config(cfg).config_to_hf(cfg)))
+    assert main(["params", str(tmp_path), "qwen3-0.6b", "--set", "num_layers=2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    full, two = rows[0]["total"], rows[1]["total"]
+    assert full == count_params(cfg).total
+    assert two == count_params(cfg.replace(num_layers=2, layer_types=None)).total
+    assert rows[1]["name"] == "qwen3-0.6b [num_layers=2]"
+
+
+def test_bench_measures_a_scaled_model_and_plots_it():
+    from llmarch.analysis.bench import bench, figure
+
+    cfg = llmarch.get_config("qwen3-0.6b").replace(vocab_size=512, hidden_size=64, intermediate_size=128,
+                                                   num_heads=4, num_kv_heads=2, head_dim=16)
+    r = bench(cfg, context=16, steps=3, scale=0.25)
+    assert (r.name, r.layers, r.context) == ("qwen3-0.6b", 7, 16)  # a quarter of 28 layers
+    assert r.prefill_tok_s > 0 and r.decode_tok_s > 0
+    # float32 weights + a full K/V cache of 16 + 3 positions in 7 layers (2 KV heads of 16)
+    assert r.memory_bytes == 4 * r.params + 7 * 2 * 2 * 16 * (16 + 3) * 4
+    fig = figure([r, r])
+    assert [t.get_text() for t in fig.axes[1].texts] == [f"{r.memory_bytes / 2**30:.2f}"] * 2

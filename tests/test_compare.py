@@ -3,6 +3,7 @@ KV-cache bytes are what the engine allocates, its FLOPs agree with torch's FLOP 
 its diffs name the differences the configs define."""
 
 import json
+import re
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -281,9 +282,12 @@ def test_diff_dense_to_moe_and_mla():
 def test_gemma3n_components_and_kv_sharing():
     p = profile(llmarch.get_config("gemma3n-e4b"), context=32768)
     assert {"AltUp", "LAuReL", "per-layer inputs"} <= set(p.breakdown)
-    # the per-layer embedding table counts as embedding, like the token table
+    # the per-layer embedding table is a component of its own (the article's point about Gemma 3n); the
+    # parameter counts file it with the embeddings
     table = p.model.ple.table.weight.numel()
-    assert p.breakdown["embedding"] == p.model.embed.weight.numel() + table
+    assert p.breakdown["embedding"] == p.model.embed.weight.numel()
+    assert p.breakdown["per-layer embedding table"] == table
+    assert p.numbers["embedding_params"] == p.model.embed.weight.numel() + table
     assert p.numbers["effective_params"] == p.numbers["total_params"] - table
     # the last 15 layers reuse K/V: 20 layers cache, 4 of every 5 of them sliding(512)
     assert p.numbers["kv_bytes"] == (16 * 512 + 4 * 32768) * 2 * 2 * 256 * 2
@@ -370,8 +374,10 @@ def test_kv_plot_lines_are_the_cache_sizes(tmp_path):
 
     profs = profiles(["gemma3-27b", "llama3-8b"])
     fig = plots.kv_figure(profs, 131072)
-    lines = {ln.get_label(): ln for ln in fig.axes[0].lines if not ln.get_label().startswith("_")}
+    lines = {ln.get_gid().removeprefix("kv-"): ln for ln in fig.axes[0].lines if ln.get_gid()}
     assert set(lines) == {"gemma3-27b", "llama3-8b"}
+    # each legend entry ends with the cache at the longest context
+    assert lines["llama3-8b"].get_label() == "llama3-8b: 16 GiB @ 131,072"
     for p in profs:
         xs, ys = lines[p.name].get_data()
         for x, y in zip(xs, ys):
@@ -386,6 +392,23 @@ def test_kv_plot_lines_are_the_cache_sizes(tmp_path):
     assert "gemma3-27b" in paths[1].read_text()  # matplotlib keeps each label as a comment
 
 
+def _stroke_colours(svg: str) -> list[str]:
+    """The stroke colour of each data line matplotlib wrote (its <g id="kv-..."> group)."""
+    return [m.group(1) for m in re.finditer(r'<g id="kv-[^"]+">\s*<path[^>]*?style="[^"]*?stroke: (#[0-9a-f]{6})', svg)]
+
+
+def test_kv_plot_never_repeats_a_colour(tmp_path):
+    from llmarch.analysis import plots
+    from llmarch.families import preset_names
+
+    names = preset_names()
+    svg = plots.plot("kv", names, tmp_path)[1].read_text()
+    colours = _stroke_colours(svg)
+    assert len(colours) == len(names) > 24
+    assert len(set(colours)) == len(colours)
+    assert {s["ls"] for s in plots.series_styles(len(names))} == set(plots.LINE_STYLES)
+
+
 def test_breakdown_plot_shares_sum_to_100():
     from llmarch.analysis import plots
 
@@ -396,9 +419,16 @@ def test_breakdown_plot_shares_sum_to_100():
         row = round(patch.get_y() + patch.get_height() / 2)
         totals[row] += patch.get_width()
     assert totals == [pytest.approx(100), pytest.approx(100)]
+    # total vs active: a linear 0-100% scale, the active share drawn over the whole, the counts written inside
+    profs = profiles(["gpt2", "deepseek-v3"])
     fig = plots.params_figure(profs)
-    heights = sorted(round(b.get_height() * 1e9) for b in fig.axes[0].patches)
-    assert heights == sorted([p.numbers["total_params"] for p in profs] + [p.numbers["active_params"] for p in profs])
+    widths = sorted(round(b.get_width(), 6) for b in fig.axes[0].patches)
+    share = 100 * profs[1].numbers["active_params"] / profs[1].numbers["total_params"]
+    assert widths == [round(share, 6), 100, 100, 100]
+    assert fig.axes[0].get_xscale() == "linear" and fig.axes[0].get_xlim() == (0, 100)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["124.44M", f"37.55B of 671.03B ({share:.1f}%)"]
+    assert all(0 < t.get_position()[0] <= 100 for t in fig.axes[0].texts)  # inside the axes
 
 
 def _boxes(g):
@@ -536,3 +566,59 @@ def test_report_renders_in_headless_chromium(report_path, tmp_path):
     # the table, the plots and the diagrams all drew something: no horizontal band is empty
     bands = [px[i : i + 600].std() for i in range(0, 2400, 600)]
     assert min(bands) > 5, bands
+
+
+@pytest.mark.parametrize("name,roles,absent", [
+    ("deepseek-v3", {"router", "experts", "shared-expert", "latent", "down-projection"}, {"extra", "ple-table"}),
+    ("qwen3-235b-a22b", {"router", "experts"}, {"shared-expert", "latent"}),
+    ("gemma3n-e4b", {"extra", "ple-table"}, {"router", "latent"}),
+    ("llama3-8b", set(), {"router", "experts", "shared-expert", "latent", "extra", "ple-table"}),
+])
+def test_diagram_draws_the_concepts(tmp_path, name, roles, absent):
+    from llmarch.analysis.diagram import layout, to_svg
+
+    p = profile(llmarch.get_config(name))
+    root = ET.fromstring(to_svg(layout([p])))
+    boxes = {b.get("data-role"): b for b in root.iter(f"{SVG}g") if b.get("class") == "box"}
+    assert roles <= set(boxes) and not absent & set(boxes)
+    text = {r: " ".join(t.text or "" for t in b.iter(f"{SVG}tspan")) for r, b in boxes.items()}
+    s = p.summary
+    if "router" in roles:
+        m = s.moe[0]
+        assert f"top-{m.active} of {m.experts}" in text["router"]
+        assert f"{m.experts} routed experts" in text["experts"] and f"width {m.width:,}" in text["experts"]
+    if "shared-expert" in roles:
+        assert "width 2,048" in text["shared-expert"]
+        assert "3 dense layers: FFN width 18432" in text["moe"]
+    if "latent" in roles:
+        assert "latent 512" in text["latent"] and "1.12 KiB/token" in text["latent"]  # (512 + 64) x bf16
+        assert "7,168 -> 576" in text["down-projection"]
+    if "extra" in roles:
+        names = [b.get("data-name") for b in root.iter(f"{SVG}g") if b.get("data-role") == "extra"]
+        assert names == ["AltUp", "LAuReL", "per-layer inputs"]
+        assert "2.35B parameters" in text["ple-table"]
+    # the per-layer schedules: one cell per layer, where the kinds vary
+    strips = {g.get("data-kind"): [r.get("data-kind") for r in g.iter(f"{SVG}rect") if r.get("data-layer")]
+              for g in root.iter(f"{SVG}g") if g.get("class") == "strip"}
+    if name == "deepseek-v3":
+        assert strips == {"ffn": ["dense FFN"] * 3 + ["MoE"] * 58}
+    if name == "gemma3n-e4b":
+        assert strips["attention"] == (["sliding"] * 4 + ["global"]) * 4 + ["shared K/V"] * 15
+    if name == "llama3-8b":
+        assert strips == {}
+
+
+def test_diagram_columns_are_aligned():
+    from llmarch.analysis.diagram import layout, to_svg
+
+    root = ET.fromstring(to_svg(layout(profiles(["gemma3-27b", "gemma3n-e4b"]))))
+    tops = {}
+    for g in root.iter(f"{SVG}g"):
+        if g.get("class") == "model":
+            tops[g.get("data-model")] = {b.get("data-role"): (float(b.find(f"{SVG}rect").get("y")),
+                                                              float(b.find(f"{SVG}rect").get("height")))
+                                         for b in g.iter(f"{SVG}g") if b.get("class") == "box"}
+    a, b = tops.values()
+    assert a["head"][0] == b["head"][0]  # the output heads start on one row
+    assert a["block"] == b["block"]  # the repeated blocks span the same rows
+    assert a["embedding"][0] == b["embedding"][0]

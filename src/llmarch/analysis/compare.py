@@ -345,10 +345,20 @@ def profile(cfg: ModelConfig, context: int = 8192, dtype: str = "bf16", name: st
     return Profile(summarize_model(model, context, dtype, name), model)
 
 
-def profiles(specs: list[str], context: int = 8192, dtype: str = "bf16") -> list[Profile]:
+def configs(specs: list[str], sets: list[str] | None = None) -> list[ModelConfig]:
+    """The configurations of ``specs``; ``sets`` (``field=value`` what-ifs) change the last one, so
+    that ``A A --set ...`` sets a model beside its variant."""
+    from .overrides import apply
+
     if not specs:
         raise ConfigError("name at least one model: a preset (see `llmarch presets`), a checkpoint directory or a .gguf file")
-    return [profile(load_config(s), context, dtype) for s in specs]
+    cfgs = [load_config(s) for s in specs]
+    cfgs[-1] = apply(cfgs[-1], sets or [])
+    return cfgs
+
+
+def profiles(specs: list[str], context: int = 8192, dtype: str = "bf16", sets: list[str] | None = None) -> list[Profile]:
+    return [profile(cfg, context, dtype) for cfg in configs(specs, sets)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -390,6 +400,26 @@ def to_csv(profs: list[Profile]) -> str:
 
 def to_json(profs: list[Profile]) -> str:
     return json.dumps([p.to_dict() for p in profs], indent=2, ensure_ascii=False)
+
+
+def _signed(n: int, fmt) -> str:
+    return ("+" if n > 0 else "-" if n < 0 else "±") + fmt(abs(n))
+
+
+def deltas(a: Profile, b: Profile) -> list[str]:
+    """Parameters, active parameters and KV cache (at the profiles' context and dtype), A -> B."""
+    sa, sb = a.summary, b.summary
+    rows = [
+        ("total params", sa.params.total, sb.params.total, human),
+        ("active params", sa.params.active, sb.params.active, human),
+        (f"KV cache / token ({sa.dtype})", sa.kv_bytes_per_token, sb.kv_bytes_per_token, _bytes),
+        (f"KV cache @ {sa.context:,} tokens ({sa.dtype})", sa.kv_bytes, sb.kv_bytes, _bytes),
+    ]
+    out = []
+    for label, x, y, fmt in rows:
+        ratio = f", x{y / x:.3g}" if x and x != y else ""
+        out.append(f"{label}: {fmt(x)} -> {fmt(y)} ({_signed(y - x, fmt)}{ratio})")
+    return out
 
 
 def diff(a: Profile, b: Profile) -> list[str]:

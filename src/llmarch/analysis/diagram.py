@@ -1,9 +1,14 @@
 """Architecture diagrams drawn from the typed summary of the built model, like the article's figures.
 
 Each model is a vertical stack, read bottom to top: token embedding, the repeated decoder
-block (its norms where the block actually has them, the attention box with its kind, heads and
-per-layer pattern, the FFN or MoE box, the residual adds), the final norm and the output head,
-with the repeat count ("x 26") beside the block. Two models are drawn side by side.
+block (its norms where the block actually has them, the attention box with its kind, heads,
+per-layer pattern and KV bytes per token, the FFN or MoE box, the residual adds), the final norm
+and the output head, with the repeat count ("x 26") beside the block. The concepts are boxes of
+their own: MoE as router, routed-expert stack (n, k active) and shared expert; MLA as
+down-projection, cached latent and up-projections; Gemma 3n's AltUp, LAuReL and per-layer
+inputs, and its per-layer embedding table beside the token embedding. Strips above the stack
+show the per-layer schedules (sliding vs global attention, dense vs MoE FFN) where they vary.
+Two models are drawn side by side, their rows aligned.
 
 One layout (boxes, texts, arrows, circles) is written two ways: as plain SVG by hand (no
 external fonts or resources) and as a PNG through matplotlib.
@@ -19,10 +24,13 @@ from xml.sax.saxutils import escape
 
 from ..errors import ConfigError
 from . import compare
-from .compare import Profile, load_config, profile
+from . import modules as an
+from .compare import Profile
+from .modules import dtype_bytes
+from .params import human
 from .summary import Summary
 
-COL_W = 360  # one model's column
+COL_W = 400  # one model's column
 BOX_W = 250
 LINE_H = 15
 FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
@@ -30,7 +38,18 @@ WRAP = 40  # characters per line in a box
 
 FILLS = {
     "embedding": "#e8f4ea", "head": "#e8f4ea", "norm": "#fff3c4", "attention": "#dbe9f7",
-    "ffn": "#fbe3cf", "moe": "#f7d4d4", "block": "#fafafa",
+    "ffn": "#fbe3cf", "moe": "#f7d4d4", "block": "#fafafa", "router": "#e4dcf5", "experts": "#f4b6b0",
+    "experts-behind": "#f7d4d4", "shared-expert": "#f9e4b7", "latent": "#c7e9c0", "down-projection": "#dbe9f7",
+    "extra": "#eeeeee", "ple-table": "#b7e0d2",
+}
+# the per-layer schedule strips: one cell per layer
+CELL_FILLS = {"global": "#08519c", "sliding": "#9ecae1", "chunked": "#4292c6", "shared K/V": "#d9d9d9",
+              "dense FFN": "#fdb462", "MoE": "#d6604d"}
+STRIP_W = 300
+EXTRA_TEXT = {  # what the article says each small-device component is (Gemma 3n)
+    "AltUp": "AltUp: wider residual, one stream through the layer",
+    "LAuReL": "LAuReL: low-rank residual beside attention",
+    "per-layer inputs": "Per-layer input: this layer's slice of the PLE table",
 }
 ATTENTION_TITLES = {
     "MHA": "Multi-head attention", "GQA": "Grouped-query attention", "MQA": "Multi-query attention",
@@ -47,6 +66,20 @@ class Box:
     lines: list[str]
     role: str
     dashed: bool = False
+    name: str = ""  # what the box is, for a reader of the SVG (data-name)
+
+
+@dataclass
+class Strip:
+    """A per-layer schedule: one cell per layer, filled by its kind, with a legend below."""
+
+    x: float
+    y: float
+    w: float
+    h: float
+    kind: str  # "attention" or "ffn"
+    cells: list[str]  # each layer's kind (a key of CELL_FILLS)
+    label: str
 
 
 @dataclass
@@ -80,6 +113,9 @@ class Column:
     model: str
     items: list = field(default_factory=list)
     height: float = 0
+    caption_h: float = 0  # title to the output head, the block's top and height: aligned across columns
+    block_top: float = 0
+    block_h: float = 0
 
 
 @dataclass
@@ -94,8 +130,14 @@ class Layout:
 # ----------------------------------------------------------------------------------------
 
 
-def _wrap(lines: list[str]) -> list[str]:
-    return [w for line in lines for w in textwrap.wrap(line, WRAP) or [""]]
+def _wrap(lines: list[str], width: int = WRAP) -> list[str]:
+    return [w for line in lines for w in textwrap.wrap(line, width) or [""]]
+
+
+def _layer_kv(s: Summary) -> str:
+    """The KV cache of one caching layer per token, in the summary's dtype."""
+    a = next((a for a in s.attention if a.kv_elements_per_token), s.attention[0])
+    return compare._bytes(a.kv_elements_per_token * dtype_bytes(s.dtype))
 
 
 def attention_lines(s: Summary) -> list[str]:
@@ -105,7 +147,10 @@ def attention_lines(s: Summary) -> list[str]:
     pattern = "global attention in every layer" if compare.all_global(s) else compare.attention_pattern_short(s)
     qk = compare.qk_norm_text(s)
     tail = [compare.positions_short(s)] + ([f"QK-norm: {qk}"] if qk != "none" else [])
-    return [title, heads, pattern, *tail]
+    if a.kind == "MLA":  # the latent's own boxes say what is cached
+        return [title, heads, "up-projections: latent -> each head's K and V", pattern, *tail]
+    kv = f"caches {_layer_kv(s)}/token per layer ({compare._bytes(s.kv_bytes_per_token)} all layers)"
+    return [title, heads, pattern, *tail, kv]
 
 
 def ffn_lines(s: Summary) -> tuple[list[str], str]:
@@ -113,8 +158,32 @@ def ffn_lines(s: Summary) -> tuple[list[str], str]:
         f = s.ffn[0]
         return [f"Feed forward ({f.kind})", f"hidden {f.width:,}"], "ffn"
     m = s.moe[0]
-    shape = f"{compare.moe_shape(s)}, {compare.moe_where(s)}"
-    return [f"Mixture of experts ({m.kind})", shape, f"expert width {m.width:,}"], "moe"
+    lines = [f"Mixture of experts ({m.kind})", f"{compare.moe_shape(s)}, {compare.moe_where(s)}",
+             f"expert width {m.width:,}"]
+    if s.dense:
+        lines.append(f"{len(s.dense)} dense layers: FFN width {compare.dense_widths(s)}")
+    return lines, "moe"
+
+
+def attention_cells(s: Summary) -> list[str]:
+    return ["shared K/V" if not a.kv_elements_per_token else "sliding" if a.window else "chunked" if a.chunk
+            else "global" for a in s.attention]
+
+
+def strips(s: Summary) -> list[tuple[str, list[str], str]]:
+    """(kind, cells, legend) of the schedules worth drawing: attention when its span varies by
+    layer, the FFN when dense and MoE layers mix."""
+    out = []
+    cells = attention_cells(s)
+    if len(set(cells)) > 1:
+        span = next((a.span for a in s.attention if a.span), None)
+        legend = ", ".join(f"{cells.count(k)} {k}" + (f"({span})" if k in ("sliding", "chunked") else "")
+                           for k in CELL_FILLS if k in cells)
+        out.append(("attention", cells, f"attention per layer: {legend}"))
+    if s.moe and s.dense:
+        ffn = ["MoE" if f.moe else "dense FFN" for f in s.ffn]
+        out.append(("ffn", ffn, f"FFN per layer: {ffn.count('dense FFN')} dense, {ffn.count('MoE')} MoE"))
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -122,22 +191,75 @@ def ffn_lines(s: Summary) -> tuple[list[str], str]:
 # ----------------------------------------------------------------------------------------
 
 
-def _box(col: Column, y: float, lines: list[str], role: str, cx: float, w: float = BOX_W) -> Box:
-    lines = _wrap(lines)
-    b = Box(cx - w / 2, y, w, 10 + LINE_H * len(lines), lines, role)
+def _box(col: Column, y: float, lines: list[str], role: str, cx: float, w: float = BOX_W, name: str = "",
+         dashed: bool = False) -> Box:
+    lines = _wrap(lines, int(w / 6.4))
+    b = Box(cx - w / 2, y, w, 10 + LINE_H * len(lines), lines, role, dashed, name)
     col.items.append(b)
     return b
 
 
-def column(p: Profile, x0: float) -> Column:
-    """One model, laid out top (output) to bottom (tokens); arrows point up."""
+def _arrow_up(col: Column, lower: Box, upper: Box, x: float) -> None:
+    col.items.append(Arrow(x, lower.y, x, upper.y + upper.h))
+
+
+def _moe(col: Column, s: Summary, y: float, cx: float, lines: list[str]) -> tuple[list[Box], float]:
+    """The MoE stage, top to bottom: the combining box, the routed-expert stack (n, k active) with
+    the shared expert beside it, the router. Returns the boxes on the main path and the next y."""
+    m = s.moe[0]
+    top = _box(col, y, lines, "moe", cx)
+    y = top.y + top.h + 22
+    shared_w = 86
+    stack_w = BOX_W - shared_w - 8 if m.shared else BOX_W
+    scx = cx - BOX_W / 2 + stack_w / 2
+    for k in (2, 1):  # the experts behind, offset: a stack
+        col.items.append(Box(scx - stack_w / 2 + 4 * k, y - 4 * k, stack_w, 10 + 3 * LINE_H, [], "experts-behind"))
+    stack = _box(col, y, [f"{m.experts} routed experts", f"{m.active} active per token", f"width {m.width:,} each"],
+                 "experts", scx, stack_w, name=f"{m.experts} routed, {m.active} active")
+    if m.shared:
+        shared = _box(col, y, ["Shared expert" + ("s" if m.shared > 1 else ""), "every token",
+                               f"width {m.shared_width:,}"], "shared-expert", cx + BOX_W / 2 - shared_w / 2, shared_w,
+                      name=f"{m.shared} shared")
+        _arrow_up(col, shared, top, shared.x + shared.w / 2)
+    _arrow_up(col, stack, top, scx)
+    y = stack.y + stack.h + 22
+    router = _box(col, y, [f"Router: top-{m.active} of {m.experts}"], "router", scx, min(stack_w, 200))
+    _arrow_up(col, router, stack, scx)
+    return [top, router], router.y + router.h + 18
+
+
+def _mla(col: Column, s: Summary, y: float, cx: float, lines: list[str]) -> tuple[list[Box], float]:
+    """MLA, top to bottom: attention with its up-projections, the cached latent, the down-projection."""
+    a = s.attention[0]
+    attn = _box(col, y, lines, "attention", cx)
+    latent = _box(col, attn.y + attn.h + 18, ["Cached latent (the whole KV cache)", a.cache,
+                                              f"{_layer_kv(s)}/token per layer"], "latent", cx, 220)
+    down_text = f"Down-projection: hidden {s.hidden_size:,} -> {a.kv_elements_per_token} cached numbers"
+    down = _box(col, latent.y + latent.h + 18, [down_text], "down-projection", cx, 220)
+    return [attn, latent, down], down.y + down.h + 18
+
+
+def _extras(col: Column, s: Summary, y: float, cx: float) -> tuple[list[Box], float]:
+    """Gemma 3n's per-layer components (AltUp, LAuReL, per-layer inputs), each a labelled box on
+    the block's path, with its parameters."""
+    boxes = []
+    for k in (k for k in s.breakdown if k not in an.COMPONENTS):
+        boxes.append(_box(col, y, [EXTRA_TEXT.get(k, k), f"{human(s.breakdown[k])} parameters"], "extra", cx, name=k))
+        y = boxes[-1].y + boxes[-1].h + 14
+    return boxes, y
+
+
+def column(p: Profile, x0: float, caption_h: float = 0, block_top: float = 0, block_h: float = 0) -> Column:
+    """One model, laid out top (output) to bottom (tokens); arrows point up. ``caption_h``,
+    ``block_top`` and ``block_h`` are the largest of the columns drawn together, so that their
+    rows line up."""
     s = p.summary
     col = Column(s.name)
     cx = x0 + COL_W / 2
     y = 20.0
-    col.items.append(Text(cx, y, s.name, "title", size=15, bold=True))
+    col.items.append(Text(cx, y, s.name, "title", size=15 if len(s.name) < 40 else 11, bold=True))
     total, active = s.params.total, s.params.active
-    sub = f"{total / 1e9:.2f}B parameters" + (f", {active / 1e9:.2f}B active" if active != total else "")
+    sub = f"{human(total)} parameters" + (f", {human(active)} active per token" if active != total else "")
     col.items.append(Text(cx, y + 18, sub, "subtitle", size=11))
     y += 36
     # the per-layer schedule, as a caption (an arrow would cross it anywhere below)
@@ -146,10 +268,16 @@ def column(p: Profile, x0: float) -> Column:
         caption.append(f"FFN: {compare.moe_where(s)}")
     if s.extras:
         caption.append(f"each layer also has: {compare.extras_text(s, '—')}")
-    for line in textwrap.wrap("; ".join(caption), 56):
+    for line in textwrap.wrap("; ".join(caption), 60):
         col.items.append(Text(cx, y, line, "pattern", size=10))
         y += 13
-    y += 10
+    for kind, cells, legend in strips(s):
+        y += 4
+        col.items.append(Strip(cx - STRIP_W / 2, y, STRIP_W, 10, kind, cells, legend))
+        col.items.append(Text(cx, y + 22, legend, "strip-legend", size=9))
+        y += 30
+    y = max(y + 10, caption_h)
+    col.caption_h = y
     flow: list[Box | Plus] = []  # the main path, top to bottom
 
     head = ["Linear output layer", f"vocab {s.vocab_size:,}" + (", tied to embedding" if s.tied_head else "")]
@@ -161,7 +289,8 @@ def column(p: Profile, x0: float) -> Column:
     y = flow[-1].y + flow[-1].h + 26
 
     norms = s.norms
-    block_top = y
+    y = block_top = max(y, block_top)
+    col.block_top = block_top
     block_items: list[Box | Plus] = []
     ffn, ffn_role = ffn_lines(s)
     stages = [
@@ -184,13 +313,22 @@ def column(p: Profile, x0: float) -> Column:
                 continue  # this block has no norm here (the placement is in the module tree)
             block_items.append(_box(col, y, [compare.norm_name(what)], "norm", cx, 170))
             y = block_items[-1].y + block_items[-1].h + 18
+        elif role == "moe":
+            boxes, y = _moe(col, s, y, cx, what)
+            block_items.extend(boxes)
+        elif role == "attention" and s.attention[0].kind == "MLA":
+            boxes, y = _mla(col, s, y, cx, what)
+            block_items.extend(boxes)
         else:
             block_items.append(_box(col, y, what, role, cx))
             y = block_items[-1].y + block_items[-1].h + 18
-    block_bottom = y + 2
+    extras, y = _extras(col, s, y, cx)
+    block_items.extend(extras)
+    block_bottom = max(y + 2, block_top + block_h)
+    col.block_h = block_bottom - block_top
     container = Box(x0 + 14, block_top, COL_W - 28, block_bottom - block_top, [], "block", dashed=True)
     col.items.insert(0, container)
-    col.items.append(Text(x0 + COL_W - 22, (block_top + block_bottom) / 2, f"x {s.num_layers}", "repeat", size=16,
+    col.items.append(Text(x0 + COL_W - 22, block_top + 22, f"x {s.num_layers}", "repeat", size=16,
                           anchor="end", bold=True))
     col.items.extend(b for b in block_items if isinstance(b, Plus))
     # residual connections: block input -> first add, first add -> second add (on the left)
@@ -212,8 +350,15 @@ def column(p: Profile, x0: float) -> Column:
     y = flow[-1].y + flow[-1].h + 26
     col.items.append(Text(cx, y, "Tokenized text", "input", size=11))
     flow.append(Plus(cx, y - 12, 0))  # the arrow from the input text
+    if s.breakdown.get(an.PLE_TABLE):
+        table = f"{human(s.breakdown[an.PLE_TABLE])} parameters, looked up per token: can stay off the accelerator"
+        ple = _box(col, y + 14, ["Per-layer embedding table", table + " (CPU / SSD)"], "ple-table", cx,
+                   name=an.PLE_TABLE)
+        y = ple.y + ple.h + 8
 
     for upper, lower in pairwise(flow):
+        if isinstance(lower, Box) and lower.role == "router":
+            continue  # the router feeds the experts, drawn with them
         top = lower.y if isinstance(lower, Box) else lower.cy - lower.r
         bottom = upper.y + upper.h if isinstance(upper, Box) else upper.cy + upper.r
         col.items.append(Arrow(cx, top, cx, bottom))
@@ -224,7 +369,9 @@ def column(p: Profile, x0: float) -> Column:
 def layout(profs: list[Profile]) -> Layout:
     if not 1 <= len(profs) <= 2:
         raise ConfigError(f"a diagram shows one or two models, got {len(profs)}")
-    cols = [column(p, i * COL_W) for i, p in enumerate(profs)]
+    first = [column(p, i * COL_W) for i, p in enumerate(profs)]
+    tallest = [max(getattr(c, k) for c in first) for k in ("caption_h", "block_top", "block_h")]
+    cols = [column(p, i * COL_W, *tallest) for i, p in enumerate(profs)]
     return Layout(cols, COL_W * len(cols), max(c.height for c in cols))
 
 
@@ -238,7 +385,8 @@ def _svg_item(it, uid: str) -> str:
         dash = ' stroke-dasharray="6 4"' if it.dashed else ""
         rect = (f'<rect x="{it.x:.1f}" y="{it.y:.1f}" width="{it.w:.1f}" height="{it.h:.1f}" rx="8" '
                 f'fill="{FILLS[it.role]}" stroke="#555"{dash}/>')
-        out = [f'<g class="box" data-role="{it.role}">', rect]
+        name = f' data-name="{escape(it.name)}"' if it.name else ""
+        out = [f'<g class="box" data-role="{it.role}"{name}>', rect]
         if it.lines:
             out.append(f'<text x="{it.x + it.w / 2:.1f}" y="{it.y + 5:.1f}" text-anchor="middle" font-size="11">')
             for i, line in enumerate(it.lines):
@@ -246,6 +394,12 @@ def _svg_item(it, uid: str) -> str:
                 out.append(f'<tspan x="{it.x + it.w / 2:.1f}" dy="{LINE_H}"{weight}>{escape(line)}</tspan>')
             out.append("</text>")
         return "\n".join(out + ["</g>"])
+    if isinstance(it, Strip):
+        cw = it.w / len(it.cells)
+        cells = "".join(f'<rect data-layer="{i}" data-kind="{escape(c)}" x="{it.x + i * cw:.2f}" y="{it.y:.1f}" '
+                        f'width="{cw:.2f}" height="{it.h}" fill="{CELL_FILLS[c]}"/>' for i, c in enumerate(it.cells))
+        return (f'<g class="strip" data-kind="{it.kind}"><title>{escape(it.label)}</title>{cells}'
+                f'<rect x="{it.x:.1f}" y="{it.y:.1f}" width="{it.w}" height="{it.h}" fill="none" stroke="#555"/></g>')
     if isinstance(it, Text):
         weight = ' font-weight="bold"' if it.bold else ""
         return (f'<text class="{it.role}" x="{it.x:.1f}" y="{it.y:.1f}" text-anchor="{it.anchor}" '
@@ -276,7 +430,7 @@ def to_svg(lay: Layout, uid: str = "llmarch") -> str:
 
 def to_png(lay: Layout, path: str | Path, dpi: int = 100) -> Path:
     from matplotlib.figure import Figure
-    from matplotlib.patches import Circle, FancyBboxPatch
+    from matplotlib.patches import Circle, FancyBboxPatch, Rectangle
 
     fig = Figure(figsize=(lay.width / 72, lay.height / 72))  # 1 SVG unit = 1 point
     ax = fig.add_axes((0, 0, 1, 1))
@@ -291,6 +445,11 @@ def to_png(lay: Layout, path: str | Path, dpi: int = 100) -> Path:
                 for i, line in enumerate(it.lines):
                     ax.text(it.x + it.w / 2, it.y + 5 + LINE_H * (i + 1) - 3.5, line, ha="center", va="baseline",
                             fontsize=11, fontweight="bold" if i == 0 else "normal")
+            elif isinstance(it, Strip):
+                cw = it.w / len(it.cells)
+                for i, c in enumerate(it.cells):
+                    ax.add_patch(Rectangle((it.x + i * cw, it.y), cw, it.h, fc=CELL_FILLS[c], ec="none"))
+                ax.add_patch(Rectangle((it.x, it.y), it.w, it.h, fc="none", ec="#555", lw=0.8))
             elif isinstance(it, Text):
                 ha = {"middle": "center", "end": "right", "start": "left"}[it.anchor]
                 ax.text(it.x, it.y, it.text, ha=ha, va="baseline", fontsize=it.size,
@@ -305,12 +464,12 @@ def to_png(lay: Layout, path: str | Path, dpi: int = 100) -> Path:
     return Path(path)
 
 
-def write(specs: list[str], out: str | Path) -> list[Path]:
+def write(specs: list[str], out: str | Path, sets: list[str] | None = None) -> list[Path]:
     """Write the diagram of one or two models to ``out`` (.svg) and the same with .png."""
     out = Path(out)
     if out.suffix != ".svg":
         raise ConfigError(f"--out must name an .svg file (a .png is written beside it), got {out}")
-    lay = layout([profile(load_config(s)) for s in specs])
+    lay = layout(compare.profiles(specs, sets=sets))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(to_svg(lay))
     return [out, to_png(lay, out.with_suffix(".png"))]

@@ -46,7 +46,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 
 # torch's own modules cannot carry a ``param_component`` attribute; llmarch's modules do
 BUILTIN_COMPONENTS: dict[type, str] = {nn.Embedding: "embedding", nn.LayerNorm: "norms"}
-COMPONENTS = ("embedding", "attention", "dense FFN", "experts", "shared expert", "router", "norms", "head", "other")
+PLE_TABLE = "per-layer embedding table"  # a token-indexed table that can live off the accelerator (Gemma 3n)
+COMPONENTS = ("embedding", PLE_TABLE, "attention", "dense FFN", "experts", "shared expert", "router", "norms", "head", "other")
 
 
 def dtype_bytes(name: str) -> int:
@@ -67,22 +68,24 @@ def meta_model(cfg: ModelConfig) -> Decoder:
 
 def param_breakdown(model: Decoder) -> dict[str, int]:
     """Parameters per component; a parameter belongs to the innermost module that names one
-    (``param_component``, or its parent's ``child_components[name]``).
+    (``param_component``, or its parent's ``child_components[name]``); the embedding table of a
+    module with ``offloadable_params`` is the per-layer embedding table.
 
     Sums to the model's parameter count (a tied head is counted once, as the embedding).
     """
     found: dict[int, str] = {}
     sizes: dict[int, int] = {}
 
-    def visit(mod: nn.Module, inherited: str | None, named: str | None = None) -> None:
-        comp = named or getattr(mod, "param_component", None) or BUILTIN_COMPONENTS.get(type(mod)) or inherited
+    def visit(mod: nn.Module, inherited: str | None, named: str | None = None, offloaded: bool = False) -> None:
+        own = PLE_TABLE if offloaded and isinstance(mod, nn.Embedding) else None
+        comp = own or named or getattr(mod, "param_component", None) or BUILTIN_COMPONENTS.get(type(mod)) or inherited
         for p in mod.parameters(recurse=False):
             if id(p) not in found:
                 found[id(p)] = comp or ("head" if p is model.head_weight else "other")
                 sizes[id(p)] = p.numel()
         names = getattr(mod, "child_components", {})
         for name, child in mod.named_children():
-            visit(child, comp, names.get(name))
+            visit(child, comp, names.get(name), hasattr(mod, "offloadable_params"))
 
     visit(model, None)
     out = dict.fromkeys(COMPONENTS, 0)

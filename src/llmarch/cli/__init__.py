@@ -15,6 +15,7 @@ from typing import NoReturn
 from ..errors import LlmarchError
 from . import (
     ablate,
+    bench,
     chat,
     compare,
     data,
@@ -31,7 +32,8 @@ from . import (
 )
 from . import slice as slice_
 
-COMMANDS = (params, slice_, presets, compare, diff, plot, diagram, report, generate, chat, serve, perplexity, data, train, ablate)
+COMMANDS = (params, slice_, presets, compare, diff, plot, diagram, report, bench, generate, chat, serve, perplexity, data,
+            train, ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:

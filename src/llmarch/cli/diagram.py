@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_set
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("diagram", help="architecture diagram of one or two models (SVG + PNG)")
     sp.add_argument("models", nargs="+", help="one or two models")
     sp.add_argument("--out", required=True, help="output .svg file (a .png is written beside it)")
+    add_set(sp)
     sp.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from ..analysis import diagram
 
-    for path in diagram.write(args.models, args.out):
+    for path in diagram.write(args.models, args.out, args.sets):
         print(path)

@@ -14,6 +14,14 @@ def add_context(sp: argparse.ArgumentParser, default: int = 8192) -> None:
     sp.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="KV-cache element type (default bf16)")
 
 
+def add_set(sp: argparse.ArgumentParser) -> None:
+    """``--set field=value`` (repeatable): a what-if on the last model named."""
+    sp.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
+                    help="change a config field of the last model named (repeatable; dotted for moe.*, mla.*, rope.*; "
+                         "value as JSON: 4096, null, [\"full\"]; a short per-layer list repeats); name a model twice "
+                         "to see it beside its variant")
+
+
 MODEL_DTYPES = ("auto", "float32", "bfloat16")
 
 

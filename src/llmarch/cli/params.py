@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 
+from .options import add_set
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("params", help="count total / active / embedding parameters of presets")
-    sp.add_argument("names", nargs="+", help="preset names (see `llmarch presets`)")
+    sp.add_argument("names", nargs="+", help="presets (see `llmarch presets`), Hugging Face checkpoint directories or .gguf files")
+    add_set(sp)
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..analysis.compare import configs
     from ..analysis.params import count_params, human
-    from ..families import get_config
 
-    rows = [count_params(get_config(n)).to_dict() for n in args.names]
+    rows = [count_params(cfg).to_dict() for cfg in configs(args.names, args.sets)]
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
         return
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> None:
     effective = any(r.get("effective") is not None for r in rows)
     cols = ("model", "total", "active", "embedding", "non-emb.") + (("effective",) if effective else ())
     for col in cols:
-        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col != "model")
     for r in rows:
         cells = [
             r["name"],

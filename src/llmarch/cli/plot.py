@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_context
+from .options import add_context, add_set
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,11 +13,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("models", nargs="+")
     sp.add_argument("--out", required=True, help="output directory")
     add_context(sp, default=131072)
+    add_set(sp)
     sp.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from ..analysis import plots
 
-    for path in plots.plot(args.kind, args.models, args.out, context=args.context, dtype=args.dtype):
+    for path in plots.plot(args.kind, args.models, args.out, context=args.context, dtype=args.dtype, sets=args.sets):
         print(path)

@@ -12,10 +12,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("models", nargs="*", help="models to include (default: every preset)")
     sp.add_argument("--out", required=True, help="output directory")
     add_context(sp)
+    sp.add_argument("--article", action=argparse.BooleanOptionalAction, default=None,
+                    help="open with the article section by section and its what-ifs (default: on without models)")
     sp.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from ..analysis import report
 
-    print(report.write_report(args.out, args.models or None, context=args.context, dtype=args.dtype))
+    print(report.write_report(args.out, args.models or None, context=args.context, dtype=args.dtype,
+                                   with_article=args.article))

@@ -10,6 +10,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model.config import ModelConfig
 from . import (
     deepseek,
+    gemma2,
     gemma3,
     gemma3n,
     gpt2,
@@ -18,6 +19,7 @@ from . import (
     mistral,
     olmo2,
     qwen,
+    qwen2_moe,
     qwen3_moe,
     smollm3,
 )
@@ -29,10 +31,12 @@ FAMILIES: list[Family] = [
     mistral.FAMILY,
     qwen.FAMILY,
     olmo2.FAMILY,
+    gemma2.FAMILY,
     gemma3.FAMILY,
     smollm3.FAMILY,
     gemma3n.FAMILY,
     deepseek.FAMILY,
+    qwen2_moe.FAMILY,
     qwen3_moe.FAMILY,
     llama4.FAMILY,
 ]

@@ -52,6 +52,11 @@ PRESETS = {
         num_heads=32, num_kv_heads=8, head_dim=64, tie_embeddings=True, max_position_embeddings=131072,
         rope=RopeConfig(500000.0, dict(LLAMA3_SCALING_32)), bos_token_id=128000, eos_token_id=128001,
     ),
+    "llama3.2-3b": lambda: llama_config(
+        name="llama3.2-3b", vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28,
+        num_heads=24, num_kv_heads=8, head_dim=128, tie_embeddings=True, max_position_embeddings=131072,
+        rope=RopeConfig(500000.0, dict(LLAMA3_SCALING_32)), bos_token_id=128000, eos_token_id=128001,
+    ),
     "llama3-8b": lambda: llama_config(
         name="llama3-8b", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
         num_heads=32, num_kv_heads=8, head_dim=128, tie_embeddings=False, max_position_embeddings=8192,

@@ -28,12 +28,19 @@ def olmo2_config(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-PRESETS = {
-    "olmo2-7b": lambda: olmo2_config(
-        name="olmo2-7b", vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_layers=32,
-        num_heads=32, num_kv_heads=32, head_dim=128, tie_embeddings=False, max_position_embeddings=4096,
+def _preset(name: str, hidden: int, ffn: int, layers: int, heads: int, kv: int):
+    # allenai/OLMo-2-1124-7B, -1124-13B and -0325-32B config.json
+    return lambda: olmo2_config(
+        name=name, vocab_size=100352, hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
+        num_heads=heads, num_kv_heads=kv, head_dim=128, tie_embeddings=False, max_position_embeddings=4096,
         rope=RopeConfig(500000.0), bos_token_id=100257, eos_token_id=100257, pad_token_id=100277,
-    ),
+    )
+
+
+PRESETS = {
+    "olmo2-7b": _preset("olmo2-7b", 4096, 11008, 32, 32, 32),
+    "olmo2-13b": _preset("olmo2-13b", 5120, 13824, 40, 40, 40),
+    "olmo2-32b": _preset("olmo2-32b", 5120, 27648, 64, 40, 8),
 }
 
 

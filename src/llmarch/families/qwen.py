@@ -40,8 +40,10 @@ PRESETS = {
         eos_token_id=151643,
     ),
     "qwen3-0.6b": lambda: qwen3("qwen3-0.6b", 1024, 3072, 28, 16, True),
+    "qwen3-1.7b": lambda: qwen3("qwen3-1.7b", 2048, 6144, 28, 16, True),
     "qwen3-4b": lambda: qwen3("qwen3-4b", 2560, 9728, 36, 32, True),
     "qwen3-8b": lambda: qwen3("qwen3-8b", 4096, 12288, 36, 32, False),
+    "qwen3-14b": lambda: qwen3("qwen3-14b", 5120, 17408, 40, 40, False),
     "qwen3-32b": lambda: qwen3("qwen3-32b", 5120, 25600, 64, 64, False),
 }
 

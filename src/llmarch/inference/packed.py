@@ -246,7 +246,7 @@ class PackedAttention(Attention):
         return q, k, self.values(v)
 
     def attend(self, q, k, v, mask, causal) -> torch.Tensor:
-        if q.shape[2] == 1:
+        if q.shape[2] == 1 and self.logit_softcap is None:
             return single_query_attention(q, k, v, mask, self.scale)
         return super().attend(q, k, v, mask, causal)
 

@@ -51,6 +51,23 @@ def layer_mask(
     return memo[key]
 
 
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float, cap: float
+) -> torch.Tensor:
+    """softmax(cap * tanh(q k^T * scale / cap) + mask) v (Gemma 2), scores written out: SDPA
+    has no soft-cap. The softmax runs in float32."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh(q @ k.transpose(-1, -2) * (scale / cap)) * cap
+    if causal:
+        t, s = scores.shape[-2:]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).triu(s - t + 1)
+        scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
 # keys, values, key positions and cache of each layer whose K/V later layers reuse, filled in
 # during one forward (KV sharing)
 SharedKV = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, LayerCache | None]]
@@ -79,6 +96,7 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         self.scale = cfg.attn_scale
+        self.logit_softcap = cfg.attn_logit_softcap
         self.window = cfg.layer_window(layer_idx)
         self.chunk = cfg.layer_chunk(layer_idx)
         self.use_rope = cfg.layer_uses_rope(layer_idx)
@@ -203,6 +221,8 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
     ) -> torch.Tensor:
         """softmax(q k^T * scale + mask) v, the query heads grouped over the KV heads: (B, heads, T, D)."""
+        if self.logit_softcap is not None:
+            return softcapped_attention(q, k, v, mask, causal, self.scale, self.logit_softcap)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
         )

@@ -76,6 +76,8 @@ class MoEConfig:
     * DeepSeek-V3 / Kimi K2: ``score="sigmoid"``, ``score_correction_bias`` (selection only),
       group-limited top-k (``n_group``/``topk_group``), renormalised, ``routed_scaling_factor``,
       one shared expert.
+    * Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): softmax top-k plus a shared expert behind a
+      sigmoid gate (``shared_expert_gate``).
     * Llama 4: ``score="sigmoid"``, top-1, ``scale_input`` (the router score multiplies the
       expert's input, not its output), a shared expert always added.
     """
@@ -91,6 +93,8 @@ class MoEConfig:
     score_correction_bias: bool = False
     scale_input: bool = False
     shared_expert_size: int = 0  # width of the always-on shared GLU; 0 = none
+    # Qwen2-MoE: the shared expert's output is scaled by sigmoid(w . x), a learned per-token gate
+    shared_expert_gate: bool = False
     # DeepSeek-V3 / Kimi K2 route in float32: logits from float32 inputs and weights, and each
     # expert's output is weighted in float32 before rounding to the activations' dtype.
     # Otherwise (Qwen3-MoE, Llama 4) the logits and the routing weights are rounded to the
@@ -119,6 +123,8 @@ class ModelConfig:
     qk_norm: str = "none"  # none | head (Qwen3, Gemma 3) | proj (OLMo 2) | l2 (Llama 4)
     # softmax scale is query_pre_attn_scalar ** -0.5 (Gemma); None -> head_dim ** -0.5
     query_pre_attn_scalar: float | None = None
+    # Gemma 2: attention scores pass through cap * tanh(score / cap) before the softmax
+    attn_logit_softcap: float | None = None
     # per-layer schedule: "full", "sliding" (sliding_window) or "chunked" (attention_chunk_size)
     layer_types: list[str] | None = None
     sliding_window: int | None = None

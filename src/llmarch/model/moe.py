@@ -181,7 +181,8 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """Router + routed experts (+ an optional shared expert every token goes through)."""
 
-    child_components = {"shared_expert": "shared expert"}  # for llmarch.analysis.modules (a GLU inside)
+    # for llmarch.analysis.modules (a GLU inside, and its gate)
+    child_components = {"shared_expert": "shared expert", "shared_expert_gate": "shared expert"}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -191,6 +192,8 @@ class MoE(nn.Module):
         self.router = Router(cfg.hidden_size, m)
         self.experts = Experts(m.num_experts, cfg.hidden_size, m.expert_size, cfg.activation)
         self.shared_expert = GLU(cfg.hidden_size, m.shared_expert_size, cfg.activation) if m.shared_expert_size else None
+        # Qwen2-MoE: a per-token sigmoid gate on the shared expert's output
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if m.shared_expert_gate else None
         self.activation = cfg.activation
         self.last_routing: Routing | None = None
 
@@ -200,7 +203,10 @@ class MoE(nn.Module):
         self.last_routing = routing
         y = self.experts(h, routing.indices, routing.weights, self.scale_input)
         if self.shared_expert is not None:
-            y = y + self.shared_expert(h)
+            shared = self.shared_expert(h)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(h)) * shared
+            y = y + shared
         return y.view(x.shape)
 
     def describe(self) -> dict:
