@@ -119,3 +119,17 @@ def test_new_architecture_is_one_family(tmp_path, monkeypatch):
     unpermuted = torch.from_numpy(q).reshape(4, 2, 2, 16).transpose(1, 2).reshape(16, 16)
     torch.testing.assert_close(as_llama.layers[0].attn.q_proj.weight, unpermuted)
     assert not torch.equal(unpermuted, torch.from_numpy(q))
+
+
+def test_attention_softcap_is_refused_where_the_format_cannot_hold_it(tmp_path):
+    """Only Gemma 2 checkpoints carry attention logit soft-capping: exporting it as another
+    family would silently drop it, and MLA has no soft-capped path."""
+    import llmarch
+    from llmarch.errors import ConfigError
+
+    cfg = llmarch.ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                              intermediate_size=64, hf_model_type="llama", attn_logit_softcap=30.0)
+    with pytest.raises(ConfigError, match="attn_logit_softcap"):
+        llmarch.save_pretrained(llmarch.build_model(cfg), tmp_path)
+    with pytest.raises(ConfigError, match="not supported with MLA"):
+        llmarch.get_config("deepseek-v3").replace(attn_logit_softcap=30.0).validate()

@@ -113,7 +113,7 @@ def from_hf(d: dict) -> ModelConfig:
 
 
 def to_hf(cfg: ModelConfig) -> dict:
-    check_exportable(cfg, "deepseek_v3", attention_kind="mla", ffn_kind="glu", activation="silu", norm_kind="rmsnorm",
+    check_exportable(cfg, "deepseek_v3", attn_logit_softcap=None, attention_kind="mla", ffn_kind="glu", activation="silu", norm_kind="rmsnorm",
                      norm_placement="pre", qk_norm="none", position="rope", norm_unit_offset=False, embed_scale=None,
                      final_logit_softcap=None, rope_layers=None, qkv_bias=cfg.attn_out_bias)
     d = common_to_hf(cfg, "deepseek_v3", "DeepseekV3ForCausalLM")

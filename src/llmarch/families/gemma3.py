@@ -126,7 +126,7 @@ def _int_if_whole(x: float):
 
 
 def to_hf(cfg: ModelConfig) -> dict:
-    check_exportable(cfg, "gemma3_text", ffn_kind="glu", norm_kind="rmsnorm", norm_placement="sandwich",
+    check_exportable(cfg, "gemma3_text", attn_logit_softcap=None, ffn_kind="glu", norm_kind="rmsnorm", norm_placement="sandwich",
                      qk_norm="head", position="rope", norm_unit_offset=True, rope_layers=None,
                      rope_interleaved=False, embed_scale=math.sqrt(cfg.hidden_size), attn_out_bias=cfg.qkv_bias)
     d = common_to_hf(cfg, "gemma3_text", "Gemma3ForCausalLM")

@@ -127,7 +127,7 @@ def from_hf(d: dict) -> ModelConfig:
 
 
 def to_hf(cfg: ModelConfig) -> dict:
-    check_exportable(cfg, "gemma3n_text", ffn_kind="glu", norm_kind="rmsnorm", norm_placement="sandwich",
+    check_exportable(cfg, "gemma3n_text", attn_logit_softcap=None, ffn_kind="glu", norm_kind="rmsnorm", norm_placement="sandwich",
                      qk_norm="head", position="rope", norm_unit_offset=False, rope_layers=None, v_norm=True,
                      rope_interleaved=False, embed_scale=math.sqrt(cfg.hidden_size), query_pre_attn_scalar=1.0,
                      attn_out_bias=cfg.qkv_bias)

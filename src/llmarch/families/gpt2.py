@@ -85,7 +85,7 @@ def from_hf(d: dict) -> ModelConfig:
 
 
 def to_hf(cfg: ModelConfig) -> dict:
-    check_exportable(cfg, "gpt2", position="learned", norm_kind="layernorm", norm_placement="pre", ffn_kind="mlp",
+    check_exportable(cfg, "gpt2", attn_logit_softcap=None, position="learned", norm_kind="layernorm", norm_placement="pre", ffn_kind="mlp",
                      qkv_bias=True, attn_out_bias=True, ffn_bias=True, qk_norm="none", num_kv_heads=cfg.num_heads,
                      head_dim=cfg.hidden_size // cfg.num_heads, embed_scale=None, final_logit_softcap=None,
                      layer_types=["full"] * cfg.num_layers)

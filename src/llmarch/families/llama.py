@@ -74,7 +74,7 @@ def from_hf(d: dict) -> ModelConfig:
 
 
 def to_hf(cfg: ModelConfig) -> dict:
-    check_exportable(cfg, "llama", ffn_kind="glu", activation="silu", norm_kind="rmsnorm", norm_placement="pre",
+    check_exportable(cfg, "llama", attn_logit_softcap=None, ffn_kind="glu", activation="silu", norm_kind="rmsnorm", norm_placement="pre",
                      qk_norm="none", position="rope", norm_unit_offset=False, embed_scale=None,
                      final_logit_softcap=None, rope_layers=None, rope_interleaved=False,
                      qkv_bias=cfg.attn_out_bias, layer_types=["full"] * cfg.num_layers)

@@ -103,7 +103,7 @@ def from_hf(d: dict) -> ModelConfig:
 
 def to_hf(cfg: ModelConfig) -> dict:
     m = cfg.moe
-    check_exportable(cfg, "llama4_text", attention_kind="mha", ffn_kind="glu", activation="silu", norm_kind="rmsnorm",
+    check_exportable(cfg, "llama4_text", attn_logit_softcap=None, attention_kind="mha", ffn_kind="glu", activation="silu", norm_kind="rmsnorm",
                      norm_placement="pre", position="rope", embed_scale=None, norm_unit_offset=False,
                      final_logit_softcap=None, rope_interleaved=True, attn_out_bias=cfg.qkv_bias)
     if m is None or m.score != "sigmoid" or not m.scale_input or m.shared_expert_size != m.expert_size or m.n_group != 1:

@@ -52,7 +52,7 @@ def from_hf(d: dict) -> ModelConfig:
 
 def to_hf(cfg: ModelConfig) -> dict:
     uniform = set(cfg.layer_types)
-    check_exportable(cfg, "mistral", ffn_kind="glu", activation="silu", norm_kind="rmsnorm", norm_placement="pre",
+    check_exportable(cfg, "mistral", attn_logit_softcap=None, ffn_kind="glu", activation="silu", norm_kind="rmsnorm", norm_placement="pre",
                      qk_norm="none", position="rope", qkv_bias=False, attn_out_bias=False, embed_scale=None,
                      norm_unit_offset=False, final_logit_softcap=None, rope_layers=None, rope_interleaved=False)
     if len(uniform) != 1 or not uniform <= {FULL, SLIDING}:

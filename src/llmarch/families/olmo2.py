@@ -51,7 +51,7 @@ def from_hf(d: dict) -> ModelConfig:
 
 
 def to_hf(cfg: ModelConfig) -> dict:
-    check_exportable(cfg, "olmo2", ffn_kind="glu", activation="silu", norm_kind="rmsnorm", norm_placement="post",
+    check_exportable(cfg, "olmo2", attn_logit_softcap=None, ffn_kind="glu", activation="silu", norm_kind="rmsnorm", norm_placement="post",
                      qk_norm="proj", position="rope", embed_scale=None, norm_unit_offset=False,
                      final_logit_softcap=None, rope_layers=None, rope_interleaved=False,
                      layer_types=["full"] * cfg.num_layers, attn_out_bias=cfg.qkv_bias)

@@ -75,7 +75,7 @@ def from_hf(d: dict) -> ModelConfig:
 
 def to_hf(cfg: ModelConfig) -> dict:
     mt = cfg.hf_model_type if cfg.hf_model_type in ("qwen2", "qwen3") else ("qwen3" if cfg.qk_norm == "head" else "qwen2")
-    check_exportable(cfg, mt, ffn_kind="glu", activation="silu", norm_kind="rmsnorm", norm_placement="pre",
+    check_exportable(cfg, mt, attn_logit_softcap=None, ffn_kind="glu", activation="silu", norm_kind="rmsnorm", norm_placement="pre",
                      position="rope", attn_out_bias=False, embed_scale=None, norm_unit_offset=False,
                      final_logit_softcap=None, rope_layers=None, rope_interleaved=False,
                      qk_norm="none" if mt == "qwen2" else "head", **({"qkv_bias": True} if mt == "qwen2" else {}))

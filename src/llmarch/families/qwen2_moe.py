@@ -52,11 +52,11 @@ def from_hf(d: dict) -> ModelConfig:
 
 def to_hf(cfg: ModelConfig) -> dict:
     m = cfg.moe
-    check_exportable(cfg, "qwen2_moe", ffn_kind="glu", activation="silu", norm_kind="rmsnorm", norm_placement="pre",
+    check_exportable(cfg, "qwen2_moe", attn_logit_softcap=None, ffn_kind="glu", activation="silu", norm_kind="rmsnorm", norm_placement="pre",
                      position="rope", attn_out_bias=False, embed_scale=None, norm_unit_offset=False, qk_norm="none",
                      final_logit_softcap=None, rope_layers=None, rope_interleaved=False, attention_kind="mha",
                      layer_types=[FULL] * cfg.num_layers)
-    check_exportable(cfg, "qwen2_moe", moe=MoEConfig(
+    check_exportable(cfg, "qwen2_moe", attn_logit_softcap=None, moe=MoEConfig(
         num_experts=m.num_experts, top_k=m.top_k, expert_size=m.expert_size, score="softmax",
         norm_topk_prob=m.norm_topk_prob, shared_expert_size=m.shared_expert_size, shared_expert_gate=True))
     d = common_to_hf(cfg, "qwen2_moe", "Qwen2MoeForCausalLM")

@@ -56,7 +56,7 @@ def from_hf(d: dict) -> ModelConfig:
 
 
 def to_hf(cfg: ModelConfig) -> dict:
-    check_exportable(cfg, "qwen3_moe", ffn_kind="glu", activation="silu", norm_kind="rmsnorm", norm_placement="pre",
+    check_exportable(cfg, "qwen3_moe", attn_logit_softcap=None, ffn_kind="glu", activation="silu", norm_kind="rmsnorm", norm_placement="pre",
                      position="rope", attn_out_bias=False, embed_scale=None, norm_unit_offset=False,
                      final_logit_softcap=None, rope_layers=None, rope_interleaved=False, qk_norm="head",
                      attention_kind="mha", layer_types=[FULL] * cfg.num_layers)
@@ -67,7 +67,7 @@ def to_hf(cfg: ModelConfig) -> dict:
     if m is None:
         d.update(num_experts=0, mlp_only_layers=list(range(cfg.num_layers)))
         return d
-    check_exportable(cfg, "qwen3_moe", moe=MoEConfig(num_experts=m.num_experts, top_k=m.top_k, expert_size=m.expert_size,
+    check_exportable(cfg, "qwen3_moe", attn_logit_softcap=None, moe=MoEConfig(num_experts=m.num_experts, top_k=m.top_k, expert_size=m.expert_size,
                                                      score="softmax", norm_topk_prob=m.norm_topk_prob))
     layers = cfg.moe_layers or [True] * cfg.num_layers
     d.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_size,

@@ -35,7 +35,7 @@ def from_hf(d: dict) -> ModelConfig:
 
 
 def to_hf(cfg: ModelConfig) -> dict:
-    check_exportable(cfg, "smollm3", ffn_kind="glu", activation="silu", norm_kind="rmsnorm", norm_placement="pre",
+    check_exportable(cfg, "smollm3", attn_logit_softcap=None, ffn_kind="glu", activation="silu", norm_kind="rmsnorm", norm_placement="pre",
                      qk_norm="none", position="rope", embed_scale=None, norm_unit_offset=False,
                      final_logit_softcap=None, rope_interleaved=False, layer_types=["full"] * cfg.num_layers,
                      attn_out_bias=cfg.qkv_bias)

@@ -310,6 +310,8 @@ class ModelConfig:
                 bad("attention_kind 'mla' needs the mla fields (kv_lora_rank, qk_rope_head_dim, ...)")
             if set(self.layer_types) != {FULL}:
                 bad("MLA layers support full attention only (layer_types must all be 'full')")
+            if self.attn_logit_softcap is not None:
+                bad("attn_logit_softcap is not supported with MLA (attention_kind 'mla')")
             if self.mla.qk_rope_head_dim % 2:
                 bad(f"mla.qk_rope_head_dim must be even, got {self.mla.qk_rope_head_dim}")
         if self.moe_layers is not None:
