@@ -5,6 +5,7 @@
     print(llmarch.count_params(cfg))                  # counted on the meta device
     model = llmarch.from_pretrained("path/to/hf_dir")  # or a .gguf file
     logits = model(torch.tensor([[1, 2, 3]]))
+    llmarch.quantize(model, "int4", group_size=32)   # weight-only int4 for CPU inference, in place
 """
 
 from .analysis.params import count_params
@@ -17,6 +18,7 @@ from .errors import (
     LlmarchError,
 )
 from .families import get_config, preset_names
+from .inference.quant import quantize
 from .model.config import ModelConfig, RopeConfig
 from .model.decoder import Decoder, build_model
 
@@ -32,6 +34,7 @@ __all__ = [
     "count_params",
     "from_pretrained",
     "save_pretrained",
+    "quantize",
     "LlmarchError",
     "ConfigError",
     "CheckpointError",

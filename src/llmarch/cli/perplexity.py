@@ -52,13 +52,14 @@ def run(args: argparse.Namespace) -> None:
         raise GenerationError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     dtype, why = apply_runtime(args)
     print(f"loading {args.model or DEFAULT_MODEL} ({why}) ...", file=sys.stderr, flush=True)
-    model, tokenizer = load(args.model, dtype)
+    model, tokenizer = load(args.model, dtype, quant=args.quant, group_size=args.group_size)
     ids = tokenizer.encode(text)
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
     result = perplexity(model, ids, args.context, args.stride, progress=sys.stderr.isatty())
     if args.json:
         print(json.dumps({"model": args.model or DEFAULT_MODEL, "file": str(path), "dtype": str(dtype).removeprefix("torch."),
+                          "quant": args.quant,
                           **result.to_dict()}))
     else:
         print(result.summary())
