@@ -475,6 +475,27 @@ def generate(
     return Generation(model, tokenizer, prompts, config).run()
 
 
+def load_model(checkpoint, dtype: torch.dtype | None = torch.float32, pack: bool = True, quant: str = "auto",
+               group_size: int = 32):
+    """An opened checkpoint (:func:`llmarch.checkpoints.formats.open_checkpoint`) as a model for
+    inference; the arguments as for :func:`load`."""
+    from ..checkpoints.hf import from_pretrained
+    from .gguf_quant import assign_quantized, resolve_quant
+    from .packed import pack_linears
+    from .quant import MODES, quantize
+
+    mode = resolve_quant(checkpoint, quant, group_size)  # refuses what cannot work before reading a tensor
+    keep = None
+    if mode != "none":  # int4 from a GGUF file: resolve_quant let only its 4-bit types through, as they are
+        keep = functools.partial(assign_quantized, mode="int8" if mode == "int8" else "auto", dtype=dtype or torch.float32)
+    model = from_pretrained(checkpoint, dtype=dtype, quantized=keep)
+    if mode in MODES:
+        quantize(model, mode, group_size)  # the layers still in float
+    if pack:
+        pack_linears(model, release=True)
+    return model
+
+
 def load(
     name_or_path: str | None = None,
     dtype: torch.dtype | None = torch.float32,
@@ -495,22 +516,10 @@ def load(
     train or export."""
     from ..checkpoints.assets import resolve_model
     from ..checkpoints.formats import GGUFCheckpoint, open_checkpoint
-    from ..checkpoints.hf import from_pretrained
     from ..checkpoints.tokenizer import Tokenizer
-    from .gguf_quant import assign_quantized, resolve_quant
-    from .packed import pack_linears
-    from .quant import MODES, quantize
 
     checkpoint = open_checkpoint(resolve_model(name_or_path))  # a GGUF file's metadata is parsed once, here
-    mode = resolve_quant(checkpoint, quant, group_size)
-    keep = None
-    if mode != "none":  # int4 from a GGUF file: resolve_quant let only its 4-bit types through, as they are
-        keep = functools.partial(assign_quantized, mode="int8" if mode == "int8" else "auto", dtype=dtype or torch.float32)
-    model = from_pretrained(checkpoint, dtype=dtype, quantized=keep)
-    if mode in MODES:
-        quantize(model, mode, group_size)  # the layers still in float
-    if pack:
-        pack_linears(model, release=True)
+    model = load_model(checkpoint, dtype, pack, quant, group_size)
     if isinstance(checkpoint, GGUFCheckpoint):
         return model, Tokenizer.from_gguf(checkpoint)
     return model, Tokenizer.from_file(checkpoint.path)
