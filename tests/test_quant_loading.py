@@ -10,17 +10,17 @@ import torch
 from torch import nn
 
 gguf = pytest.importorskip("gguf")
-from gguf import GGML_QUANT_SIZES  # noqa: E402
-from gguf import GGMLQuantizationType as QT  # noqa: E402
-from gguf.quants import quantize as gguf_quantize  # noqa: E402
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import quantize as gguf_quantize
 
-import llmarch  # noqa: E402
-from llmarch.checkpoints.formats import open_checkpoint  # noqa: E402
-from llmarch.checkpoints.hf import from_pretrained, save_pretrained  # noqa: E402
-from llmarch.cli import main  # noqa: E402
-from llmarch.errors import ConfigError  # noqa: E402
-from llmarch.inference.generate import load_model  # noqa: E402
-from llmarch.inference.quant import Int4Linear, Int8Linear, QuantEmbedding, QuantHead  # noqa: E402
+import llmarch
+from llmarch.checkpoints.formats import open_checkpoint
+from llmarch.checkpoints.hf import from_pretrained, save_pretrained
+from llmarch.cli import main
+from llmarch.errors import ConfigError
+from llmarch.inference.generate import load_model
+from llmarch.inference.quant import Int4Linear, Int8Linear, QuantEmbedding, QuantHead
 
 HIDDEN, FFN, HEADS, KV, VOCAB = 256, 512, 4, 2, 96  # widths a multiple of Q4_K's 256-weight block
 HEAD_DIM = HIDDEN // HEADS
