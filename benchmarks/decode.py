@@ -34,10 +34,9 @@ from pathlib import Path
 import torch
 
 from llmarch.checkpoints.assets import resolve_model
-from llmarch.checkpoints.hf import from_pretrained
+from llmarch.checkpoints.formats import open_checkpoint
 from llmarch.checkpoints.tokenizer import Tokenizer
-from llmarch.inference.generate import GenerationConfig, generate
-from llmarch.inference.packed import pack_linears
+from llmarch.inference.generate import GenerationConfig, generate, load_model
 
 PROMPT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -128,7 +127,7 @@ def load_all(alias: str, dtype: torch.dtype, threads: int, llama_bench: Path | N
     import transformers
 
     path = resolve_model(alias)
-    runners = {"llmarch": (run_llmarch, pack_linears(from_pretrained(path, dtype=dtype), release=True))}  # as load() does
+    runners = {"llmarch": (run_llmarch, load_model(open_checkpoint(path), dtype))}  # as load() does: CLI's --quant auto
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     runners["transformers"] = (run_transformers, hf.eval())
     try:

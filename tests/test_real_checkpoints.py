@@ -45,10 +45,10 @@ def _path(alias: str) -> Path:
 
 @pytest.fixture(scope="module", params=ALIASES)
 def ours(request):
-    """(alias, llmarch model in float32 as `llmarch generate` loads it, tokenizer)."""
+    """(alias, llmarch model in float32 as `llmarch generate --quant none --dtype float32` loads it, tokenizer)."""
     alias = request.param
     _path(alias)
-    model, tokenizer = load(alias, torch.float32)
+    model, tokenizer = load(alias, torch.float32, quant="none")
     yield alias, model, tokenizer
     del model
 
@@ -66,7 +66,8 @@ def test_cli_default_model_streams_the_recorded_text():
     _path("gemma-3-270m")
     rec = RECORDED["gemma-3-270m"]
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    cmd = [sys.executable, "-m", "llmarch.cli", "generate", rec["prompt"], "--max-new-tokens", "12", "--dtype", "float32"]
+    cmd = [sys.executable, "-m", "llmarch.cli", "generate", rec["prompt"], "--max-new-tokens", "12", "--dtype", "float32",
+           "--quant", "none"]
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     tokenizer = Tokenizer.from_gguf(_path("gemma-3-270m"))

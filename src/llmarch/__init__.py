@@ -5,6 +5,7 @@
     print(llmarch.count_params(cfg))                  # counted on the meta device
     model = llmarch.from_pretrained("path/to/hf_dir")  # or a .gguf file
     logits = model(torch.tensor([[1, 2, 3]]))
+    llmarch.quantize(model, "int4", group_size=32)   # weight-only int4 for CPU inference, in place
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ def __getattr__(name: str) -> Any:
     from .analysis.params import count_params
     from .checkpoints.hf import from_pretrained, save_pretrained
     from .families import get_config, preset_names
+    from .inference.quant import quantize
     from .model.config import ModelConfig, RopeConfig
     from .model.decoder import Decoder, build_model
 
     api = {"count_params": count_params, "from_pretrained": from_pretrained, "save_pretrained": save_pretrained,
            "get_config": get_config, "preset_names": preset_names, "ModelConfig": ModelConfig,
-           "RopeConfig": RopeConfig, "Decoder": Decoder, "build_model": build_model}
+           "RopeConfig": RopeConfig, "Decoder": Decoder, "build_model": build_model, "quantize": quantize}
     globals().update(api)
     return api[name]
 
@@ -53,6 +55,7 @@ __all__ = [
     "count_params",
     "from_pretrained",
     "save_pretrained",
+    "quantize",
     "LlmarchError",
     "ConfigError",
     "CheckpointError",

@@ -21,6 +21,7 @@ from ..families import config_from_hf, config_json_from_gguf, family_for_model_t
 from ..families.base import GGUF, HF, Family, gguf_to_hf_name
 from ..model.config import ModelConfig
 from .gguf import GGUFFile
+from .quantized import FLOAT_TYPES, QuantizedTensor
 from .safetensors import iter_safetensors, read_config_json, safetensors_files
 
 
@@ -47,7 +48,8 @@ class HFDirectory(_Opened):
         self.path = Path(path)
         self.hf_config = read_config_json(self.path)
 
-    def raw_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def raw_tensors(self, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` as stored (safetensors hold no block-quantised tensors: ``quantized`` changes nothing)."""
         return iter_safetensors(safetensors_files(self.path))
 
 
@@ -75,9 +77,19 @@ class GGUFCheckpoint(GGUFFile, _Opened):
     def model_type(self) -> str:
         return self.hf_config["model_type"]
 
-    def raw_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(gguf_name, float32 tensor)`` as stored, for the family's ``sanitize``."""
-        return GGUFFile.tensors(self)
+    def raw_tensors(self, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+        """``(gguf_name, tensor)`` as stored, for the family's ``sanitize``: float32 tensors, or
+        with ``quantized`` each block-quantised matrix as a :class:`QuantizedTensor` (its blocks
+        as stored, never dequantised)."""
+        if not quantized:
+            yield from GGUFFile.tensors(self)
+            return
+        for name in self.gguf_tensor_names():
+            shape = self.tensor_shape(name)
+            if self.tensor_type(name) in FLOAT_TYPES or len(shape) != 2:
+                yield name, self.load(name)
+            else:
+                yield name, QuantizedTensor(*self.raw(name), shape, name)
 
     def tensor_names(self) -> list[str]:
         """HF names of the tensors :meth:`tensors` yields, in file order."""

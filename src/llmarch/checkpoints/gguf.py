@@ -391,6 +391,14 @@ class GGUFFile:
         t = self._tensors[gguf_name]
         return dequantize(t.data, t.tensor_type, self.tensor_shape(gguf_name), name=gguf_name, dtype=dtype)
 
+    def raw(self, gguf_name: str) -> tuple[np.ndarray, int]:
+        """One tensor's bytes as stored, (rows, bytes per row) uint8, and its GGML type id. Read
+        from the file into memory of their own (not the memory map, whose pages would stay resident)."""
+        t = self._tensors[gguf_name]
+        with open(self.path, "rb") as fh:
+            data = np.fromfile(fh, np.uint8, int(t.n_bytes), offset=int(t.data_offset))
+        return data.reshape(int(np.prod(t.shape[1:], dtype=np.int64)), -1), int(t.tensor_type)
+
     def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
         """``(gguf_name, tensor)`` for every tensor, dequantised, in file order."""
         for name in self._tensors:

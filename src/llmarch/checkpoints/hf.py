@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -23,6 +23,10 @@ from ..model.config import ModelConfig
 from ..model.decoder import Decoder, build_model
 from .budget import check_budget
 from .formats import GGUFCheckpoint, HFDirectory, open_checkpoint
+from .quantized import QuantizedTensor
+
+#: (model, llmarch name, tensor): puts a still-quantised tensor into the model being loaded
+KeepQuantized = Callable[[nn.Module, str, QuantizedTensor], None]
 
 
 def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -50,9 +54,19 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_tensors(
-    model: Decoder, cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]], fmt: str = HF, dtype=None, device=None
+    model: Decoder,
+    cfg: ModelConfig,
+    tensors: Iterator[tuple[str, torch.Tensor | QuantizedTensor]],
+    fmt: str = HF,
+    dtype=None,
+    device=None,
+    quantized: KeepQuantized | None = None,
 ) -> Decoder:
-    """Assign a checkpoint's tensors (``fmt``: HF or GGUF names) to a (meta) model, strictly."""
+    """Assign a checkpoint's tensors (``fmt``: HF or GGUF names) to a (meta) model, strictly.
+
+    A :class:`QuantizedTensor` in the stream is dequantised, or handed to ``quantized(model,
+    llmarch name, tensor)``, which puts it into the model itself (as a quantised module:
+    :func:`llmarch.inference.gguf_quant.assign_quantized`) as soon as it arrives."""
     fam = family_for_config(cfg)
     loaded: set[str] = set()
     for native, x in fam.to_native(tensors, cfg, fmt):
@@ -60,12 +74,17 @@ def load_tensors(
             continue  # some tied checkpoints also store the head; it is the embedding
         if native in loaded:
             raise CheckpointError(f"tensor {native!r} appears twice in the checkpoint")
+        loaded.add(native)
+        if isinstance(x, QuantizedTensor):
+            if quantized is not None:
+                quantized(model, native, x)
+                continue
+            x = x.dequantize()
         if dtype is not None and x.is_floating_point():
             x = x.to(dtype)
         if device is not None:
             x = x.to(device)
         _set_param(model, native, x)
-        loaded.add(native)
     missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if missing:
         shown = ", ".join(f"{n} (HF name {fam.keys.to_hf(n) or '?'})" for n in missing[:8])
@@ -74,21 +93,25 @@ def load_tensors(
     return model
 
 
-def from_pretrained(path: str | os.PathLike | HFDirectory | GGUFCheckpoint, dtype: torch.dtype | None = None, device=None) -> Decoder:
+def from_pretrained(
+    path: str | os.PathLike | HFDirectory | GGUFCheckpoint,
+    dtype: torch.dtype | None = None,
+    device=None,
+    quantized: KeepQuantized | None = None,
+) -> Decoder:
     """Load a Hugging Face checkpoint directory (config.json + safetensors) or a .gguf file.
 
     ``path`` may also be a checkpoint already opened with
     :func:`llmarch.checkpoints.formats.open_checkpoint` (so a GGUF file's metadata, which
     its tokenizer also reads, is parsed once). ``dtype=None`` keeps the dtype the weights
-    are stored in.
+    are stored in. ``quantized``: what to do with a GGUF file's block-quantised matrices
+    instead of dequantising them (see :func:`load_tensors`).
     """
-    # imported here: formats reads directories with this module's helpers
-
     ck = open_checkpoint(path) if isinstance(path, (str, os.PathLike)) else path
     cfg = ck.config
     check_budget(ck, cfg, dtype=dtype, device=device)
     model = build_model(cfg, device="meta")
-    load_tensors(model, cfg, ck.raw_tensors(), fmt=ck.format, dtype=dtype, device=device)
+    load_tensors(model, cfg, ck.raw_tensors(quantized is not None), ck.format, dtype, device, quantized)
     model.eval()
     return model
 

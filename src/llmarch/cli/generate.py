@@ -14,6 +14,7 @@ import sys
 from ..errors import GenerationError
 from .options import add_runtime, apply_runtime
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Register the ``generate`` subcommand on the CLI's subparsers."""
     sp = sub.add_parser(
@@ -38,12 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS: exactly --max-new-tokens (benchmarks)")
     add_runtime(sp)
     sp.set_defaults(func=run)
-    sp.error = _usage_error  # bad option values: one `llmarch: error:` line, like every other error
-
-
-def _usage_error(message: str) -> None:
-    print(f"llmarch: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -71,7 +66,7 @@ def run(args: argparse.Namespace) -> None:
     check_text([args.system], "system message")
     dtype, why = apply_runtime(args)
     print(f"loading {args.model or DEFAULT_MODEL} ({why}) ...", file=sys.stderr, flush=True)
-    model, tokenizer = load(args.model, dtype)
+    model, tokenizer = load(args.model, dtype, quant=args.quant, group_size=args.group_size)
     prompts = [chat_prompt(tokenizer, p, args.system) for p in args.prompts] if args.chat else list(args.prompts)
     generation = stream(model, tokenizer, prompts, config)
     if len(prompts) == 1 and not args.no_stream:

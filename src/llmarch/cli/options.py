@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_context(sp: argparse.ArgumentParser, default: int = 8192) -> None:
@@ -25,30 +26,52 @@ def add_set(sp: argparse.ArgumentParser) -> None:
 MODEL_DTYPES = ("auto", "float32", "bfloat16")
 
 
+QUANTS = ("auto", "none", "int8", "int4")  # llmarch.inference.quant.QUANT_CHOICES (not imported: no torch here)
+
+
+def usage_error(message: str) -> None:
+    """A bad option value as one ``llmarch: error:`` line (exit 2), like every other error."""
+    print(f"llmarch: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def add_runtime(sp: argparse.ArgumentParser) -> None:
-    """``--dtype`` and ``--threads`` of the commands that run a model."""
+    """``--dtype``, ``--quant``, ``--group-size`` and ``--threads`` of the commands that run a
+    model; their bad values are reported as one error line."""
     sp.add_argument("--dtype", choices=MODEL_DTYPES, default="auto",
                     help="compute dtype (auto: bfloat16 where the CPU computes it natively, else float32)")
+    sp.add_argument("--quant", choices=QUANTS, default="auto",
+                    help="weights: auto (a GGUF file's quantised tensors stay quantised, int4 for its 4-bit types "
+                    "and int8 for wider ones; float checkpoints in float), none (dequantise to float), "
+                    "int8 / int4 (quantise at load)")
+    sp.add_argument("--group-size", type=int, default=32,
+                    help="inputs per int4 scale: 32 (default), 64, 128 or 256; it must divide every layer's width")
     sp.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: the physical cores; on a busy machine fewer avoids threads waiting on each other)")
+    sp.error = usage_error
 
 
 def apply_runtime(args: argparse.Namespace):
-    """Check ``--threads``, set torch's thread count; return (torch dtype, a few words on the choice)."""
+    """Check ``--threads`` and ``--quant`` / ``--group-size`` (before any model loads), set torch's
+    thread count; return (torch dtype, a few words on the choices)."""
     import torch
 
     from ..errors import GenerationError
     from ..inference.device import auto_dtype, physical_cores
+    from ..inference.quant import MODES, check_mode
 
     threads = physical_cores() if args.threads is None else args.threads
     if threads < 1:
         raise GenerationError(f"--threads must be at least 1, got {threads}")
+    if args.quant in MODES:
+        check_mode(args.quant, args.group_size)
     torch.set_num_threads(threads)
     if args.dtype == "auto":
         dtype, why = auto_dtype("cpu")
     else:
         dtype, why = getattr(torch, args.dtype), args.dtype
-    return dtype, f"{why}; {threads} thread{'s' if threads > 1 else ''}"
+    group = f", group {args.group_size}" if args.quant == "int4" else ""
+    return dtype, f"{why}; quant {args.quant}{group}; {threads} thread{'s' if threads > 1 else ''}"
 
 
 DEVICES = ("cpu", "cuda", "mps", "auto")
@@ -76,9 +99,11 @@ def load_on_device(args: argparse.Namespace, name: str | None):
     if not available[device]:
         raise GenerationError(f"--device {device}: no {device} device is available to this torch build; use --device cpu")
     if device == "cpu":
-        model, tokenizer = load(name, dtype)
+        model, tokenizer = load(name, dtype, quant=args.quant, group_size=args.group_size)
         return model, tokenizer, why
+    if args.quant in ("int8", "int4"):
+        raise GenerationError(f"--quant {args.quant}: the int8/int4 kernels are CPU kernels; use --quant none on {device}")
     if args.dtype == "auto":
         dtype, why = torch.bfloat16, f"bfloat16 on {device}"
-    model, tokenizer = load(name, dtype, pack=False)  # oneDNN packing is for CPUs
+    model, tokenizer = load(name, dtype, pack=False, quant="none")  # oneDNN packing and int kernels are for CPUs
     return model.to(device), tokenizer, why

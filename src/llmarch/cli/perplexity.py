@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> None:
     from ..inference.perplexity import check_arguments, perplexity
 
     check_arguments(args.context, args.stride)
+    dtype, why = apply_runtime(args)
     if args.max_tokens is not None and args.max_tokens < 2:
         raise GenerationError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     path = Path(args.file)
@@ -50,15 +51,15 @@ def run(args: argparse.Namespace) -> None:
         raise GenerationError(f"{path} is a directory, expected a text file") from None
     except UnicodeDecodeError as e:
         raise GenerationError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    dtype, why = apply_runtime(args)
     print(f"loading {args.model or DEFAULT_MODEL} ({why}) ...", file=sys.stderr, flush=True)
-    model, tokenizer = load(args.model, dtype)
+    model, tokenizer = load(args.model, dtype, quant=args.quant, group_size=args.group_size)
     ids = tokenizer.encode(text)
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
     result = perplexity(model, ids, args.context, args.stride, progress=sys.stderr.isatty())
     if args.json:
         print(json.dumps({"model": args.model or DEFAULT_MODEL, "file": str(path), "dtype": str(dtype).removeprefix("torch."),
+                          "quant": args.quant,
                           **result.to_dict()}))
     else:
         print(result.summary())

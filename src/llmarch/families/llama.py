@@ -93,9 +93,10 @@ def from_gguf(f: GGUFFile) -> dict:
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Invert llama.cpp's ``LlamaModel.permute`` of Q/K rows (interleaved -> rotate-half RoPE)."""
-    shape = w.shape
-    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+    """Invert llama.cpp's ``LlamaModel.permute`` of Q/K rows (interleaved -> rotate-half RoPE).
+    Whole rows move, so a still-quantised tensor (``QuantizedTensor``) is unpermuted as well."""
+    rows = w.shape[0]
+    return w[torch.arange(rows).reshape(n_head, rows // n_head // 2, 2).transpose(1, 2).reshape(-1)]
 
 
 def gguf_to_hf_layout(tensors: Stream, cfg: ModelConfig) -> Stream:

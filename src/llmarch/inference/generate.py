@@ -26,6 +26,7 @@ How one request runs:
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import time
@@ -505,22 +506,51 @@ def generate(
     return Generation(model, tokenizer, prompts, config).run()
 
 
-def load(name_or_path: str | None = None, dtype: torch.dtype | None = torch.float32, pack: bool = True):
-    """Model and tokenizer from an alias (``gemma-3-270m``, the default), a .gguf file or an
-    HF checkpoint directory (with its tokenizer.json), for inference. ``pack``: pre-pack the
-    linear layers for fast CPU decoding and free their plain copies
-    (:func:`llmarch.inference.packed.pack_linears` with ``release``), so the model holds its weights once;
-    use :func:`llmarch.from_pretrained` for a model to train or export."""
-    from ..checkpoints.assets import resolve_model
-    from ..checkpoints.formats import GGUFCheckpoint, open_checkpoint
+def load_model(checkpoint, dtype: torch.dtype | None = torch.float32, pack: bool = True, quant: str = "auto",
+               group_size: int = 32):
+    """An opened checkpoint (:func:`llmarch.checkpoints.formats.open_checkpoint`) as a model for
+    inference; the arguments as for :func:`load`."""
     from ..checkpoints.hf import from_pretrained
-    from ..checkpoints.tokenizer import Tokenizer
+    from .gguf_quant import assign_quantized, resolve_quant
     from .packed import pack_linears
+    from .quant import MODES, quantize
 
-    checkpoint = open_checkpoint(resolve_model(name_or_path))  # a GGUF file's metadata is parsed once, here
-    model = from_pretrained(checkpoint, dtype=dtype)
+    mode = resolve_quant(checkpoint, quant, group_size)  # refuses what cannot work before reading a tensor
+    keep = None
+    if mode != "none":  # int4 from a GGUF file: resolve_quant let only its 4-bit types through, as they are
+        keep = functools.partial(assign_quantized, mode="int8" if mode == "int8" else "auto", dtype=dtype or torch.float32)
+    model = from_pretrained(checkpoint, dtype=dtype, quantized=keep)
+    if mode in MODES:
+        quantize(model, mode, group_size)  # the layers still in float
     if pack:
         pack_linears(model, release=True)
+    return model
+
+
+def load(
+    name_or_path: str | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    pack: bool = True,
+    quant: str = "auto",
+    group_size: int = 32,
+):
+    """Model and tokenizer from an alias (``gemma-3-270m``, the default), a .gguf file or an
+    HF checkpoint directory (with its tokenizer.json), for inference.
+
+    ``quant`` (see :mod:`llmarch.inference.gguf_quant`): ``auto`` keeps a GGUF file's quantised
+    matrices quantised (never dequantised on the way: int4 for its 4-bit types, int8 for the
+    wider ones) and a float checkpoint in float; ``none`` computes in float; ``int8`` / ``int4``
+    (``group_size`` inputs per int4 scale) quantise at load. What cannot work is refused before
+    the tensors are read. ``pack``: then pre-pack the layers left in float for fast CPU decoding
+    and free their plain copies (:func:`llmarch.inference.packed.pack_linears` with ``release``),
+    so the model holds its weights once; use :func:`llmarch.from_pretrained` for a model to
+    train or export."""
+    from ..checkpoints.assets import resolve_model
+    from ..checkpoints.formats import GGUFCheckpoint, open_checkpoint
+    from ..checkpoints.tokenizer import Tokenizer
+
+    checkpoint = open_checkpoint(resolve_model(name_or_path))  # a GGUF file's metadata is parsed once, here
+    model = load_model(checkpoint, dtype, pack, quant, group_size)
     if isinstance(checkpoint, GGUFCheckpoint):
         return model, Tokenizer.from_gguf(checkpoint)
     return model, Tokenizer.from_file(checkpoint.path)

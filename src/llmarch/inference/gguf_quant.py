@@ -11,6 +11,17 @@ The functions take a tensor's raw GGUF bytes (the uint8 array ``gguf.GGUFReader`
   have more levels than int4 holds and per-block scales the per-channel int8 kernel cannot
   express: they are dequantised a few thousand rows at a time and requantised to int8 with one
   scale per row (error at most half a row step, max |w| / 254).
+
+Loading a GGUF file with a ``quant`` choice (:func:`resolve_quant`, then
+:func:`assign_quantized` on the matrices the loader kept as
+:class:`~llmarch.checkpoints.quantized.QuantizedTensor`):
+
+* ``auto``: each quantised matrix in the layout above (as the file is); float tensors stay float;
+* ``none``: everything dequantised to float;
+* ``int8``: every quantised matrix requantised to int8 per row; float matrices quantised too;
+* ``int4``: only from 4-bit types (copied exactly, so the group size is their 32): a file with
+  wider types is refused, since rounding 5-8-bit codes to 4 bits stacks a second error on the
+  file's (quantise the float checkpoint instead); float matrices are quantised at any group size.
 """
 
 from __future__ import annotations
@@ -19,8 +30,24 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import Q4_K, dequantize
+from torch import nn
 
-from .quant import Int4Linear, Int8Linear, QuantEmbedding, QuantLinear, int8_quantize
+from ..checkpoints.formats import GGUFCheckpoint, HFDirectory
+from ..checkpoints.quantized import FLOAT_TYPES, QuantizedTensor
+from ..errors import CheckpointError, ConfigError
+from ..model.decoder import build_model
+from .quant import (
+    MODES,
+    QUANT_CHOICES,
+    Int4Linear,
+    Int8Linear,
+    QuantEmbedding,
+    QuantHead,
+    QuantLinear,
+    check_mode,
+    check_quantizable,
+    int8_quantize,
+)
 
 Q = GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)  # exact in the int4 kernel's format, group size 32
@@ -82,17 +109,83 @@ def int8_weights(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int
 
 
 def gguf_linear(
-    data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int], bias: torch.Tensor | None = None
+    data: np.ndarray,
+    qtype: GGMLQuantizationType,
+    shape: tuple[int, int],
+    bias: torch.Tensor | None = None,
+    mode: str = "auto",
 ) -> QuantLinear:
-    """A GGUF weight as a quantised linear layer: int4 where the format maps, int8 otherwise."""
-    if qtype in INT4_TYPES:
+    """A GGUF weight as a quantised linear layer: int4 where the format maps (unless ``mode`` is
+    ``int8``), int8 otherwise."""
+    if qtype in INT4_TYPES and mode != "int8":
         codes, scales, zeros = int4_codes(data, qtype, shape)
         return Int4Linear.from_codes(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(zeros), bias, GROUP)
     return Int8Linear(*int8_weights(data, qtype, shape), bias)
 
 
 def gguf_embedding(
-    data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int], dtype: torch.dtype = torch.float32
+    data: np.ndarray,
+    qtype: GGMLQuantizationType,
+    shape: tuple[int, int],
+    dtype: torch.dtype = torch.float32,
+    mode: str = "auto",
 ) -> QuantEmbedding:
     """A GGUF token table (vocab, hidden) as a :class:`QuantEmbedding` (also the tied head)."""
-    return QuantEmbedding(gguf_linear(data, qtype, shape), dtype)
+    return QuantEmbedding(gguf_linear(data, qtype, shape, None, mode), dtype)
+
+
+def resolve_quant(checkpoint: GGUFCheckpoint | HFDirectory, quant: str, group_size: int = GROUP) -> str:
+    """The quantisation a checkpoint loads with (``auto`` resolved: ``auto`` for a GGUF file with
+    quantised tensors, else ``none``), or a ConfigError saying why ``quant`` cannot work for it.
+    Reads only the file's header, so it runs before the tensors load."""
+    if quant not in QUANT_CHOICES:
+        raise ConfigError(f"unknown quantisation {quant!r}: expected one of {', '.join(QUANT_CHOICES)}")
+    if quant in MODES:
+        check_mode(quant, group_size)
+    types = set(checkpoint.tensor_types().values()) - FLOAT_TYPES if isinstance(checkpoint, GGUFCheckpoint) else set()
+    if quant == "auto":
+        return "auto" if types else "none"
+    if quant == "int4" and types:
+        wider = types - {t.name for t in INT4_TYPES}
+        if wider:
+            raise ConfigError(
+                f"--quant int4: {checkpoint.path.name} holds {', '.join(sorted(wider))} tensors, wider than 4 bits; "
+                "rounding them to int4 would add a second error to the file's: use --quant auto (as the file is) "
+                "or int8, or quantise a float checkpoint to int4"
+            )
+        if group_size != GROUP:
+            raise ConfigError(
+                f"--quant int4: the 4-bit GGUF blocks of {checkpoint.path.name} hold one scale per {GROUP} weights; "
+                f"group size {group_size} cannot be formed from them: use --group-size {GROUP}"
+            )
+    if quant in MODES:
+        check_quantizable(build_model(checkpoint.config, device="meta"), quant, group_size)
+    return quant
+
+
+@torch.no_grad()
+def assign_quantized(
+    model: nn.Module, name: str, qt: QuantizedTensor, mode: str = "auto", dtype: torch.dtype = torch.float32
+) -> None:
+    """Put a GGUF matrix the loader kept quantised into ``model`` (being loaded, on the meta
+    device), in place, as it arrives (so the file's bytes are held one tensor at a time): a
+    linear layer's weight becomes a quantised layer (its bias, if not loaded yet, stays a meta
+    buffer the loader fills), the token table a :class:`QuantEmbedding` (and a tied head a
+    :class:`QuantHead` on it); a weight read any other way is dequantised to ``dtype``.
+    ``mode``: ``auto`` or ``int8`` (see the module's docstring). The loader's ``quantized`` hook
+    (:func:`llmarch.checkpoints.hf.load_tensors`) with the mode bound."""
+    mod_name, _, attr = name.rpartition(".")
+    parent_name, _, child = mod_name.rpartition(".")
+    module, parent = model.get_submodule(mod_name), model.get_submodule(parent_name)
+    expected = tuple(getattr(module, attr).shape)
+    if expected != tuple(qt.shape):
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(qt.shape)}; the configuration expects {expected}")
+    args = (qt.data, qt.qtype, expected)
+    if name == "embed.weight" and type(module) is nn.Embedding:
+        model.embed = gguf_embedding(*args, dtype, mode)
+        if getattr(model, "lm_head", False) is None:
+            model.lm_head = QuantHead(model.embed)
+    elif attr == "weight" and type(module) is nn.Linear and child not in getattr(parent, "reads_weights", ()):
+        setattr(parent, child, gguf_linear(*args, module.bias, mode))
+    else:
+        setattr(module, attr, nn.Parameter(qt.dequantize(dtype), requires_grad=False))

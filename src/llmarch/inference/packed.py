@@ -180,6 +180,13 @@ def release_parameter(module: nn.Module, name: str) -> None:
     setattr(module, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
 
 
+def fuse(module: nn.Module, group: str, names: tuple[str, ...]) -> None:
+    """Give ``module`` the fused group ``group`` of its layers ``names``, when all are packable
+    float layers (a layer quantised by :mod:`llmarch.inference.quant` runs on its own)."""
+    if all(type(getattr(module, n)) is PackedLinear for n in names):
+        module.__dict__.setdefault("_fused", {})[group] = FusedLinears(module, names)
+
+
 def _fused(module: nn.Module) -> dict[str, FusedLinears]:
     """The fused linear groups of a packed module (stored outside ``_modules``: they own no parameters)."""
     return module.__dict__.get("_fused", {})
@@ -221,7 +228,7 @@ class PackedAttention(Attention):
 
     def prepare_packing(self) -> None:
         if self.kv_source is None:  # a KV-shared layer projects queries only
-            self.__dict__["_fused"] = {"qkv": FusedLinears(self, ("q_proj", "k_proj", "v_proj"))}
+            fuse(self, "qkv", ("q_proj", "k_proj", "v_proj"))
 
     def project(self, x: torch.Tensor):
         y = fused_output(self, "qkv", x)
@@ -260,7 +267,7 @@ class PackedGLU(GLU):
     """:class:`GLU` whose gate and up projections run as one packed product."""
 
     def prepare_packing(self) -> None:
-        self.__dict__["_fused"] = {"gate_up": FusedLinears(self, ("gate_proj", "up_proj"))}
+        fuse(self, "gate_up", ("gate_proj", "up_proj"))
 
     def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = fused_output(self, "gate_up", x)

@@ -41,6 +41,8 @@ from ..errors import ConfigError
 from ..model.moe import Experts
 
 MODES = ("int8", "int4")
+#: what a loader's ``quant`` takes: ``auto`` (a GGUF file as it is, a float checkpoint in float), ``none``, or a mode
+QUANT_CHOICES = ("auto", "none", *MODES)
 GROUP_SIZES = (32, 64, 128, 256)
 KERNEL_DTYPE = torch.bfloat16  # the only activation dtype the CPU kernels vectorise (see above)
 ROW_BLOCK = 64  # the int4 packing interleaves rows in blocks of up to 64: out_features is padded to it
@@ -81,7 +83,7 @@ def int8_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes chosen against the scale as the kernel reads it (rounded to its dtype)."""
     w = weight.detach().float()
     scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(KERNEL_DTYPE)
-    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    q = torch.div(w, scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scales
 
 
@@ -283,6 +285,37 @@ def quantize_experts(experts: Experts, mode: str, group_size: int) -> QuantExper
     return QuantExperts(experts, mode, group_size)
 
 
+def _swappable(model: nn.Module):
+    """(qualified name, parent, attribute, layer) of each layer :func:`quantize` swaps: plain
+    linear layers not read as a matrix (``reads_weights``) and stacked experts."""
+    for prefix, mod in list(model.named_modules()):
+        keep = set(getattr(mod, "reads_weights", ()))
+        for name, child in list(mod.named_children()):
+            if (type(child) is nn.Linear and name not in keep) or type(child) is Experts:
+                yield f"{prefix}.{name}".lstrip("."), mod, name, child
+
+
+def check_quantizable(model: nn.Module, mode: str, group_size: int = 32) -> None:
+    """Raise a ConfigError naming the first layer :func:`quantize` could not quantise (an int4
+    group size that does not divide its input width); works on a meta model, before loading."""
+    check_mode(mode, group_size)
+    if mode != "int4":
+        return
+    embed = getattr(model, "embed", None)
+    widths = [("embed", embed.embedding_dim)] if isinstance(embed, nn.Embedding) else []
+    for name, _, _, child in _swappable(model):
+        if isinstance(child, Experts):
+            widths += [(name, child.gate_up_proj.shape[-1]), (name, child.down_proj.shape[-1])]
+        else:
+            widths.append((name, child.in_features))
+    for name, width in widths:
+        if width % group_size:
+            raise ConfigError(
+                f"layer {name} has input width {width}, not divisible by the int4 group size {group_size}: "
+                f"pick a group size in {GROUP_SIZES} that divides it (or int8)"
+            )
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
     """Quantise a model's weights for inference, in place, and return it.
@@ -290,15 +323,14 @@ def quantize(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
     Every ``nn.Linear`` becomes an :class:`Int8Linear` / :class:`Int4Linear` under the same
     attribute name (except layers its module reads as a matrix, ``reads_weights``); stacked
     MoE experts become :class:`QuantExperts`; the token embedding a :class:`QuantEmbedding`,
-    and a tied head a :class:`QuantHead` on the same table. The model can no longer train."""
-    check_mode(mode, group_size)
-    for mod in list(model.modules()):
-        keep = set(getattr(mod, "reads_weights", ()))
-        for name, child in list(mod.named_children()):
-            if type(child) is nn.Linear and name not in keep:
-                setattr(mod, name, quantize_linear(child.weight, child.bias, mode, group_size))
-            elif type(child) is Experts:
-                setattr(mod, name, quantize_experts(child, mode, group_size))
+    and a tied head a :class:`QuantHead` on the same table. Layers already quantised stay as
+    they are. The model can no longer train."""
+    check_quantizable(model, mode, group_size)
+    for _, parent, name, child in _swappable(model):
+        if isinstance(child, Experts):
+            setattr(parent, name, quantize_experts(child, mode, group_size))
+        else:
+            setattr(parent, name, quantize_linear(child.weight, child.bias, mode, group_size))
     embed = getattr(model, "embed", None)
     if isinstance(embed, nn.Embedding):
         tied = getattr(model, "lm_head", False) is None

@@ -1,0 +1,191 @@
+"""Loading with ``quant``: a GGUF file's quantised matrices reach the model still quantised (no
+float copy on the way or after), a float checkpoint quantises at load, and what cannot work is
+refused, before any tensor is read, as one ``llmarch: error:`` line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import quantize as gguf_quantize
+
+import llmarch
+from llmarch.checkpoints.formats import open_checkpoint
+from llmarch.checkpoints.hf import from_pretrained, save_pretrained
+from llmarch.cli import main
+from llmarch.errors import ConfigError
+from llmarch.inference.generate import load_model
+from llmarch.inference.quant import Int4Linear, Int8Linear, QuantEmbedding, QuantHead
+
+HIDDEN, FFN, HEADS, KV, VOCAB = 256, 512, 4, 2, 96  # widths a multiple of Q4_K's 256-weight block
+HEAD_DIM = HIDDEN // HEADS
+
+
+def _q4_k(rows: int, cols: int, rng) -> np.ndarray:
+    """Q4_K blocks (gguf.quants cannot quantise to it): random codes and sub-block scales, small
+    float16 super-block scales (d, dmin)."""
+    block, size = GGML_QUANT_SIZES[QT.Q4_K]
+    b = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for at in (0, 2):
+        b[..., at : at + 2] = rng.uniform(2e-4, 1e-3, b.shape[:2]).astype(np.float16).view(np.uint8).reshape(*b.shape[:2], 2)
+    return b.reshape(rows, -1)
+
+
+def _write_llama_gguf(path, types: dict[str, QT], tied: bool = True):
+    """A one-layer llama GGUF file; each matrix in the type ``types`` gives it (default Q8_0)."""
+    rng = np.random.default_rng(0)
+    shapes = {
+        "token_embd.weight": (VOCAB, HIDDEN), "blk.0.attn_q.weight": (HIDDEN, HIDDEN),
+        "blk.0.attn_k.weight": (KV * HEAD_DIM, HIDDEN), "blk.0.attn_v.weight": (KV * HEAD_DIM, HIDDEN),
+        "blk.0.attn_output.weight": (HIDDEN, HIDDEN), "blk.0.ffn_gate.weight": (FFN, HIDDEN),
+        "blk.0.ffn_up.weight": (FFN, HIDDEN), "blk.0.ffn_down.weight": (HIDDEN, FFN),
+    }
+    if not tied:
+        shapes["output.weight"] = (VOCAB, HIDDEN)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in [(w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, HIDDEN),
+                       (w.add_feed_forward_length, FFN), (w.add_head_count, HEADS), (w.add_head_count_kv, KV),
+                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0)]:
+        add(value)
+    for name, shape in shapes.items():
+        qtype = types.get(name, QT.Q8_0)
+        if qtype == QT.Q4_K:
+            w.add_tensor(name, _q4_k(*shape, rng), raw_dtype=qtype)
+        else:
+            scale = 1.0 if name == "token_embd.weight" else shape[1] ** -0.5
+            w.add_tensor(name, gguf_quantize(rng.standard_normal(shape).astype(np.float32) * scale, qtype), raw_dtype=qtype)
+    for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
+        w.add_tensor(name, (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+MIXED = {"blk.0.attn_q.weight": QT.Q4_0, "blk.0.attn_k.weight": QT.Q4_K, "blk.0.attn_output.weight": QT.Q4_1,
+         "blk.0.ffn_gate.weight": QT.Q4_K, "blk.0.ffn_up.weight": QT.Q4_0}  # the rest Q8_0
+ALL_4BIT = {**MIXED, "token_embd.weight": QT.Q4_0, "blk.0.attn_v.weight": QT.Q4_0, "blk.0.ffn_down.weight": QT.Q4_1,
+            "output.weight": QT.Q4_0}
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(tmp_path_factory):
+    return _write_llama_gguf(tmp_path_factory.mktemp("q") / "mixed.gguf", MIXED)
+
+
+def _logits(model, seed=0):
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids).float()
+
+
+def _rel(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_gguf_auto_keeps_the_file_quantised(mixed_gguf, pack):
+    model = load_model(open_checkpoint(mixed_gguf), torch.float32, pack=pack, quant="auto")
+    attn, mlp = model.layers[0].attn, model.layers[0].mlp
+    # 4-bit types as int4 (Q/K rows unpermuted on the blocks), the wider Q8_0 as int8
+    assert [type(m) for m in (attn.q_proj, attn.k_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj)] == [Int4Linear] * 5
+    assert [type(m) for m in (attn.v_proj, mlp.down_proj)] == [Int8Linear] * 2
+    assert isinstance(model.embed, QuantEmbedding) and isinstance(model.embed.table, Int8Linear)
+    # no float copy of any matrix: only the norms are parameters, and the tied head is the table
+    assert [n for n, p in model.named_parameters() if p.dim() > 1] == []
+    assert isinstance(model.lm_head, QuantHead) and model.lm_head.embedding is model.embed
+    assert not any(k.startswith("lm_head") for k in model.state_dict())
+    head_bytes = {b.data_ptr() for m in (model.lm_head.embedding, model.embed) for b in m.buffers()}
+    assert len(head_bytes) == len(list(model.embed.buffers()))
+    # the same file dequantised to float32: bfloat16 activations and scales, int8 rows requantised
+    ref = _logits(from_pretrained(mixed_gguf, torch.float32))
+    out = _logits(model)
+    assert _rel(out, ref) < 0.02, _rel(out, ref)
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_gguf_quantised_rows_unpermuted_like_the_float_path(mixed_gguf):
+    """llama.cpp's Q/K row order is undone on the raw blocks: the int4 rows equal the float path's rows."""
+    model = load_model(open_checkpoint(mixed_gguf), torch.float32, pack=False, quant="auto")
+    ref = from_pretrained(mixed_gguf, torch.float32).layers[0].attn
+    for name in ("q_proj", "k_proj"):
+        layer = getattr(model.layers[0].attn, name)
+        rows = layer.rows(torch.arange(layer.out_features))
+        w = getattr(ref, name).weight
+        assert ((rows - w).abs() <= 2**-8 * 9 * w.abs().amax(1, keepdim=True)).all()
+        # and far from the permuted order (the check would see a missing unpermute)
+        assert (rows - w[torch.randperm(len(w), generator=torch.Generator().manual_seed(0))]).abs().max() > 0.1
+
+
+def test_gguf_int8_and_int4(tmp_path, mixed_gguf):
+    int8 = load_model(open_checkpoint(mixed_gguf), torch.float32, pack=False, quant="int8")
+    assert {type(m) for m in int8.modules() if isinstance(m, (Int4Linear, Int8Linear))} == {Int8Linear}
+    assert _rel(_logits(int8), _logits(from_pretrained(mixed_gguf, torch.float32))) < 0.03
+    four = _write_llama_gguf(tmp_path / "q4.gguf", ALL_4BIT, tied=False)
+    int4 = load_model(open_checkpoint(four), torch.float32, pack=False, quant="int4")
+    assert {type(m) for m in int4.modules() if isinstance(m, (Int4Linear, Int8Linear))} == {Int4Linear}
+    assert isinstance(int4.lm_head, Int4Linear) and [n for n, p in int4.named_parameters() if p.dim() > 1] == []
+    assert _rel(_logits(int4), _logits(from_pretrained(four, torch.float32))) < 0.02
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_float_checkpoint_quantised_at_load(tmp_path, mixed_gguf, mode):
+    path = save_pretrained(from_pretrained(mixed_gguf, torch.float32), tmp_path / "hf")
+    ref = _logits(from_pretrained(path, torch.float32))
+    assert type(load_model(open_checkpoint(path), torch.float32, quant="auto").embed) is nn.Embedding  # float stays float
+    model = load_model(open_checkpoint(path), torch.float32, quant=mode, group_size=64)
+    kind = Int8Linear if mode == "int8" else Int4Linear
+    assert type(model.layers[0].mlp.down_proj) is kind and type(model.embed.table) is kind
+    assert isinstance(model.lm_head, QuantHead) and model.lm_head.embedding is model.embed
+    assert _rel(_logits(model), ref) < (0.03 if mode == "int8" else 0.2)
+
+
+def test_llmarch_quantize_is_exported(mixed_gguf):
+    model = llmarch.quantize(from_pretrained(mixed_gguf, torch.float32), "int4", group_size=128)
+    assert model.layers[0].attn.q_proj.group_size == 128
+
+
+# ---- refusals: one line, exit 2, before any tensor is read ----------------------------------
+def _cli_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(argv))
+    assert e.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("llmarch: error:")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("command", ["generate", "perplexity"])
+def test_cli_refuses_what_cannot_work(capsys, monkeypatch, tmp_path, mixed_gguf, command):
+    def never(*a, **k):
+        raise AssertionError("tensors were read before the refusal")
+
+    monkeypatch.setattr("llmarch.checkpoints.formats.GGUFCheckpoint.raw_tensors", never)
+    (tmp_path / "text.txt").write_text("Some text to score.")
+    command = ["generate", "Hi"] if command == "generate" else ["perplexity", str(tmp_path / "text.txt")]
+    model = ["--model", str(mixed_gguf), "--threads", "1"]
+    assert "invalid choice: 'int3'" in _cli_error(capsys, [*command, *model, "--quant", "int3"])
+    assert "group size 48 is not supported" in _cli_error(capsys, [*command, *model, "--quant", "int4", "--group-size", "48"])
+    msg = _cli_error(capsys, [*command, *model, "--quant", "int4"])
+    assert "holds Q8_0 tensors, wider than 4 bits" in msg and "--quant auto" in msg
+
+
+def test_refusals_name_the_layer_and_the_fix(tmp_path, mixed_gguf):
+    ck = open_checkpoint(_write_llama_gguf(tmp_path / "q4.gguf", ALL_4BIT))
+    with pytest.raises(ConfigError, match="one scale per 32 weights; group size 64 cannot be formed"):
+        load_model(ck, quant="int4", group_size=64)
+    with pytest.raises(ConfigError, match="unknown quantisation 'fp8'"):
+        load_model(ck, quant="fp8")
+    path = save_pretrained(from_pretrained(mixed_gguf, torch.float32), tmp_path / "hf")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 384
+    (path / "config.json").write_text(json.dumps(cfg))
+    # refused from config.json alone (the safetensors hold 512-wide tensors that would not even load)
+    with pytest.raises(ConfigError, match=r"layer layers\.0\.mlp\.down_proj has input width 384, not divisible by the int4 group size 256"):
+        load_model(open_checkpoint(path), quant="int4", group_size=256)
