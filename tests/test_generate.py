@@ -429,3 +429,18 @@ def test_cli_bad_input_is_one_error_line(tiny, args, message):
     assert len(lines) == 1 and lines[0].startswith("llmarch: error: "), r.stderr
     assert message in lines[0]
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("command", ["generate", "perplexity"])
+def test_cli_device_without_the_device_is_one_error_line(tiny, tmp_path, command):
+    d = tiny("llama")[2]
+    text = tmp_path / "t.txt"
+    text.write_text("hello there")
+    first = "hi" if command == "generate" else str(text)
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "llmarch.cli", command, first, "--model", str(d), "--device", "cuda"],
+                       check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == ["llmarch: error: --device cuda: no cuda device is available to this torch "
+                                             "build; use --device cpu"]

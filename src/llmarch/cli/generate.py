@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from ..errors import GenerationError
-from .options import add_runtime, apply_runtime
+from .options import add_device, add_runtime, load_on_device, runtime_choice
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,12 +38,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--no-stream", action="store_true", help="print the text at the end")
     sp.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS: exactly --max-new-tokens (benchmarks)")
     add_runtime(sp)
+    add_device(sp)
     sp.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from ..checkpoints.assets import DEFAULT_MODEL
-    from ..inference.generate import GenerationConfig, chat_prompt, check_text, load, stream
+    from ..inference.generate import (
+        GenerationConfig,
+        chat_prompt,
+        check_text,
+        stream,
+    )
 
     if not args.prompts:
         raise GenerationError('no prompt given (usage: llmarch generate "your prompt")')
@@ -64,9 +70,9 @@ def run(args: argparse.Namespace) -> None:
     config.validate()  # before the (slow) model load
     check_text(args.prompts, "prompt")
     check_text([args.system], "system message")
-    dtype, why = apply_runtime(args)
+    device, dtype, why = runtime_choice(args)
     print(f"loading {args.model or DEFAULT_MODEL} ({why}) ...", file=sys.stderr, flush=True)
-    model, tokenizer = load(args.model, dtype, quant=args.quant, group_size=args.group_size)
+    model, tokenizer = load_on_device(args, args.model, device, dtype)
     prompts = [chat_prompt(tokenizer, p, args.system) for p in args.prompts] if args.chat else list(args.prompts)
     generation = stream(model, tokenizer, prompts, config)
     if len(prompts) == 1 and not args.no_stream:

@@ -83,27 +83,35 @@ def add_device(sp: argparse.ArgumentParser) -> None:
                     help="cpu (default), cuda, mps, or auto (the first of cuda, mps, cpu that is available)")
 
 
-def load_on_device(args: argparse.Namespace, name: str | None):
-    """Model and tokenizer of ``name`` on ``args.device`` with ``args.dtype`` (bfloat16 on an
-    accelerator by default); returns (model, tokenizer, a few words on the choice)."""
+def runtime_choice(args: argparse.Namespace):
+    """Check ``--threads/--dtype/--quant/--device`` before any slow work: (device, dtype, a few
+    words on the choice). On an accelerator ``--dtype auto`` is bfloat16 and the int kernels
+    (CPU only) are refused."""
     import torch
 
     from ..errors import GenerationError
-    from ..inference.generate import load
 
     dtype, why = apply_runtime(args)
-    device = args.device
+    device = getattr(args, "device", "cpu")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available[device]:
         raise GenerationError(f"--device {device}: no {device} device is available to this torch build; use --device cpu")
+    if device != "cpu":
+        if args.quant in ("int8", "int4"):
+            raise GenerationError(f"--quant {args.quant}: the int8/int4 kernels are CPU kernels; use --quant none on {device}")
+        if args.dtype == "auto":
+            dtype = torch.bfloat16
+            why = why.replace(why.split(";")[0], f"bfloat16 on {device}", 1)
+    return device, dtype, f"{why}; {device}"
+
+
+def load_on_device(args: argparse.Namespace, name: str | None, device: str, dtype):
+    """Model and tokenizer of ``name`` on ``device`` (see :func:`runtime_choice`)."""
+    from ..inference.generate import load
+
     if device == "cpu":
-        model, tokenizer = load(name, dtype, quant=args.quant, group_size=args.group_size)
-        return model, tokenizer, why
-    if args.quant in ("int8", "int4"):
-        raise GenerationError(f"--quant {args.quant}: the int8/int4 kernels are CPU kernels; use --quant none on {device}")
-    if args.dtype == "auto":
-        dtype, why = torch.bfloat16, f"bfloat16 on {device}"
+        return load(name, dtype, quant=args.quant, group_size=args.group_size)
     model, tokenizer = load(name, dtype, pack=False, quant="none")  # oneDNN packing and int kernels are for CPUs
-    return model.to(device), tokenizer, why
+    return model.to(device), tokenizer

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import GenerationError
-from .options import add_runtime, apply_runtime
+from .options import add_device, add_runtime, load_on_device, runtime_choice
 
 
 def register(sub) -> None:
@@ -30,16 +30,16 @@ def register(sub) -> None:
     sp.add_argument("--max-tokens", type=int, default=None, help="score only the first T tokens of the text")
     sp.add_argument("--json", action="store_true", help="print a JSON object instead of a sentence")
     add_runtime(sp)
+    add_device(sp)
     sp.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from ..checkpoints.assets import DEFAULT_MODEL
-    from ..inference.generate import load
     from ..inference.perplexity import check_arguments, perplexity
 
     check_arguments(args.context, args.stride)
-    dtype, why = apply_runtime(args)
+    device, dtype, why = runtime_choice(args)
     if args.max_tokens is not None and args.max_tokens < 2:
         raise GenerationError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     path = Path(args.file)
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     except UnicodeDecodeError as e:
         raise GenerationError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     print(f"loading {args.model or DEFAULT_MODEL} ({why}) ...", file=sys.stderr, flush=True)
-    model, tokenizer = load(args.model, dtype, quant=args.quant, group_size=args.group_size)
+    model, tokenizer = load_on_device(args, args.model, device, dtype)
     ids = tokenizer.encode(text)
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]

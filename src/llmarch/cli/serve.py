@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import add_device, add_runtime, load_on_device
+from .options import add_device, add_runtime, load_on_device, runtime_choice
 
 CHAT_MODEL = "qwen2.5-coder-0.5b"  # instruction-tuned: the default of serve and chat
 
@@ -24,9 +24,10 @@ def add_model(sp: argparse.ArgumentParser) -> None:
 def load_chat_model(args: argparse.Namespace):
     """(model, tokenizer, name) of ``--model`` or the default chat model; says which on stderr."""
     name = args.model or CHAT_MODEL
-    print(f"loading {name} ...", file=sys.stderr, flush=True)
-    model, tokenizer, why = load_on_device(args, name)
-    print(f"model: {name} ({why}; {args.device})", file=sys.stderr, flush=True)
+    device, dtype, why = runtime_choice(args)
+    print(f"loading {name} ({why}) ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_on_device(args, name, device, dtype)
+    print(f"model: {name}", file=sys.stderr, flush=True)
     return model, tokenizer, name
 
 
