@@ -5,7 +5,7 @@
     python benchmarks/commits.py /tmp/before/src src --rounds 5
 
 Measures, for each tree, what ``llmarch generate`` does on the default model (Gemma 3 270M,
-bfloat16, linear layers packed for oneDNN): decode tokens/s of 64 greedy tokens; and one
+bfloat16, linear layers packed for oneDNN, no weight-only quantisation): decode tokens/s of 64 greedy tokens; and one
 Qwen3-30B-A3B-shaped MoE layer (128 experts, top 8, width 768, packed experts), forward
 tokens/s at 1 and 512 tokens in float32. The snippet finds the modules under either layout
 (``llmarch.inference.packed`` or the older ``llmarch.packed``), so trees from before and after
@@ -38,7 +38,10 @@ what = sys.argv[1]
 out = {}
 if what == "decode":
     gen = mod("llmarch.inference.generate", "llmarch.generate")
-    model, tok = gen.load(None, torch.bfloat16)
+    try:  # the same float weights on both sides; trees with weight-only quantisation skip it
+        model, tok = gen.load(None, torch.bfloat16, quant="none")
+    except TypeError:
+        model, tok = gen.load(None, torch.bfloat16)
     ids = tok.encode("The history of the printing press begins in the fifteenth century, when")
     cfg = gen.GenerationConfig(max_new_tokens=64, ignore_eos=True)
     gen.generate(model, tok, ids, gen.GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
