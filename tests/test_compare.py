@@ -622,3 +622,21 @@ def test_diagram_columns_are_aligned():
     assert a["head"][0] == b["head"][0]  # the output heads start on one row
     assert a["block"] == b["block"]  # the repeated blocks span the same rows
     assert a["embedding"][0] == b["embedding"][0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compare", "llama3-8b", "--context", "100000000000"], "beyond every model's maximum context"),
+    (["plot", "kv", "llama3-8b", "--out", "{file}"], "is a file, not a folder"),
+    (["report", "llama3-8b", "--out", "{file}"], "is a file, not a folder"),
+    (["diagram", "llama3-8b", "--out", "{dir}"], "is a folder"),
+    (["diagram", "llama3-8b", "--out", "{file}/x.svg"], "is a file, not a folder"),
+])
+def test_analysis_commands_refuse_bad_output_and_context(tmp_path, capsys, argv, message):
+    """One `llmarch: error:` line and exit 2, before any slow work (issue: silently accepted
+    contexts beyond every model; tracebacks for an --out that is a file)."""
+    f = tmp_path / "a-file"
+    f.write_text("mine")
+    code = main([a.format(file=f, dir=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("llmarch: error: ") and message in err[0], err
+    assert f.read_text() == "mine"

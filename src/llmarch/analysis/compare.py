@@ -358,7 +358,17 @@ def configs(specs: list[str], sets: list[str] | None = None) -> list[ModelConfig
 
 
 def profiles(specs: list[str], context: int = 8192, dtype: str = "bf16", sets: list[str] | None = None) -> list[Profile]:
-    return [profile(cfg, context, dtype) for cfg in configs(specs, sets)]
+    cfgs = configs(specs, sets)
+    check_context(cfgs, context)
+    return [profile(cfg, context, dtype) for cfg in cfgs]
+
+
+def check_context(cfgs: list[ModelConfig], context: int) -> None:
+    """A context longer than every model's maximum describes none of them: refuse it."""
+    longest = max(cfg.max_position_embeddings for cfg in cfgs)
+    if context > longest:
+        raise ConfigError(f"--context {context:,} is beyond every model's maximum context (the longest is {longest:,} "
+                          "tokens); give a context at most that long")
 
 
 # ----------------------------------------------------------------------------------------

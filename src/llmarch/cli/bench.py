@@ -23,7 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
     import torch
 
@@ -34,13 +33,16 @@ def run(args: argparse.Namespace) -> None:
     if not 0 < args.scale <= 1 or args.context < 1 or args.steps < 1:
         raise ConfigError(f"--scale must be in (0, 1], --context and --steps positive; got {args.scale}, "
                           f"{args.context}, {args.steps}")
+    out = None
+    if args.out:
+        from ..atomic import check_writable_dir
+
+        out = check_writable_dir(args.out)  # before the slow work
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = [bench(cfg, args.context, args.steps, args.scale, device, getattr(torch, args.dtype))
                for cfg in configs(args.models, args.sets)]
     rows = [r.to_dict() for r in results]
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         figure(results).savefig(out / "bench.png", dpi=110, bbox_inches="tight")
         (out / "bench.json").write_text(json.dumps(rows, indent=2))
     if args.json:

@@ -16,6 +16,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ..atomic import check_writable_dir
+    from ..errors import ConfigError
+
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; give the .svg file to write (a .png is written beside it)")
+    check_writable_dir(Path(args.out).parent)
     from ..analysis import diagram
 
     for path in diagram.write(args.models, args.out, args.sets):

@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..atomic import check_writable_dir
+
+    check_writable_dir(args.out)
     from ..analysis import plots
 
     for path in plots.plot(args.kind, args.models, args.out, context=args.context, dtype=args.dtype, sets=args.sets):

@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..analysis import report
+    from ..atomic import check_writable_dir
+
+    check_writable_dir(args.out)
 
     print(report.write_report(args.out, args.models or None, context=args.context, dtype=args.dtype,
                                    with_article=args.article))
