@@ -262,3 +262,33 @@ def test_fuzz_generate_arguments(tmp_path_factory, case):
         except SystemExit as e:
             code = e.code
     assert code == 2
+
+
+# ------------------------------------------------------------------ atheris (coverage-guided), where it installs
+@pytest.mark.parametrize("kind", ["gguf", "safetensors"])
+def test_atheris_readers(kind, tmp_path):
+    """A bounded, seeded libFuzzer run over the GGUF and safetensors readers (tests/fuzz_atheris.py),
+    seeded with a valid file: it must end without a finding (exit 0)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("atheris")
+    from hostile import HF_CONFIG, write_gguf, write_hf_dir
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    if kind == "gguf":
+        write_gguf(corpus / "seed.gguf", layers=1)
+        extra = []
+    else:
+        d = write_hf_dir(tmp_path / "hf")
+        (corpus / "seed.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+        extra = [json.dumps(HF_CONFIG)]
+    script = Path(__file__).with_name("fuzz_atheris.py")
+    runs = int(MINUTES * 60 * 50) or 300
+    cmd = [sys.executable, str(script), kind, str(corpus), *extra, f"-runs={runs}", "-seed=1", "-rss_limit_mb=3072",
+           "-timeout=30", f"-artifact_prefix={tmp_path}/"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                                         str(Path(__file__).parent)])})
+    assert r.returncode == 0, r.stderr[-3000:]
