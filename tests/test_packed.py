@@ -152,7 +152,7 @@ def test_load_holds_the_weights_once(real_paths):
     a packed model that keeps its plain weights holds the blocks twice."""
     from llmarch.inference.generate import GenerationConfig, generate, load
 
-    model, _ = load("gemma-3-270m", torch.bfloat16)
+    model, _ = load("gemma-3-270m", torch.bfloat16, quant="none")  # the float path (quantised: test_quant_loading)
     kept = pack_linears(llmarch.from_pretrained(real_paths["gemma"], dtype=torch.bfloat16))
     for m in (model, kept):
         generate(m, None, [5, 6, 7], GenerationConfig(max_new_tokens=2, ignore_eos=True))
