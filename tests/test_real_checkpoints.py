@@ -117,3 +117,18 @@ def test_greedy_generation_matches_transformers(live):
     ours = generate(model, tokenizer, rec["prompt"], GenerationConfig(max_new_tokens=32)).token_ids[0]
     assert len(ref) == 32 and ours == ref
     assert ref == rec["greedy_32"]  # the recording used by the fast tests is still transformers' output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: the GPU check runs where one is")
+def test_cuda_greedy_equals_cpu_float32():
+    """`--device cuda` (bfloat16 weights cast to float32 here, so the arithmetic is comparable)
+    gives the default model's greedy tokens of CPU float32."""
+    rec = RECORDED["gemma-3-270m"]
+    _path("gemma-3-270m")
+    cpu, tokenizer = load("gemma-3-270m", torch.float32, quant="none")
+    gpu, _ = load("gemma-3-270m", torch.float32, pack=False, quant="none")
+    gpu = gpu.to("cuda")
+    config = GenerationConfig(max_new_tokens=32)
+    assert generate(gpu, tokenizer, rec["prompt"], config).token_ids[0] == generate(cpu, tokenizer, rec["prompt"],
+                                                                                    config).token_ids[0]
