@@ -55,3 +55,13 @@ def real_paths():
     if missing:
         pytest.skip(f"packaged models not installed: {missing}")
     return {k: resolve_model(a, progress=False) for k, a in REAL.items()}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is many times faster than two fighting
+    over it. A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -46,12 +46,7 @@ def data_dir(tmp_path_factory):
     return d / "tok"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg_for(data_dir, out, **kw) -> TrainConfig:
