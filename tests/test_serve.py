@@ -386,3 +386,35 @@ def test_a_client_that_disconnects_frees_its_sequence(served):
         assert time.monotonic() < deadline, "the abandoned sequence still runs"
         time.sleep(0.02)
     assert seqs[0].out.finish_reason == "cancelled"
+
+
+def test_a_non_streamed_client_that_disconnects_frees_its_sequence(served):
+    """A plain (non-streamed) request whose client hangs up is cancelled, not computed to the end."""
+    server, model, _ = served
+    seqs = []
+    real_submit, real_step = server.scheduler.submit, server.scheduler.step
+    server.scheduler.submit = lambda *a: seqs.append(real_submit(*a)) or seqs[-1]
+
+    def slow_step():  # 20 ms a step: the full answer would take seconds
+        time.sleep(0.02)
+        real_step()
+
+    server.scheduler.step = slow_step
+    try:
+        body = {"model": "tiny", "prompt": "abc", "max_tokens": model.config.max_position_embeddings - 10,
+                "temperature": 0}
+        conn = HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
+        deadline = time.monotonic() + 10
+        while not (seqs and seqs[0].out is not None and seqs[0].out.ids):  # generating
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        conn.close()  # hang up before the answer
+        deadline = time.monotonic() + 10
+        while http(server, "GET", "/health")[1]["active"]:
+            assert time.monotonic() < deadline, "the abandoned sequence still runs"
+            time.sleep(0.02)
+    finally:
+        server.scheduler.submit, server.scheduler.step = real_submit, real_step
+    assert seqs[0].out.finish_reason == "cancelled"
+    assert len(seqs[0].out.ids) < body["max_tokens"]

@@ -6,7 +6,7 @@
     POST /v1/chat/completions    messages (the model's chat template) -> assistant message, or SSE chunks
 
 Errors are OpenAI's JSON (400 bad field, 401 bad key, 404 unknown model or route, 503 queue
-full). A streaming client that goes away cancels its sequence.
+full). A client that goes away, streaming or not, cancels its sequence.
 """
 
 from __future__ import annotations
@@ -77,18 +77,35 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         if req.stream:
             return StreamingResponse(sse(seq, events, rid, obj + (".chunk" if chat else ""), chat, req),
                                      media_type="text/event-stream")
-        text, last = [], None
+        collector = asyncio.ensure_future(collect(events))
+        gone = asyncio.ensure_future(disconnected(request))
         try:
-            while (last := await events.get()).finish_reason is None:
-                text.append(last.text)
+            await asyncio.wait({collector, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if last is None or last.finish_reason is None:
+            gone.cancel()
+            if not collector.done():  # the client went away (or the server is cancelling us): free the row
+                collector.cancel()
                 seq.cancel()
+        if collector.cancelled():
+            return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+        text, last = collector.result()
         if last.finish_reason == "error":
             return error_response(P.APIError(500, last.text, kind="server_error"))
-        text.append(last.text)
         choice = P.completion_choice("".join(text), last.finish_reason, chat, stream=False)
         return JSONResponse(P.envelope(rid, obj, model_name, [choice], P.usage(len(req.prompt), last.completion_tokens)))
+
+    async def collect(events: asyncio.Queue) -> tuple[list[str], Event]:
+        """Every piece of a non-streamed answer, and its last event."""
+        text = []
+        while (last := await events.get()).finish_reason is None:
+            text.append(last.text)
+        text.append(last.text)
+        return text, last
+
+    async def disconnected(request: Request) -> None:
+        """Returns when the client hangs up (the body is read, so the next message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     async def sse(seq, events, rid: str, obj: str, chat: bool, req: P.Request) -> AsyncIterator[str]:
         def chunk(choices: list[dict], use: dict | None = None) -> str:
