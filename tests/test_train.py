@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmarch import ModelConfig, get_config, preset_names
@@ -18,7 +19,7 @@ from llmarch.training.balance import ExpertLoad, load_balancing_loss, router_mod
 from llmarch.training.checkpointing import read_checkpoint
 from llmarch.training.config import TrainConfig
 from llmarch.training.data import DEFAULT_CORPUS, TokenData, prepare
-from llmarch.training.loop import init_weights, read_metrics, train
+from llmarch.training.loop import init_weights, read_metrics, train, usable_length_multiples
 from llmarch.training.optim import NS_COEFFICIENTS, QKClip, build_optimizer
 from llmarch.training.scale import scale_config
 from llmarch.training.schedule import lr_factor
@@ -298,16 +299,66 @@ def test_aux_loss_is_one_when_balanced_and_reduces_imbalance():
     assert start > 2.0 and _imbalance(moe, x) < start * 0.7
 
 
+def _cv_by_hand(fractions: list[list[float]]) -> float:
+    """Mean over layers of (population std / mean) of the experts' load shares."""
+    cvs = []
+    for f in fractions:
+        mean = sum(f) / len(f)
+        cvs.append(math.sqrt(sum((x - mean) ** 2 for x in f) / len(f)) / mean)
+    return sum(cvs) / len(cvs)
+
+
 def test_moe_training_logs_load_and_updates_bias(data_dir, tmp_path):
-    train(run_cfg(data_dir, tmp_path, arch="deepseek-v3", tokens=4 * 32 * 4, aux_loss=0.01, bias_update=0.001))
+    summary = train(run_cfg(data_dir, tmp_path, arch="deepseek-v3", tokens=4 * 32 * 4, aux_loss=0.01, bias_update=0.001,
+                            length_multiples=[]))
     rows = read_metrics(tmp_path / "metrics.jsonl")
     n_moe = sum(scale_config(get_config("deepseek-v3"), "tiny", 512, 32).moe_layers)
     for r in rows:
         assert len(r["expert_load"]) == n_moe and len(r["expert_load"][0]) == 256
         assert sum(r["expert_load"][0]) == pytest.approx(1.0, abs=1e-3) and r["aux_loss"] > 0
+        # the shares are rounded to 5 decimals in the row: the CV from them agrees to ~1e-3
+        assert r["expert_cv"] > 0 and r["expert_cv"] == pytest.approx(_cv_by_hand(r["expert_load"]), rel=1e-2)
+    assert summary["expert_load_cv"] == pytest.approx(sum(r["expert_cv"] for r in rows) / 4)
+    assert summary["expert_load_cv_final"] == rows[-1]["expert_cv"]  # the last 10% of 4 steps: the last one
+    assert summary["val_loss_ctx"] == {} and "val_loss_ctx" not in rows[-1]
     state = read_checkpoint(tmp_path)["model"]
     bias = [v for k, v in state.items() if k.endswith("e_score_correction_bias")]
     assert bias and all(float(b.abs().max()) == pytest.approx(0.004, abs=1e-6) for b in bias)  # 4 steps of gamma
+
+
+def test_summary_has_length_eval_spikes_and_no_moe_fields(data_dir, tmp_path):
+    cfg = run_cfg(data_dir, tmp_path, tokens=4 * 32 * 6)  # 6 steps; evaluation: 2 batches x 4 windows of 32
+    summary = train(cfg)
+    assert set(summary["val_loss_ctx"]) == {"1", "2", "4"}
+    # 8 windows: a multiple of 4, so the 1x evaluation is the final one (same windows, same batches)
+    assert summary["val_loss_ctx"]["1"] == pytest.approx(summary["final_val_loss"], rel=1e-9)
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["val_loss_ctx"] == summary["val_loss_ctx"]
+    assert summary["loss_spikes"] == len(summary["spike_steps"]) and isinstance(summary["grad_norm_outliers"], list)
+    assert summary["expert_load_cv"] is None and summary["expert_load_cv_final"] is None
+    # 4x by hand: the trained model on the first 256 validation tokens as 2 windows of 128
+    model = build_model(ModelConfig.from_dict(json.loads((tmp_path / "model_config.json").read_text())))
+    model.load_state_dict(read_checkpoint(tmp_path)["model"])
+    model.eval()
+    val = torch.from_numpy(np.asarray(TokenData.open(data_dir).val[: 2 * 128 + 1], dtype=np.int64))
+    losses = []
+    with torch.no_grad():
+        for w in range(2):
+            seg = val[w * 128 : (w + 1) * 128 + 1]
+            losses.append(F.cross_entropy(model(seg[None, :-1])[0], seg[1:], reduction="sum"))
+    assert summary["val_loss_ctx"]["4"] == pytest.approx(float(sum(losses)) / 256, rel=1e-5)
+
+
+def test_length_multiples_the_model_and_data_allow(data_dir):
+    cfg = run_cfg(data_dir, "unused", length_multiples=[4, 1, 2, 2])
+    rope = scale_config(get_config("llama3.2-1b"), "tiny", 512, 32)
+    assert usable_length_multiples(cfg, rope, windows=8) == [1, 2, 4]
+    assert usable_length_multiples(cfg, rope, windows=3) == [1, 2]  # no 4x window in 3 x 32 tokens
+    learned = scale_config(get_config("gpt2"), "tiny", 512, 32)
+    assert learned.position == "learned" and learned.max_position_embeddings == 32
+    assert usable_length_multiples(cfg, learned, windows=8) == [1]  # no position embedding past 32
+    for bad in ([0], [1.5], "1,2", [True]):
+        with pytest.raises(ConfigError, match="--length-multiples must be a list of positive integers"):
+            run_cfg(data_dir, "unused", length_multiples=bad).check()
 
 
 # ----------------------------------------------------------------------------------------
@@ -327,6 +378,10 @@ def test_cli_bad_shapes(capsys, data_dir, tmp_path):
     assert rc == 2 and "num_heads (4) must be a multiple of num_kv_heads (3)" in err and len(err.splitlines()) == 1
     rc, err = _cli(capsys, *common, "--arch", "gemma3-270m", "--set", "sliding_window=64")
     assert rc == 2 and "sliding_window (64) is larger than the training context" in err
+    rc, err = _cli(capsys, *common, "--arch", "llama3.2-1b", "--length-multiples", "1,x")
+    assert rc == 2 and "--length-multiples must be comma-separated positive integers" in err
+    rc, err = _cli(capsys, *common, "--arch", "llama3.2-1b", "--length-multiples", "1,0")
+    assert rc == 2 and "--length-multiples must be a list of positive integers, e.g. 1,2,4, got [1, 0]" in err
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--bias-update", type=float, default=0.0, help="MoE aux-loss-free bias step gamma")
     sp.add_argument("--eval-every", type=int, default=50)
     sp.add_argument("--eval-batches", type=int, default=8)
+    sp.add_argument("--length-multiples", default="1,2,4", metavar="M,M,...",
+                    help="after the last step, validation loss at these multiples of --seq-len ('' for none)")
     sp.add_argument("--save-every", type=int, default=0)
     sp.add_argument("--stop-at", type=int, default=None, help="stop (and checkpoint) at this step")
     sp.add_argument("--seed", type=int, default=0)
@@ -40,6 +42,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--force", action="store_true", help="replace a run that --out already holds")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=run)
+
+
+def _multiples(text: str) -> list[int]:
+    """``--length-multiples 1,2,4`` -> [1, 2, 4] (empty: no length evaluation)."""
+    from ..errors import ConfigError
+
+    try:
+        return [int(m) for m in text.split(",") if m.strip()]
+    except ValueError:
+        raise ConfigError(f"--length-multiples must be comma-separated positive integers such as 1,2,4, got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> None:
@@ -65,6 +77,7 @@ def run(args: argparse.Namespace) -> None:
             qk_clip=args.qk_clip, aux_loss=args.aux_loss, bias_update=args.bias_update, eval_every=args.eval_every,
             eval_batches=args.eval_batches, save_every=args.save_every, stop_at=args.stop_at, seed=args.seed,
             dtype=args.dtype, dist=args.dist, threads=args.threads, progress=not args.no_progress,
+            length_multiples=_multiples(args.length_multiples),
         )
     summary = train(cfg, resume=args.resume, device=args.device, force=args.force)
     if summary:

@@ -40,6 +40,8 @@ class TrainConfig:
     bias_update: float = 0.0  # gamma of DeepSeek-V3's auxiliary-loss-free balancing
     eval_every: int = 50
     eval_batches: int = 8
+    # after the last step, validation loss at these multiples of seq_len (same validation tokens each)
+    length_multiples: list[int] = field(default_factory=lambda: [1, 2, 4])
     save_every: int = 0  # 0: only at the end
     stop_at: int | None = None  # stop (after saving) at this step, as if pre-empted
     seed: int = 0
@@ -64,6 +66,7 @@ class TrainConfig:
         _require(self, "qk_clip", lambda v: v is None or (math.isfinite(v) and v > 0), "a positive number")
         _require(self, "stop_at", lambda v: v is None or v > 0, "a positive step")
         _require(self, "threads", lambda v: v is None or v >= 1, "at least 1")
+        _require(self, "length_multiples", _positive_ints, "a list of positive integers, e.g. 1,2,4")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
@@ -80,6 +83,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _positive_ints(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in v)
 
 
 def _require(cfg: TrainConfig, name: str, ok: Callable[[Any], bool], expected: str) -> None:

@@ -10,7 +10,9 @@
   and data parallelism under ``torchrun`` (DDP or FSDP2, ``llmarch.training.distributed``);
 * :func:`read_metrics` reads a run's ``metrics.jsonl`` back (one row per step; ``batch_crc`` is
   the CRC-32 of the step's first micro-batch of input ids, so runs can be checked to have seen
-  the same batches); the run's ``summary.json`` is written at the end.
+  the same batches); the run's ``summary.json`` is written at the end (loss spikes and
+  gradient-norm outliers by ``llmarch.training.spikes``, validation loss at longer contexts by
+  :func:`length_eval`, MoE load balance by :func:`expert_cv`).
 
 The model trained is a published configuration scaled down (``llmarch.training.scale``).
 Batches are a function of ``(seed, step)`` (``llmarch.training.data.TokenData``), the schedule a
@@ -57,7 +59,8 @@ from .config import TrainConfig
 from .data import TokenData
 from .optim import QKClip, build_optimizer
 from .scale import resolve_model_config
-from .schedule import count_spikes, lr_factor
+from .schedule import lr_factor
+from .spikes import detect_grad_norm_outliers, detect_spikes
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -116,15 +119,77 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: torch.device, cfg: TrainConfig) -> float:
+    """Mean cross-entropy (nats/token) over every target of ``batches`` (one device sync at the end)."""
     model.eval()
-    total, n = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
     for x, y in batches:
         with _autocast(cfg, device):
             logits = model(x.to(device))
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
         n += y.numel()
     model.train()
-    return total / n
+    return float(total) / n
+
+
+def usable_length_multiples(cfg: TrainConfig, model_cfg: ModelConfig, windows: int) -> list[int]:
+    """The multiples of ``cfg.seq_len`` (of ``cfg.length_multiples``) that :func:`length_eval` can
+    evaluate, given the ``windows`` of the regular evaluation: one window of the multiple must fit
+    in their tokens, and a model with learned positions has no embedding past
+    ``max_position_embeddings``. The scaled configurations size that table to ``seq_len``, so a
+    learned-position model gets 1x only; RoPE and NoPE models take any length."""
+    out = []
+    for m in sorted(set(cfg.length_multiples)):
+        if windows // m < 1:
+            continue
+        if model_cfg.position == "learned" and m * cfg.seq_len > model_cfg.max_position_embeddings:
+            continue
+        out.append(m)
+    return out
+
+
+def _val_windows(data: TokenData, seq_len: int, windows: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Exactly ``windows`` of ``data.val_batches``' fixed windows of ``seq_len``, in batches of ``batch``."""
+    singles = data.val_batches(1, seq_len, windows)
+    return [
+        (torch.cat([x for x, _ in singles[i : i + batch]]), torch.cat([y for _, y in singles[i : i + batch]]))
+        for i in range(0, len(singles), batch)
+    ]
+
+
+def length_eval(model: nn.Module, data: TokenData, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> dict[str, float]:
+    """Validation loss at each usable multiple ``m`` of the training context (:func:`usable_length_multiples`),
+    keyed ``str(m)``.
+
+    Every multiple scores the same validation targets: the first ``T`` tokens of the validation
+    split, ``T`` the largest multiple of ``M * seq_len`` (``M`` the largest usable multiple) within
+    the regular evaluation's ``windows * seq_len`` tokens. A window of ``m * seq_len`` covers ``m``
+    consecutive 1x windows, so the longer contexts differ only in how much each target sees
+    before it. Batches hold ``max(1, batch_size // m)`` windows. When ``windows`` is a multiple of
+    ``M`` the 1x evaluation is the regular one (same windows, same batches).
+    """
+    windows = min((len(data.val) - 1) // cfg.seq_len, cfg.batch_size * cfg.eval_batches)  # as val_batches
+    usable = usable_length_multiples(cfg, model_cfg, windows)
+    if not usable:
+        return {}
+    tokens = windows // max(usable) * max(usable) * cfg.seq_len
+    out = {}
+    for m in usable:
+        length = m * cfg.seq_len
+        batches = _val_windows(data, length, tokens // length, max(1, cfg.batch_size // m))
+        out[str(m)] = evaluate(model, batches, device, cfg)
+    return out
+
+
+def expert_cv(totals: list[torch.Tensor]) -> float:
+    """MoE load imbalance of one step: the coefficient of variation (population std / mean) of
+    the tokens each expert received, per MoE layer, averaged over the layers (0 = perfectly even)."""
+    cvs = []
+    for c in totals:
+        c = c.double()
+        mean = c.mean()
+        cvs.append(float(c.std(correction=0) / mean) if mean > 0 else 0.0)
+    return sum(cvs) / len(cvs)
 
 
 def _peak_rss_mb() -> float:
@@ -273,6 +338,7 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
             if cfg.bias_update:
                 load.update_bias(cfg.bias_update, totals)
             record["expert_load"] = load_fractions(totals)
+            record["expert_cv"] = expert_cv(totals)
             if cfg.aux_loss:
                 record["aux_loss"] = distributed.mean_across(aux_sum, world)
             load.reset()
@@ -285,6 +351,8 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
         if (step + 1) % cfg.eval_every == 0 or step + 1 == total_steps:
             val_loss = evaluate(wrapped, val_batches, dev, cfg)
             record["val_loss"] = val_loss
+        if step + 1 == total_steps and cfg.length_multiples:  # every rank: FSDP needs all in the forward
+            record["val_loss_ctx"] = length_eval(wrapped, data, cfg, model_cfg, dev)
         if rank == 0:
             with open(metrics_path, "a") as f:  # a kill mid-line leaves a torn last line, which resume drops
                 f.write(json.dumps(record) + "\n")
@@ -318,9 +386,21 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _expert_cv_summary(rows: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """Mean per-step expert-load CV over all steps and over the last 10% of them (None: no MoE)."""
+    cvs = [r["expert_cv"] for r in rows if "expert_cv" in r]
+    if not cvs:
+        return None, None
+    last = cvs[-max(1, math.ceil(0.1 * len(cvs))) :]
+    return statistics.fmean(cvs), statistics.fmean(last)
+
+
 def _summary(metrics_path: Path, cfg: TrainConfig, model_cfg: ModelConfig, counts, total_steps: int, rank: int) -> dict:
+    """The run's summary from its metrics rows, also written to ``summary.json``."""
     rows = read_metrics(metrics_path)
     losses = [r["loss"] for r in rows]
+    spike_steps = [rows[i]["step"] for i in detect_spikes(losses)]
+    cv_all, cv_final = _expert_cv_summary(rows)
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     speeds = [r["tokens_per_s"] for r in rows[1:]] or [r["tokens_per_s"] for r in rows]
     summary = dict(
@@ -334,7 +414,12 @@ def _summary(metrics_path: Path, cfg: TrainConfig, model_cfg: ModelConfig, count
         tokens_per_s=statistics.median(speeds) if speeds else None,
         peak_rss_mb=_peak_rss_mb(),
         max_grad_norm=max((r["grad_norm"] for r in rows), default=None),
-        loss_spikes=count_spikes(losses),
+        val_loss_ctx=next((r["val_loss_ctx"] for r in reversed(rows) if "val_loss_ctx" in r), {}),
+        loss_spikes=len(spike_steps),
+        spike_steps=spike_steps,
+        grad_norm_outliers=[rows[i]["step"] for i in detect_grad_norm_outliers([r["grad_norm"] for r in rows])],
+        expert_load_cv=cv_all,
+        expert_load_cv_final=cv_final,
         params_total=counts.total,
         params_active=counts.active,
         params_non_embedding=counts.non_embedding,
@@ -343,4 +428,7 @@ def _summary(metrics_path: Path, cfg: TrainConfig, model_cfg: ModelConfig, count
     return summary
 
 
-__all__ = ["METRICS", "RUN_FILES", "SUMMARY", "evaluate", "init_weights", "read_metrics", "run_files", "seeded_model", "train"]
+__all__ = [
+    "METRICS", "RUN_FILES", "SUMMARY", "evaluate", "expert_cv", "init_weights", "length_eval", "read_metrics",
+    "run_files", "seeded_model", "train", "usable_length_multiples",
+]

@@ -1,11 +1,9 @@
-"""The learning-rate schedule (linear warmup, then cosine or warmup-stable-decay) and the
-loss-spike count of a finished run. Both are functions of the step alone, so a resumed run
-follows the uninterrupted one."""
+"""The learning-rate schedule (linear warmup, then cosine or warmup-stable-decay), a function of
+the step alone, so a resumed run follows the uninterrupted one. (Loss spikes: ``llmarch.training.spikes``.)"""
 
 from __future__ import annotations
 
 import math
-import statistics
 
 from .config import TrainConfig
 
@@ -25,13 +23,4 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return 1.0 - (1.0 - lo) * (step - decay_start + 1) / decay_steps
 
 
-def count_spikes(losses: list[float], factor: float = 1.5, window: int = 50) -> int:
-    """Steps whose loss exceeds ``factor`` x the median of the preceding ``window`` losses."""
-    spikes = 0
-    for i in range(1, len(losses)):
-        if losses[i] > factor * statistics.median(losses[max(0, i - window) : i]):
-            spikes += 1
-    return spikes
-
-
-__all__ = ["count_spikes", "lr_factor"]
+__all__ = ["lr_factor"]
