@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--seeds", type=int, default=None, metavar="N", help="run seeds 0..N-1 (overrides the spec's seeds)")
     sp.add_argument("--jobs", type=int, default=None, metavar="J",
                     help="training processes at once (default: the spec's jobs, else 1); each keeps the spec's threads")
-    sp.add_argument("--resume", action="store_true", help="continue the ablation in --out: reuse finished runs, resume killed ones")
+    sp.add_argument("--resume", action="store_true",
+                    help="continue the ablation in --out: reuse finished runs, resume killed ones")
     sp.add_argument("--force", action="store_true", help="delete the runs and results --out holds, then run afresh")
     sp.add_argument("--launcher", default="local", choices=["local", "torchrun"],
                     help="local: one process per run; torchrun: --nproc processes per run (same global batch)")

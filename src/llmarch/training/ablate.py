@@ -26,11 +26,12 @@ batch order (``TokenData.train_batch``), the same for every variant, so the vari
 see the same batches (each metrics row records the batch's ``batch_crc``) and differences can be
 paired by seed (``llmarch.training.stats.paired_difference``).
 
-**Learning rates.** Without ``lr_sweep`` every variant trains at its ``lr``. With it, stage 1
-trains every variant that has no ``lr_from`` at each grid value on the first seed and picks the
-LR of the lowest final validation loss (ties: the smaller LR); a variant with ``lr_from: NAME``
-takes NAME's choice (a family: the attention variants take the baseline's). Stage 2 runs the
-remaining seeds at the chosen LR; the sweep's run at the chosen LR is the first seed's run.
+**Learning rates.** Without ``lr_sweep`` every variant trains at its ``lr``. With it (a base
+``lr`` is then unused, a variant's ``lr`` refused), stage 1 trains every variant that has no
+``lr_from`` at each grid value on the first seed and picks the LR of the lowest final validation
+loss (ties: the smaller LR); a variant with ``lr_from: NAME`` takes NAME's choice (a family: the
+attention variants take the baseline's). Stage 2 runs the remaining seeds (an ``lr_from``
+variant: all seeds) at the chosen LR; the sweep's run at the chosen LR is the first seed's run.
 
 **Runs.** Each run is its own ``llmarch train`` process (``--jobs`` of them at once, or under
 ``torchrun`` with ``--launcher torchrun --nproc N``: the global batch is unchanged, so is the
@@ -406,7 +407,8 @@ def final_val_loss(run: Run) -> float | None:
     return float(v) if v is not None else None
 
 
-def sweep_losses(v: Variant, grid: list[float], seed: int, out_dir: Path, data_dir: str, procs: int) -> dict[float, float | None]:
+def sweep_losses(v: Variant, grid: list[float], seed: int, out_dir: Path, data_dir: str,
+                 procs: int) -> dict[float, float | None]:
     """LR -> final validation loss of the sweep runs of ``v`` (None where not finished)."""
     return {lr: final_val_loss(make_run(v, seed, lr, out_dir, data_dir, procs)) for lr in grid}
 
@@ -505,7 +507,8 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_pool(tasks: list[tuple[Run, list[str]]], jobs: int, on_done=None, env: dict[str, str] | None = None) -> list[tuple[Run, int]]:
+def run_pool(tasks: list[tuple[Run, list[str]]], jobs: int, on_done=None,
+             env: dict[str, str] | None = None) -> list[tuple[Run, int]]:
     """Run the commands, up to ``jobs`` at once, each writing ``train.log`` in its run folder.
 
     A failed command does not stop the others; the (run, exit status) of those that failed are
@@ -572,6 +575,8 @@ def run_stage(runs: list[Run], data_dir: str, launch: Launch, desc: str) -> None
 def existing_ablation(out_dir: Path) -> list[str]:
     """What in ``out_dir`` shows an earlier ablation: its result files and its run folders."""
     found = [f for f in RESULT_FILES if (out_dir / f).exists()]
+    if len(found) > 3:
+        found = [*found[:3], f"{len(found) - 3} more result file(s)"]
     runs = out_dir / "runs"
     if runs.is_dir():
         n = sum(1 for _ in runs.iterdir())
@@ -691,17 +696,18 @@ def run_spec(path: str | Path, out: str | None = None, only: list[str] | None = 
     out_dir.mkdir(parents=True, exist_ok=True)
 
     first = seed_list[0]
-    trained_before = {p for p in (out_dir / "runs").glob("*/" + SUMMARY)}
+    trained_before = set((out_dir / "runs").glob("*/" + SUMMARY))
+    sweep: list[Run] = []
     if grid:
         needed = {v.name for v in selected} | {v.lr_from for v in selected if v.lr_from}
-        swept = [v for v in variants if v.swept and v.name in needed]
-        run_stage([make_run(v, first, lr, out_dir, data_dir, nproc) for v in swept for lr in grid], data_dir, launch,
-                  "LR sweep")
+        sweep = [make_run(v, first, lr, out_dir, data_dir, nproc) for v in variants if v.swept and v.name in needed
+                 for lr in grid]
+        run_stage(sweep, data_dir, launch, "LR sweep")
     chosen = chosen_lrs(variants, grid, first, out_dir, data_dir, nproc)
     finals = [make_run(v, s, chosen[v.name], out_dir, data_dir, nproc) for v in selected if v.name in chosen for s in seed_list]
     run_stage(finals, data_dir, launch, "runs")
+    trained_now = set((out_dir / "runs").glob("*/" + SUMMARY)) - trained_before
 
-    trained_now = {p for p in (out_dir / "runs").glob("*/" + SUMMARY)} - trained_before
     provenance = {
         "command": shlex.join(command or _canonical_command(path, out, only, seeds, jobs, resume, force, launcher, nproc)),
         "commit": commit,
@@ -714,6 +720,7 @@ def run_spec(path: str | Path, out: str | None = None, only: list[str] | None = 
         "nproc": launch.nproc,
         "jobs": launch.jobs,
         "runs_trained_here": len(trained_now),
+        "runs_total": len({r.dir for r in sweep + finals}),
     }
     results = gather(spec, variants, seed_list, chosen, grid, out_dir, data, nproc, provenance)
     results["wall_time_s"] = round(time.monotonic() - t0, 1)

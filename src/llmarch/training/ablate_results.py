@@ -6,7 +6,7 @@ sweep) and plots: ``loss``, ``grad_norm``, ``length`` and ``lr_sweep`` (.png and
 The results are one dict (the content of ``results.json`` plus each run's metrics rows)::
 
     command, commit, date, wall_time_s, machine{cpu, cores, platform, python}, spec, out, data,
-    launcher, nproc, jobs, runs_trained_here, seeds, baseline,
+    launcher, nproc, jobs, runs_trained_here, runs_total, seeds, baseline,
     lr_sweep: null | {grid, seed, chosen{variant: lr}, lr_from{variant: source}, losses{variant: {lr: loss}}},
     ngram: null | {seq_len, windows, unigram, bigram},
     variants: [{name, lr, lr_source, params_active_non_embedding, params_total,
@@ -299,13 +299,14 @@ def header_lines(results: dict[str, Any]) -> list[str]:
     m = results.get("machine") or {}
     seeds = results.get("seeds") or []
     wall = results.get("wall_time_s")
-    trained = results.get("runs_trained_here")
+    trained, total = results.get("runs_trained_here"), results.get("runs_total")
     return [
         "# Ablation results", "",
         f"- command: `{results.get('command', DASH)}`",
         f"- commit: `{results.get('commit', DASH)}`",
         f"- wall time: {DASH if wall is None else f'{wall:,.0f} s'}"
-        + (f" ({trained} run(s) trained by this command, the others reused)" if trained is not None else ""),
+        + (f" ({trained} of the {total} runs trained by this command"
+           + ("; the others reused with --resume)" if trained < total else ")") if None not in (trained, total) else ""),
         f"- seeds: {', '.join(map(str, seeds))} ({len(seeds)}); baseline: {results.get('baseline', DASH)}",
         f"- machine: {m.get('cpu', DASH)}, {m.get('cores', DASH)} cores ({m.get('platform', DASH)}); "
         f"launcher {results.get('launcher', 'local')}"
@@ -407,7 +408,7 @@ def _figure(title: str, xlabel: str, ylabel: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9.5, 5.8))
+    fig, ax = plt.subplots(figsize=(12, 5.8))
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -416,7 +417,8 @@ def _figure(title: str, xlabel: str, ylabel: str):
 
 
 def _legend(ax) -> None:
-    ax.legend(fontsize=7, ncol=2, loc="upper right", framealpha=0.85)
+    """The legend beside the axes (a dozen long variant names would cover the curves)."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
 
 
 def loss_figure(results: dict[str, Any]):
@@ -425,7 +427,7 @@ def loss_figure(results: dict[str, Any]):
     fig, ax = _figure("validation loss: mean over seeds, band = min–max across seeds; thin: training loss (EMA)",
                       "training tokens", "loss (nats / token)")
     colours = variant_colours(len(results["variants"]))
-    lows = []
+    shown = [loss for _, loss in _ngram_items(results)]
     for v, c in zip(results["variants"], colours):
         n = len(v["runs"])
         tokens, mean, lo, hi = _across_seeds(v["runs"], "val_loss")
@@ -433,16 +435,17 @@ def loss_figure(results: dict[str, Any]):
             ax.plot(tokens, mean, "o-", ms=3, lw=1.6, color=c, label=f"{v['name']} ({n} seed{'s' * (n > 1)})")
             if n > 1:
                 ax.fill_between(tokens, lo, hi, color=c, alpha=0.18, lw=0)
-            lows.append(min(lo))
+            shown += [*lo, *hi]
         t_tokens, t_mean, _, _ = _across_seeds(v["runs"], "loss")
         if t_tokens:
             ax.plot(t_tokens, _smooth(t_mean), "-", lw=0.7, alpha=0.45, color=c, label="_nolegend_")
-    greys = ("0.15", "0.5")
-    for (name, loss), g in zip(_ngram_items(results), greys):
+    for (name, loss), g in zip(_ngram_items(results), ("0.15", "0.5")):
         ax.axhline(loss, ls="--", lw=1.0, color=g, label=name)
-    if lows:  # the early training loss is far above the interesting range
-        top = max([*lows, *(loss for _, loss in _ngram_items(results))])
-        ax.set_ylim(min(lows) - 0.1 * (top - min(lows) + 0.1), top + 0.6 * (top - min(lows) + 0.1))
+    shown = [y for y in shown if math.isfinite(y)]
+    if shown:  # the validation curves and references; the early training loss is far above them
+        lo, hi = min(shown), max(shown)
+        pad = 0.05 * (hi - lo) or 0.05
+        ax.set_ylim(lo - pad, hi + pad)
     _legend(ax)
     fig.tight_layout()
     return fig
@@ -513,6 +516,8 @@ def lr_sweep_figure(results: dict[str, Any]):
         if best:
             ax.plot([chosen], best, "*", ms=13, color=c, markeredgecolor="black", label="_nolegend_")
     ax.set_xscale("log")
+    ax.set_xticks(sw["grid"], [f"{lr:g}" for lr in sw["grid"]])
+    ax.minorticks_off()
     _legend(ax)
     fig.tight_layout()
     return fig
@@ -532,7 +537,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
             continue
         for ext in ("png", "svg"):
             with atomic_file(out_dir / f"{name}.{ext}") as tmp:
-                fig.savefig(tmp, format=ext, dpi=120)
+                fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
             written.append(out_dir / f"{name}.{ext}")
         plt.close(fig)
     return written
