@@ -3,7 +3,6 @@
 * resuming a run folder never unpickles (a crafted ``checkpoint.pt`` runs nothing);
 * a run is never overwritten without ``--resume`` / ``--force``; writes are atomic; a torn
   metrics line and stale temporary files from a killed process are handled on resume;
-* ``ablate`` keys runs by a hash of their configuration;
 * ``kill -9`` at random moments never leaves a run that resumes to another loss curve;
 * every bad argument of ``train`` / ``data prepare`` is one ``llmarch: error:`` line, exit 2.
 """
@@ -21,12 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from llmarch.cli import main as cli_main
-from llmarch.errors import ConfigError
 from llmarch.training import loop
-from llmarch.training.ablate import collect, load_spec, run_dirs, variant_configs
 from llmarch.training.checkpointing import CHECKPOINT, TRAIN_CONFIG, read_checkpoint
 from llmarch.training.config import TrainConfig
 from llmarch.training.data import DEFAULT_CORPUS, prepare
@@ -194,65 +190,6 @@ def test_data_prepare_replaces_a_data_folder_whole_and_refuses_other_folders(cap
     rc, err = cli(capsys, "data", "prepare", "--corpus", str(corpus), "--out", str(tmp_path / "mine"))
     one_error(rc, err, "is not a prepared data folder")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
-
-
-# ----------------------------------------------------------------------------------------
-# ablate
-# ----------------------------------------------------------------------------------------
-
-
-def _spec(tmp_path, data_dir, **changes):
-    spec = {"out": str(tmp_path / "abl"), "data": str(data_dir),
-                "base": {"arch": "llama3.2-1b", "tokens": 4 * 32 * 2, "batch_size": 4, "seq_len": 32},
-                "variants": [{"name": "A"}, {"name": "a", "lr": 1e-3}]}
-    spec.update(changes)
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path, spec
-
-
-def test_ablate_runs_are_keyed_by_their_configuration(tmp_path, data_dir):
-    path, spec = _spec(tmp_path, data_dir)
-    variants = variant_configs(load_spec(path), 300)
-    (dir_a, key_a), (dir_b, key_b) = run_dirs(tmp_path / "abl", variants, str(data_dir))
-    assert dir_a != dir_b and dir_a.name.startswith("a-") and dir_b.name.startswith("a-")
-    spec["variants"][1]["lr"] = 2e-3  # the same name with another configuration: another folder
-    (_, _), (dir_b2, _) = run_dirs(tmp_path / "abl", variant_configs(spec, 300), str(data_dir))
-    assert dir_b2 != dir_b
-    # a finished run is reused only when its stored spec hash is the variant's
-    dir_a.mkdir(parents=True)
-    (dir_a / "summary.json").write_text(json.dumps({"finished": True}))
-    (dir_a / "metrics.jsonl").write_text("")
-    runs = [(f, c, d, k) for (f, c), (d, k) in zip(variants, [(dir_a, key_a), (dir_b, key_b)])]
-    (dir_a / "spec.json").write_text(json.dumps({"key": key_b}))
-    assert collect(runs) == []
-    (dir_a / "spec.json").write_text(json.dumps({"key": key_a}))
-    assert [r["variant"] for r in collect(runs)] == ["A"]
-
-
-def test_ablate_name_clash_is_refused(tmp_path, data_dir):
-    path, _ = _spec(tmp_path, data_dir, variants=[{"name": "A"}, {"name": "A", "lr": 1e-3}])
-    with pytest.raises(ConfigError, match="unique 'name'"):
-        load_spec(path)
-
-
-def test_ablate_only_nosuch_is_an_error_listing_the_variants(capsys, tmp_path, data_dir):
-    path, _ = _spec(tmp_path, data_dir)
-    rc, err = cli(capsys, "ablate", str(path), "--only", "nosuch")
-    one_error(rc, err, "--only nosuch", "'A', 'a'")
-    assert not (tmp_path / "abl" / "runs").exists()
-
-
-@pytest.mark.parametrize("change,fragment", [
-    ({"base": 5}, "'base' must be a mapping"),
-    ({"variants": [{"name": "A", "set": 3}]}, "'set' in variant 1 must be a mapping"),
-    ({"variants": [{"name": "A", "learning_rate": 1}]}, "unknown field(s) learning_rate in variant 1"),
-    ({"variants": [{"name": 7}]}, "unique 'name'"),
-], ids=["base-5", "set-3", "unknown-field", "name-7"])
-def test_ablate_spec_with_bad_types_is_one_error(capsys, tmp_path, data_dir, change, fragment):
-    path, _ = _spec(tmp_path, data_dir, **change)
-    rc, err = cli(capsys, "ablate", str(path))
-    one_error(rc, err, fragment)
 
 
 # ----------------------------------------------------------------------------------------

@@ -425,33 +425,6 @@ def test_cli_train_and_resume(capsys, data_dir, tmp_path):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_ablation_matches_params_and_writes_results(data_dir, tmp_path):
-    import yaml
-
-    from llmarch.training.ablate import active_non_embedding, run_spec, variant_configs
-
-    spec = dict(out=str(tmp_path / "abl"), data=str(data_dir), match="params",
-                base=dict(arch="llama3.2-1b", scale="tiny", tokens=4 * 32 * 4, batch_size=4, seq_len=32, warmup=1,
-                          eval_every=2, eval_batches=1),
-                variants=[dict(name="GQA"), dict(name="MHA", set=dict(num_kv_heads=4)),
-                          dict(name="Muon", optimizer="muon")])
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    (_, c0), (_, c1), (muon, c2) = variant_configs(spec, 512)
-    assert c1.num_kv_heads == 4 and c1.intermediate_size < c0.intermediate_size  # MHA's extra K/V paid by the FFN
-    assert abs(active_non_embedding(c1) - active_non_embedding(c0)) <= 3 * c0.hidden_size * 8
-    assert muon["optimizer"] == "muon" and c2.to_dict() == c0.replace(name="Muon").to_dict()
-    rows = run_spec(tmp_path / "spec.yaml", only=["GQA", "MHA"])
-    assert [r["variant"] for r in rows] == ["GQA", "MHA"] and all(r["finished"] for r in rows)
-    out = tmp_path / "abl"
-    for f in ("results.md", "results.csv", "loss.png", "loss.svg", "grad_norm.png", "grad_norm.svg"):
-        assert (out / f).stat().st_size > 0, f
-    table = (out / "results.md").read_text()
-    assert "| MHA |" in table and "final val loss" in table
-    (mha,) = (out / "runs").glob("mha-*")  # one folder per variant, keyed by its configuration
-    assert "--tokens 512" in (mha / "command.txt").read_text()
-
-
 def test_peak_rss_is_the_child_process_own():
     """ablate forks a process per variant: its peak memory must not include the parent's."""
     import subprocess

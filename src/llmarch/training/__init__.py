@@ -12,5 +12,6 @@
 * ``distributed``: data parallelism under ``torchrun`` (DDP or FSDP2);
 * ``checkpointing``: ``checkpoint.safetensors`` (tensors + JSON, no pickle) save and exact resume;
 * ``loop``: weight init, the training loop, evaluation, metrics and the run summary;
-* ``ablate``: train a set of variants under one budget and tabulate / plot them.
+* ``ablate``: train a set of variants under one budget over several seeds (with a per-variant LR sweep);
+* ``ablate_results``: an ablation's results.json / results.md / results.csv and plots, with seed statistics.
 """

@@ -1,81 +1,178 @@
-"""Ablations: train a set of variants under one budget, same seed and data, and compare them.
+"""Ablations: train a set of variants under one budget, over several seeds, and compare them.
 
 A spec (YAML) names a base run and the variants that differ from it::
 
-    out: docs/ablations            # results: results.md, results.csv, loss.png/svg, grad_norm.png/svg
+    out: docs/ablations            # results.{json,md,csv}, loss/grad_norm/length/lr_sweep .png/.svg, runs/
     data: data/shakespeare         # a prepared data folder; prepared from `prepare` if missing
     prepare: {corpus: default, vocab_size: 8192}
     match: params                  # params: equal active non-embedding parameters (via the FFN width)
+    seeds: 3                       # seeds 0, 1, 2 (or a list: [0, 7, 42]); default: base's seed, else 0
+    lr_sweep: [0.001, 0.003, 0.01] # optional: each variant's learning rate is chosen from this grid
+    jobs: 2                        # training processes at once (default 1)
+    baseline: GQA (base)           # the row the others are compared with (default: the first variant)
     base: {arch: llama3.2-1b, scale: tiny, tokens: 300000, batch_size: 8, seq_len: 128, lr: 0.003}
     variants:
       - {name: GQA (base)}
-      - {name: MHA, set: {num_kv_heads: 4}}
+      - {name: MHA, set: {num_kv_heads: 4}, lr_from: GQA (base)}
       - {name: Muon, optimizer: muon}
 
-A variant may change any :class:`llmarch.training.config.TrainConfig` field; its ``set`` is merged into
-the base's. With ``match: params`` each variant's ``intermediate_size`` (the routed experts'
+A variant may change any :class:`llmarch.training.config.TrainConfig` field; its ``set`` is merged
+into the base's. With ``match: params`` each variant's ``intermediate_size`` (the routed experts'
 width for MoE) is chosen so that its active non-embedding parameter count is closest to the
 base's, so a change of attention or normalisation is not confounded with a change of size.
-Each variant runs in its own process (``llmarch train``), so peak memory is its own, in the folder
-``runs/<name>-<hash>`` keyed by a hash of its resolved configuration and data (``spec.json`` records
-it). A finished run is reused only when its stored hash is the variant's; a run killed part-way
-with the same hash is resumed from its checkpoint.
+
+**Seeds.** Every variant runs every seed; a seed fixes the init (``loop.seeded_model``) and the
+batch order (``TokenData.train_batch``), the same for every variant, so the variants of one seed
+see the same batches (each metrics row records the batch's ``batch_crc``) and differences can be
+paired by seed (``llmarch.training.stats.paired_difference``).
+
+**Learning rates.** Without ``lr_sweep`` every variant trains at its ``lr``. With it (a base
+``lr`` is then unused, a variant's ``lr`` refused), stage 1 trains every variant that has no
+``lr_from`` at each grid value on the first seed and picks the LR of the lowest final validation
+loss (ties: the smaller LR); a variant with ``lr_from: NAME`` takes NAME's choice (a family: the
+attention variants take the baseline's). Stage 2 runs the remaining seeds (an ``lr_from``
+variant: all seeds) at the chosen LR; the sweep's run at the chosen LR is the first seed's run.
+
+**Runs.** Each run is its own ``llmarch train`` process (``--jobs`` of them at once, or under
+``torchrun`` with ``--launcher torchrun --nproc N``: the global batch is unchanged, so is the
+result), in the folder ``runs/<name>-s<seed>-lr<lr>-<hash>`` keyed by a hash of its resolved
+configuration, seed, LR, data and process count (``spec.json`` records it). An ablation writes a
+fresh folder: one that already holds runs or results is refused unless ``resume`` (reuse the
+finished runs of the same key, continue killed ones from their checkpoint) or ``force`` (delete
+them first) is given. The results (``llmarch.training.ablate_results``) record the command, the
+source commit, the machine and the wall time beside every number.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
+import math
 import os
+import platform
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..analysis.params import count_params
-from ..atomic import atomic_file, write_text
+from ..atomic import write_text
 from ..errors import ConfigError
 from ..model.config import ModelConfig
+from .ablate_results import gather, write_all
 from .checkpointing import find_checkpoint
 from .config import TrainConfig
 from .data import TokenData, prepare
-from .loop import SUMMARY, read_metrics
+from .loop import SUMMARY
 from .scale import resolve_model_config
 
 SPEC_FILE = "spec.json"
-TABLE_COLUMNS = [
-    ("variant", "variant"),
-    ("active non-emb. params", "params_active_non_embedding"),
-    ("final val loss", "final_val_loss"),
-    ("tokens/s", "tokens_per_s"),
-    ("peak RSS (MB)", "peak_rss_mb"),
-    ("max grad norm", "max_grad_norm"),
-    ("loss spikes", "loss_spikes"),
-]
+SPEC_KEYS = {"out", "data", "prepare", "match", "base", "variants", "seeds", "jobs", "lr_sweep", "baseline"}
+VARIANT_KEYS = {"name", "set", "no_match", "lr_from"}
+# training fields that a spec sets another way
+NOT_IN_SPEC = {"out": "the spec's top-level 'out'", "data": "the spec's top-level 'data'",
+               "overrides": "'set'", "progress": "nothing (runs never show a progress bar)"}
+LAUNCHERS = ("local", "torchrun")
+RESULT_FILES = ("results.json", "results.md", "results.csv", *(f"{n}.{e}" for n in ("loss", "grad_norm", "length", "lr_sweep")
+                                                              for e in ("png", "svg")))
 
 
-SPEC_KEYS = {"out", "data", "prepare", "match", "base", "variants"}
-VARIANT_KEYS = {"name", "set", "no_match"}
+# ----------------------------------------------------------------------------------------
+# the spec
+# ----------------------------------------------------------------------------------------
 
 
 def _bad(path: str | Path, msg: str) -> ConfigError:
     return ConfigError(f"ablation spec {path}: {msg}")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 def _check_fields(path: str | Path, where: str, d: Any, extra: set[str]) -> None:
     if not isinstance(d, dict):
         raise _bad(path, f"{where} must be a mapping of training fields, got {type(d).__name__} {d!r}")
-    known = set(TrainConfig.__dataclass_fields__) | extra
+    known = (set(TrainConfig.__dataclass_fields__) - set(NOT_IN_SPEC)) | extra
+    for key in sorted(set(map(str, d)) & set(NOT_IN_SPEC)):
+        raise _bad(path, f"'{key}' in {where}: set it with {NOT_IN_SPEC[key]}")
     unknown = sorted(set(map(str, d)) - known)
     if unknown:
         raise _bad(path, f"unknown field(s) {', '.join(unknown)} in {where}; known: {', '.join(sorted(known))}")
     if not isinstance(d.get("set") or {}, dict):
         raise _bad(path, f"'set' in {where} must be a mapping of model config fields, got {d['set']!r}")
+    if "seed" in d and not _is_int(d["seed"]):
+        raise _bad(path, f"'seed' in {where} must be an integer, got {d['seed']!r}")
+
+
+def _check_top(path: str | Path, spec: dict[str, Any]) -> None:
+    """The top-level keys other than base and variants."""
+    for key in ("out", "data"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise _bad(path, f"'{key}' must be a folder path, got {spec[key]!r}")
+    if not isinstance(spec.get("prepare") or {}, dict):
+        raise _bad(path, f"'prepare' must be a mapping (corpus, tokenizer, vocab_size), got {spec['prepare']!r}")
+    if spec.get("match") not in (None, "params"):
+        raise _bad(path, f"'match' must be 'params' or absent, got {spec['match']!r}")
+    seeds = spec.get("seeds")
+    if seeds is not None:
+        ok_list = (isinstance(seeds, list) and seeds and all(_is_int(s) and s >= 0 for s in seeds)
+                   and len(set(seeds)) == len(seeds))
+        if not ((_is_int(seeds) and seeds >= 1) or ok_list):
+            raise _bad(path, f"'seeds' must be a count (1 or more) or a list of distinct integers >= 0, got {seeds!r}")
+        if "seed" in spec["base"]:
+            raise _bad(path, "'seed' in 'base' and top-level 'seeds' both given; keep 'seeds' only")
+    jobs = spec.get("jobs")
+    if jobs is not None and not (_is_int(jobs) and jobs >= 1):
+        raise _bad(path, f"'jobs' must be an integer, 1 or more, got {jobs!r}")
+    grid = spec.get("lr_sweep")
+    if grid is not None:
+        if not (isinstance(grid, list) and grid and all(_is_positive_number(x) for x in grid)):
+            raise _bad(path, f"'lr_sweep' must be a non-empty list of positive numbers, got {grid!r}")
+        if len(set(grid)) != len(grid):
+            raise _bad(path, f"'lr_sweep' lists a learning rate twice: {grid!r}")
+
+
+def _check_variants(path: str | Path, spec: dict[str, Any]) -> None:
+    """Names unique; lr_from, baseline and per-variant seeds / lr consistent with the sweep."""
+    variants = spec["variants"]
+    names = [v.get("name") for v in variants]
+    if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
+        raise _bad(path, f"every variant needs a unique 'name' (a string); got {names}")
+    sweep = spec.get("lr_sweep") is not None
+    sources = {v["name"]: v.get("lr_from") for v in variants}
+    for i, v in enumerate(variants):
+        where = f"variant {i + 1} ({v['name']!r})"
+        if "seed" in v:
+            raise _bad(path, f"'seed' in {where}: every variant runs the same seeds; use the top-level 'seeds'")
+        if sweep and "lr" in v:
+            raise _bad(path, f"'lr' in {where}: with 'lr_sweep' the learning rate is chosen by the sweep "
+                             "(or taken from another variant with 'lr_from')")
+        src = v.get("lr_from")
+        if src is None:
+            continue
+        if not sweep:
+            raise _bad(path, f"'lr_from' in {where} needs a top-level 'lr_sweep' to take the learning rate from")
+        if src not in sources:
+            raise _bad(path, f"'lr_from' in {where}: no variant is named {src!r}; the spec has {', '.join(map(repr, names))}")
+        if src == v["name"] or sources[src] is not None:
+            raise _bad(path, f"'lr_from' in {where} names {src!r}, which is not swept itself "
+                             "(it has lr_from too); name a variant without lr_from")
+    baseline = spec.get("baseline")
+    if baseline is not None and baseline not in names:
+        raise _bad(path, f"'baseline' {baseline!r} is not a variant; the spec has {', '.join(map(repr, names))}")
 
 
 def load_spec(path: str | Path) -> dict[str, Any]:
@@ -94,19 +191,34 @@ def load_spec(path: str | Path) -> dict[str, Any]:
         raise _bad(path, f"'variants' must be a list, got {type(spec['variants']).__name__}")
     for i, v in enumerate(spec["variants"]):
         _check_fields(path, f"variant {i + 1}", v, VARIANT_KEYS)
-    for key in ("out", "data"):
-        if spec.get(key) is not None and not isinstance(spec[key], str):
-            raise _bad(path, f"'{key}' must be a folder path, got {spec[key]!r}")
-    if not isinstance(spec.get("prepare") or {}, dict):
-        raise _bad(path, f"'prepare' must be a mapping (corpus, tokenizer, vocab_size), got {spec['prepare']!r}")
-    if spec.get("match") not in (None, "params"):
-        raise _bad(path, f"'match' must be 'params' or absent, got {spec['match']!r}")
-    names = [v.get("name") for v in spec["variants"]]
-    if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
-        raise _bad(path, f"every variant needs a unique 'name' (a string); got {names}")
     if "arch" not in spec["base"]:
         raise _bad(path, "'base' needs an 'arch' (a preset name or a config.json)")
+    _check_top(path, spec)
+    _check_variants(path, spec)
     return spec
+
+
+def spec_seeds(spec: dict[str, Any], override: int | None = None) -> list[int]:
+    """The seeds every variant runs: ``override`` (a count, from ``--seeds``), else the spec's
+    ``seeds`` (a count or a list), else the base's ``seed`` alone, else 0."""
+    if override is not None:
+        if not (_is_int(override) and override >= 1):
+            raise ConfigError(f"--seeds must be 1 or more, got {override}")
+        return list(range(override))
+    seeds = spec.get("seeds")
+    if seeds is None:
+        return [int(spec["base"].get("seed", 0))]
+    return list(range(seeds)) if _is_int(seeds) else list(seeds)
+
+
+def baseline_name(spec: dict[str, Any]) -> str:
+    """The variant the others are compared with: the spec's ``baseline``, else the first."""
+    return spec.get("baseline") or spec["variants"][0]["name"]
+
+
+# ----------------------------------------------------------------------------------------
+# variants and runs
+# ----------------------------------------------------------------------------------------
 
 
 def slug(name: str) -> str:
@@ -146,11 +258,13 @@ def match_params(cfg: ModelConfig, target: int, multiple: int = 8) -> ModelConfi
 
 
 def variant_configs(spec: dict[str, Any], vocab_size: int) -> list[tuple[dict[str, Any], ModelConfig]]:
-    """(train fields, resolved model config) per variant, parameter-matched if asked."""
+    """(train fields, resolved model config) per variant, parameter-matched if asked. The fields
+    are the base's merged with the variant's (``name`` included; ``set``, ``no_match`` and
+    ``lr_from`` are not training fields and are left out)."""
     base = dict(spec["base"])
     out, target = [], None
     for v in spec["variants"]:
-        fields = {**base, **{k: val for k, val in v.items() if k not in ("name", "set")}}
+        fields = {**base, **{k: val for k, val in v.items() if k not in VARIANT_KEYS}}
         overrides = {**(base.get("set") or {}), **(v.get("set") or {})}
         fields.pop("set", None)
         seq_len = int(fields.get("seq_len", 128))
@@ -160,45 +274,113 @@ def variant_configs(spec: dict[str, Any], vocab_size: int) -> list[tuple[dict[st
                 target = active_non_embedding(cfg)
             elif not v.get("no_match"):
                 cfg = match_params(cfg, target)
-        cfg = cfg.replace(name=v["name"])
-        fields.pop("no_match", None)
-        out.append(({"name": v["name"], **fields}, cfg))
+        out.append(({"name": v["name"], **fields}, cfg.replace(name=v["name"])))
     return out
 
 
-def _train_args(fields: dict[str, Any], model_json: Path, data: str, run_dir: Path) -> list[str]:
-    skip = {"name", "arch", "scale", "data", "out"}
-    args = ["--arch", str(model_json), "--scale", "none", "--data", data, "--out", str(run_dir), "--no-progress"]
-    for key, val in fields.items():
-        if key in skip or val is None:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if key not in TrainConfig.__dataclass_fields__:
-            raise ConfigError(f"unknown training field {key!r} in the ablation spec")
-        args += [flag, str(val)]
-    return args
+@dataclass
+class Variant:
+    """One row of the ablation: its training fields (without seed and LR), its model, and where
+    its learning rate comes from: fixed (``lr``), the sweep (neither set) or another variant."""
+
+    name: str
+    fields: dict[str, Any]
+    cfg: ModelConfig
+    lr: float | None = None
+    lr_from: str | None = None
+
+    @property
+    def swept(self) -> bool:
+        return self.lr is None and self.lr_from is None
 
 
-def run_key(fields: dict[str, Any], cfg: ModelConfig, data_dir: str) -> str:
-    """A hash of everything that decides a variant's result: its training fields, its resolved
-    model configuration and the data (folder and ``meta.json``)."""
+@dataclass
+class Run:
+    """One training run: a variant at one seed and one learning rate, in its own folder."""
+
+    variant: str
+    seed: int
+    lr: float
+    fields: dict[str, Any]
+    cfg: ModelConfig
+    dir: Path
+    key: str
+
+
+@dataclass
+class Launch:
+    """How runs are started: ``jobs`` at once, each one process (``local``) or ``nproc``
+    processes under ``torchrun``."""
+
+    launcher: str = "local"
+    nproc: int = 1
+    jobs: int = 1
+
+    def check(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
+        if not (_is_int(self.nproc) and self.nproc >= 1):
+            raise ConfigError(f"--nproc must be 1 or more, got {self.nproc}")
+        if self.launcher == "local" and self.nproc != 1:
+            raise ConfigError(f"--nproc {self.nproc} needs --launcher torchrun (the local launcher runs one process per run)")
+        if not (_is_int(self.jobs) and self.jobs >= 1):
+            raise ConfigError(f"--jobs must be 1 or more, got {self.jobs}")
+
+
+def variants_of(spec: dict[str, Any], vocab_size: int) -> list[Variant]:
+    """The spec's variants with their learning-rate source: with ``lr_sweep`` the swept ones
+    carry no LR (the base's is replaced by the sweep's choice)."""
+    sweep = spec.get("lr_sweep") is not None
+    out = []
+    for (fields, cfg), v in zip(variant_configs(spec, vocab_size), spec["variants"]):
+        fields = dict(fields)
+        fields.pop("seed", None)
+        lr = fields.pop("lr", TrainConfig.__dataclass_fields__["lr"].default)
+        out.append(Variant(v["name"], fields, cfg, None if sweep else lr, v.get("lr_from")))
+    return out
+
+
+def check_variant_values(variants: list[Variant], grid: list[float] | None, launch: Launch) -> None:
+    """Every training value a run would refuse, refused before the first run (naming the variant)."""
+    for v in variants:
+        values = {k: val for k, val in v.fields.items() if k in TrainConfig.__dataclass_fields__}
+        values.update(data="", out="", lr=v.lr if v.lr is not None else min(grid or [1.0]))
+        try:
+            TrainConfig(**values).check()
+        except ConfigError as e:
+            raise ConfigError(f"variant {v.name!r}: {e}") from None
+        batch = int(values.get("batch_size", TrainConfig.batch_size))
+        if batch % launch.nproc:
+            raise ConfigError(f"variant {v.name!r}: batch_size {batch} is not divisible by --nproc {launch.nproc}; "
+                              "the global batch is split evenly over the processes")
+
+
+def run_key(fields: dict[str, Any], cfg: ModelConfig, data_dir: str, procs: int = 1) -> str:
+    """A hash of everything that decides a run's result: its training fields (seed and LR
+    included), its resolved model configuration, the data (folder and ``meta.json``) and the
+    number of processes it runs on."""
     meta = (Path(data_dir) / "meta.json").read_text()
-    blob = json.dumps({"fields": fields, "model": cfg.to_dict(), "data": str(data_dir), "meta": meta}, sort_keys=True, default=str)
+    blob = json.dumps({"fields": fields, "model": cfg.to_dict(), "data": str(data_dir), "meta": meta, "procs": procs},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def run_dirs(out_dir: Path, variants: list[tuple[dict[str, Any], ModelConfig]], data_dir: str) -> list[tuple[Path, str]]:
-    """(run folder, key) per variant: ``runs/<slug>-<key prefix>``, so that "A" and "a", or one name
-    with another spec, never share a folder; two variants that would are refused."""
-    out = []
-    for fields, cfg in variants:
-        key = run_key(fields, cfg, data_dir)
-        out.append((out_dir / "runs" / f"{slug(fields['name']) or 'variant'}-{key[:12]}", key))
-    dirs = [d for d, _ in out]
-    clash = sorted({str(d) for d in dirs if dirs.count(d) > 1})
-    if clash:
-        raise ConfigError(f"variants would share the run folder(s) {', '.join(clash)}; give them distinct names")
-    return out
+def make_run(v: Variant, seed: int, lr: float, out_dir: Path, data_dir: str, procs: int = 1) -> Run:
+    """The run of variant ``v`` at ``seed`` and ``lr``: ``runs/<name>-s<seed>-lr<lr>-<key prefix>``,
+    so that "A" and "a", or one name in another spec, never share a folder."""
+    fields = {**v.fields, "seed": seed, "lr": lr}
+    key = run_key(fields, v.cfg, data_dir, procs)
+    folder = f"{slug(v.name) or 'variant'}-s{seed}-lr{lr:g}-{key[:10]}"
+    return Run(v.name, seed, lr, fields, v.cfg, out_dir / "runs" / folder, key)
+
+
+def choose_lr(losses: dict[float, float | None]) -> float | None:
+    """The learning rate of the lowest final validation loss (a diverged run's NaN counts as
+    infinite; ties go to the smaller LR); None when no run of the sweep finished."""
+    done = {lr: loss for lr, loss in losses.items() if loss is not None}
+    if not done:
+        return None
+    return min(done, key=lambda lr: (done[lr] if math.isfinite(done[lr]) else math.inf, lr))
 
 
 def _stored_key(run_dir: Path) -> str | None:
@@ -208,137 +390,346 @@ def _stored_key(run_dir: Path) -> str | None:
         return None
 
 
-def _finished(run_dir: Path, key: str) -> bool:
-    """A run to reuse: its stored spec hash is this variant's and its summary says finished."""
-    if _stored_key(run_dir) != key:
-        return False
+def read_summary(run: Run) -> dict[str, Any] | None:
+    """The summary of a finished run whose stored key is this run's; None otherwise."""
+    if _stored_key(run.dir) != run.key:
+        return None
     try:
-        return bool(json.loads((run_dir / SUMMARY).read_text()).get("finished"))
-    except (OSError, ValueError, AttributeError):
-        return False
+        s = json.loads((run.dir / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    return s if isinstance(s, dict) and s.get("finished") else None
 
 
-def _select(runs: list, only: list[str] | None) -> list:
-    """The ``((fields, cfg), (run_dir, key))`` pairs of the variants named by ``--only`` (all without it)."""
+def final_val_loss(run: Run) -> float | None:
+    s = read_summary(run)
+    v = s.get("final_val_loss") if s else None
+    return float(v) if v is not None else None
+
+
+def sweep_losses(v: Variant, grid: list[float], seed: int, out_dir: Path, data_dir: str,
+                 procs: int) -> dict[float, float | None]:
+    """LR -> final validation loss of the sweep runs of ``v`` (None where not finished)."""
+    return {lr: final_val_loss(make_run(v, seed, lr, out_dir, data_dir, procs)) for lr in grid}
+
+
+def chosen_lrs(variants: list[Variant], grid: list[float] | None, seed: int, out_dir: Path, data_dir: str,
+               procs: int) -> dict[str, float]:
+    """Variant name -> its learning rate: fixed, chosen by its sweep, or its ``lr_from``'s choice
+    (absent where the sweep it depends on has no finished run)."""
+    out: dict[str, float] = {v.name: v.lr for v in variants if v.lr is not None}
+    for v in variants:
+        if v.swept and grid:
+            lr = choose_lr(sweep_losses(v, grid, seed, out_dir, data_dir, procs))
+            if lr is not None:
+                out[v.name] = lr
+    for v in variants:
+        if v.lr_from is not None and v.lr_from in out:
+            out[v.name] = out[v.lr_from]
+    return out
+
+
+def _select(variants: list[Variant], only: list[str] | None) -> list[Variant]:
+    """The variants named by ``--only`` (all without it)."""
     if not only:
-        return runs
-    known = [fields["name"] for (fields, _), _ in runs]
+        return variants
+    known = [v.name for v in variants]
     missing = [n for n in only if n not in known]
     if missing:
         raise ConfigError(f"--only {', '.join(missing)}: no such variant; the spec has {', '.join(map(repr, known))}")
-    return [r for r in runs if r[0][0]["name"] in only]
+    return [v for v in variants if v.name in only]
 
 
-def run_spec(path: str | Path, out: str | None = None, only: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run every variant of a spec (reusing finished runs of the same spec) and write the table and plots."""
+# ----------------------------------------------------------------------------------------
+# starting runs
+# ----------------------------------------------------------------------------------------
+
+
+def _train_args(fields: dict[str, Any], model_json: Path, data: str, run_dir: Path, procs: int = 1) -> list[str]:
+    """``llmarch train`` options for one run. Under ``procs`` processes each gets batch_size /
+    procs rows (the global batch is the same) and eval_batches x procs batches (the same
+    validation windows)."""
+    skip = {"name", "arch", "scale", "data", "out"}
+    fields = dict(fields)
+    if procs > 1:
+        fields["batch_size"] = int(fields.get("batch_size", TrainConfig.batch_size)) // procs
+        fields["eval_batches"] = int(fields.get("eval_batches", TrainConfig.eval_batches)) * procs
+    args = ["--arch", str(model_json), "--scale", "none", "--data", data, "--out", str(run_dir), "--no-progress"]
+    for key, val in fields.items():
+        if key in skip or val is None:
+            continue
+        if key not in TrainConfig.__dataclass_fields__:
+            raise ConfigError(f"unknown training field {key!r} in the ablation spec")
+        flag = "--" + key.replace("_", "-")
+        if isinstance(val, (list, tuple)):  # e.g. length_multiples: 1,2,4
+            args += [flag, ",".join(map(str, val))]
+        else:
+            args += [flag, str(val)]
+    return args
+
+
+def _launcher_prefix(launch: Launch) -> list[str]:
+    if launch.launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(launch.nproc),
+                "-m", "llmarch.cli", "train"]
+    return [sys.executable, "-m", "llmarch.cli", "train"]
+
+
+def prepare_run(run: Run, data_dir: str, launch: Launch) -> list[str] | None:
+    """Set up ``run``'s folder and return its command, or None when it already finished.
+
+    A run of the same key killed part-way continues from its checkpoint; anything else starts
+    afresh (``--force`` over what the folder held)."""
+    if read_summary(run) is not None:
+        return None
+    run.dir.mkdir(parents=True, exist_ok=True)
+    if _stored_key(run.dir) == run.key and find_checkpoint(run.dir):
+        args = ["--resume", str(run.dir), "--no-progress"]
+    else:
+        model_json = run.dir / "model.json"
+        args = [*_train_args(run.fields, model_json, data_dir, run.dir, launch.nproc), "--force"]
+        write_text(model_json, json.dumps(run.cfg.to_dict(), indent=2))
+        write_text(run.dir / SPEC_FILE, json.dumps({"key": run.key, "variant": run.variant, "seed": run.seed, "lr": run.lr,
+                                                    "fields": run.fields, "launcher": launch.launcher,
+                                                    "nproc": launch.nproc, "model": run.cfg.to_dict()}, indent=2))
+    cmd = [*_launcher_prefix(launch), *args]
+    write_text(run.dir / "command.txt", shlex.join(["python", *cmd[1:]]) + "\n")
+    return cmd
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a training process: ours, with this llmarch first on PYTHONPATH, so
+    that the runs use the source the ablation was started from."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    if Path(root).name not in ("site-packages", "dist-packages"):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_pool(tasks: list[tuple[Run, list[str]]], jobs: int, on_done=None,
+             env: dict[str, str] | None = None) -> list[tuple[Run, int]]:
+    """Run the commands, up to ``jobs`` at once, each writing ``train.log`` in its run folder.
+
+    A failed command does not stop the others; the (run, exit status) of those that failed are
+    returned. ``on_done(run, status)`` is called as each finishes. If this process is interrupted,
+    the running commands are terminated."""
+    pending = list(tasks)
+    running: dict[subprocess.Popen, tuple[Run, Any]] = {}
+    failed = []
+    env = env or child_env()
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                run, cmd = pending.pop(0)
+                log = open(run.dir / "train.log", "w")
+                running[subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)] = (run, log)
+            done = [p for p in running if p.poll() is not None]
+            for proc in done:
+                run, log = running.pop(proc)
+                log.close()
+                if proc.returncode != 0:
+                    failed.append((run, proc.returncode))
+                if on_done is not None:
+                    on_done(run, proc.returncode)
+            if not done:
+                time.sleep(0.05)
+    finally:
+        for proc, (_, log) in running.items():
+            proc.terminate()
+        for proc, (_, log) in running.items():
+            proc.wait()
+            log.close()
+    return failed
+
+
+def run_stage(runs: list[Run], data_dir: str, launch: Launch, desc: str) -> None:
+    """Train every unfinished run of a stage (``launch.jobs`` at once, one progress bar, the best
+    final validation loss so far as its postfix). Raise ConfigError at the end if any failed."""
     from tqdm import tqdm
 
+    unique = list({r.dir: r for r in runs}.values())
+    tasks = [(r, cmd) for r in unique if (cmd := prepare_run(r, data_dir, launch)) is not None]
+    best: list[tuple[float, str]] = []
+
+    def note(run: Run, status: int) -> None:
+        loss = final_val_loss(run) if status == 0 else None
+        if loss is not None and math.isfinite(loss):
+            best.append((loss, f"{run.variant} s{run.seed} lr{run.lr:g}"))
+            low = min(best)
+            bar.set_postfix_str(f"best {low[0]:.4f} ({low[1]})")
+        bar.update(1)
+
+    with tqdm(total=len(unique), initial=len(unique) - len(tasks), desc=desc, unit="run") as bar:
+        failed = run_pool(tasks, launch.jobs, note)
+    if failed:
+        lines = [f"{r.variant!r} (seed {r.seed}, lr {r.lr:g}, exit {rc}): see {r.dir / 'train.log'}" for r, rc in failed]
+        raise ConfigError(f"{len(failed)} of {len(tasks)} run(s) of the {desc} failed: " + "; ".join(lines))
+
+
+# ----------------------------------------------------------------------------------------
+# the output folder and provenance
+# ----------------------------------------------------------------------------------------
+
+
+def existing_ablation(out_dir: Path) -> list[str]:
+    """What in ``out_dir`` shows an earlier ablation: its result files and its run folders."""
+    found = [f for f in RESULT_FILES if (out_dir / f).exists()]
+    if len(found) > 3:
+        found = [*found[:3], f"{len(found) - 3} more result file(s)"]
+    runs = out_dir / "runs"
+    if runs.is_dir():
+        n = sum(1 for _ in runs.iterdir())
+        if n:
+            found.append(f"runs/ with {n} folder(s)")
+    return found
+
+
+def check_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
+    """Refuse, before any work, to write over an earlier ablation unless resuming or forcing."""
+    if resume and force:
+        raise ConfigError("--resume and --force exclude each other: continue the ablation or replace it, not both")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; give a folder")
+    found = existing_ablation(out_dir)
+    if found and not (resume or force):
+        raise ConfigError(f"{out_dir} already holds an ablation ({', '.join(found)}); continue it with --resume, "
+                          "replace it with --force, or give another --out")
+
+
+def clear_out_dir(out_dir: Path) -> None:
+    """``--force``: delete the earlier ablation's runs and results (nothing else in the folder)."""
+    shutil.rmtree(out_dir / "runs", ignore_errors=True)
+    for f in RESULT_FILES:
+        (out_dir / f).unlink(missing_ok=True)
+
+
+def _git(src: Path, *args: str) -> str | None:
+    try:
+        p = subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout.strip() if p.returncode == 0 else None
+
+
+def source_commit(exclude: Path | None = None) -> str:
+    """The git commit of the llmarch source in use (``+dirty`` when ``git status --porcelain``
+    shows changes outside ``exclude``, the ablation's own output folder), or ``llmarch <version>``
+    when the source is not a git checkout."""
+    from .. import __version__
+
+    pkg = Path(__file__).resolve().parents[1]
+    head = _git(pkg, "rev-parse", "HEAD")
+    if head is None or _git(pkg, "ls-files", "--error-unmatch", "__init__.py") is None:  # e.g. a venv inside a repo
+        return f"llmarch {__version__}"
+    spec = ["--", "."]
+    top = _git(pkg, "rev-parse", "--show-toplevel")
+    if exclude is not None and top is not None:
+        try:
+            rel = Path(exclude).resolve().relative_to(Path(top).resolve())
+            spec = ["--", ":/", f":(exclude,top){rel.as_posix()}"]
+        except ValueError:
+            spec = ["--", ":/"]
+    dirty = _git(pkg, "status", "--porcelain", *spec)
+    return head + ("+dirty" if dirty else "")
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count and platform of this machine."""
+    cpu = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------------------
+# the whole ablation
+# ----------------------------------------------------------------------------------------
+
+
+def _canonical_command(path, out, only, seeds, jobs, resume, force, launcher, nproc) -> list[str]:
+    """The ``llmarch ablate`` command line equivalent to a :func:`run_spec` call from Python."""
+    argv = ["llmarch", "ablate", str(path)]
+    for flag, value in (("--out", out), ("--seeds", seeds), ("--jobs", jobs)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for name in only or []:
+        argv += ["--only", name]
+    argv += ["--resume"] * bool(resume) + ["--force"] * bool(force)
+    if launcher != "local":
+        argv += ["--launcher", launcher, "--nproc", str(nproc)]
+    return argv
+
+
+def run_spec(path: str | Path, out: str | None = None, only: list[str] | None = None, seeds: int | None = None,
+             jobs: int | None = None, resume: bool = False, force: bool = False, launcher: str = "local",
+             nproc: int = 1, command: list[str] | None = None) -> dict[str, Any]:
+    """Run an ablation: check everything, run the LR sweep (if any) and every seed of every
+    variant (of ``only``), then write results.json/md/csv and the plots; return the results."""
+    t0 = time.monotonic()
     spec = load_spec(path)
     out_dir = Path(out or spec.get("out") or "ablations")
+    launch = Launch(launcher, nproc, jobs if jobs is not None else int(spec.get("jobs", 1)))
+    launch.check()
+    check_out_dir(out_dir, resume, force)
+    seed_list = spec_seeds(spec, seeds)
+    commit = source_commit(exclude=out_dir)
     data_dir = str(spec.get("data", "data/shakespeare"))
     if not (Path(data_dir) / "meta.json").is_file():
         prep = spec.get("prepare") or {}
         prepare(prep.get("corpus", "default"), data_dir, prep.get("tokenizer", "bpe"), int(prep.get("vocab_size", 8192)))
     data = TokenData.open(data_dir)
-    variants = variant_configs(spec, data.vocab_size)
-    for fields, _ in variants:
-        _train_args(fields, Path("model.json"), data_dir, Path("run"))  # unknown fields fail before any run
-    dirs = run_dirs(out_dir, variants, data_dir)
-    selected = _select(list(zip(variants, dirs)), only)
-    for (fields, cfg), (run_dir, key) in tqdm(selected, desc="variants", unit="run"):
-        if _finished(run_dir, key):
-            continue
-        run_dir.mkdir(parents=True, exist_ok=True)
-        model_json = run_dir / "model.json"
-        if _stored_key(run_dir) == key and find_checkpoint(run_dir):  # killed earlier: continue it
-            args = ["--resume", str(run_dir), "--no-progress"]
-        else:
-            args = [*_train_args(fields, model_json, data_dir, run_dir), "--force"]
-            write_text(model_json, json.dumps(cfg.to_dict(), indent=2))
-            write_text(run_dir / SPEC_FILE, json.dumps({"key": key, "variant": fields, "model": cfg.to_dict()}, indent=2))
-        cmd = [sys.executable, "-m", "llmarch.cli", "train", *args]
-        write_text(run_dir / "command.txt", " ".join(cmd[1:]) + "\n")
-        with open(run_dir / "train.log", "w") as log:
-            rc = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)).returncode
-        if rc != 0:
-            raise ConfigError(f"variant {fields['name']!r} failed (exit {rc}); see {run_dir / 'train.log'}")
-    rows = collect([(f, c, d, k) for (f, c), (d, k) in zip(variants, dirs)])
-    write_table(rows, out_dir)
-    plot(rows, out_dir)
-    return rows
-
-
-def collect(runs: list[tuple[dict[str, Any], ModelConfig, Path, str]]) -> list[dict[str, Any]]:
-    """The summaries of the finished runs, each with its variant name, parameter count and metrics."""
-    rows = []
-    for fields, cfg, run_dir, key in runs:
-        if not _finished(run_dir, key):
-            continue
-        s = json.loads((run_dir / SUMMARY).read_text())
-        s.update(variant=fields["name"], params_active_non_embedding=active_non_embedding(cfg),
-                 metrics=read_metrics(run_dir / "metrics.jsonl"))
-        rows.append(s)
-    return rows
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 100 else f"{v:.0f}"
-    return f"{v:,}" if isinstance(v, int) else str(v)
-
-
-def write_table(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    variants = variants_of(spec, data.vocab_size)
+    grid = spec.get("lr_sweep")
+    check_variant_values(variants, grid, launch)
+    for v in variants:
+        _train_args({**v.fields, "lr": 1.0, "seed": 0}, Path("model.json"), data_dir, Path("run"))
+    selected = _select(variants, only)
+    if force:
+        clear_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow([key for _, key in TABLE_COLUMNS])
-    for r in rows:
-        w.writerow([r.get(key) for _, key in TABLE_COLUMNS])
-    write_text(out_dir / "results.csv", buf.getvalue())
-    lines = ["| " + " | ".join(h for h, _ in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(key)) for _, key in TABLE_COLUMNS) + " |")
-    write_text(out_dir / "results.md", "\n".join(lines) + "\n")
+
+    first = seed_list[0]
+    trained_before = set((out_dir / "runs").glob("*/" + SUMMARY))
+    sweep: list[Run] = []
+    if grid:
+        needed = {v.name for v in selected} | {v.lr_from for v in selected if v.lr_from}
+        sweep = [make_run(v, first, lr, out_dir, data_dir, nproc) for v in variants if v.swept and v.name in needed
+                 for lr in grid]
+        run_stage(sweep, data_dir, launch, "LR sweep")
+    chosen = chosen_lrs(variants, grid, first, out_dir, data_dir, nproc)
+    finals = [make_run(v, s, chosen[v.name], out_dir, data_dir, nproc) for v in selected if v.name in chosen for s in seed_list]
+    run_stage(finals, data_dir, launch, "runs")
+    trained_now = set((out_dir / "runs").glob("*/" + SUMMARY)) - trained_before
+
+    provenance = {
+        "command": shlex.join(command or _canonical_command(path, out, only, seeds, jobs, resume, force, launcher, nproc)),
+        "commit": commit,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "spec": str(path),
+        "out": str(out_dir),
+        "data": data_dir,
+        "launcher": launch.launcher,
+        "nproc": launch.nproc,
+        "jobs": launch.jobs,
+        "runs_trained_here": len(trained_now),
+        "runs_total": len({r.dir for r in sweep + finals}),
+    }
+    results = gather(spec, variants, seed_list, chosen, grid, out_dir, data, nproc, provenance)
+    results["wall_time_s"] = round(time.monotonic() - t0, 1)
+    write_all(results, out_dir)
+    return results
 
 
-def _smooth(xs: list[float], k: int = 10) -> list[float]:
-    out, acc = [], 0.0
-    for i, x in enumerate(xs):
-        acc = x if i == 0 else acc + (x - acc) / min(i + 1, k)
-        out.append(acc)
-    return out
-
-
-def plot(rows: list[dict[str, Any]], out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    for key, title, smooth in (("loss", "training loss (EMA-smoothed) and validation loss (dots)", True),
-                               ("grad_norm", "global gradient L2 norm (before clipping)", False)):
-        fig, ax = plt.subplots(figsize=(9, 5.5))
-        for i, r in enumerate(rows):
-            m = r["metrics"]
-            tokens = [x["tokens"] for x in m]
-            ys = [x[key] for x in m]
-            (line,) = ax.plot(tokens, _smooth(ys) if smooth else ys, lw=1.2, label=r["variant"])
-            if key == "loss":
-                vt = [(x["tokens"], x["val_loss"]) for x in m if "val_loss" in x]
-                if vt:
-                    ax.plot(*zip(*vt), "o", ms=3, color=line.get_color())
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel(key.replace("_", " "))
-        if key == "grad_norm":
-            ax.set_yscale("log")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
-        fig.tight_layout()
-        for ext in ("png", "svg"):
-            with atomic_file(out_dir / f"{key}.{ext}") as tmp:
-                fig.savefig(tmp, format=ext, dpi=120)
-        plt.close(fig)
-
-
-__all__ = ["collect", "load_spec", "match_params", "plot", "run_dirs", "run_key", "run_spec", "variant_configs", "write_table"]
+__all__ = [
+    "Launch", "Run", "Variant", "active_non_embedding", "baseline_name", "check_out_dir", "choose_lr", "chosen_lrs",
+    "load_spec", "make_run", "match_params", "prepare_run", "read_summary", "run_key", "run_pool", "run_spec",
+    "source_commit", "spec_seeds", "variant_configs", "variants_of",
+]

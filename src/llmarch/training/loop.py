@@ -2,14 +2,17 @@
 
 * :func:`init_weights` gives a fresh model the usual training init (normal(0, 0.02), residual
   output projections scaled by 1/sqrt(2 * layers), norms at identity, biases zero);
+  :func:`seeded_model` builds a model and draws that init from a seed alone;
 * :func:`train` runs the loop: fixed token budget, warmup + cosine or WSD schedule
   (``llmarch.training.schedule``), gradient accumulation, clipping, AdamW or Muon
   (``llmarch.training.optim``), optional QK-clip, MoE balancing (``llmarch.training.balance``),
   evaluation, JSONL metrics, checkpoints with exact resume (``llmarch.training.checkpointing``),
   and data parallelism under ``torchrun`` (DDP or FSDP2, ``llmarch.training.distributed``);
-* :func:`read_metrics` reads a run's ``metrics.jsonl`` back; the run's ``summary.json`` is written
-  at the end (loss spikes and gradient-norm outliers by ``llmarch.training.spikes``, validation
-  loss at longer contexts by :func:`length_eval`, MoE load balance by :func:`expert_cv`).
+* :func:`read_metrics` reads a run's ``metrics.jsonl`` back (one row per step; ``batch_crc`` is
+  the CRC-32 of the step's first micro-batch of input ids, so runs can be checked to have seen
+  the same batches); the run's ``summary.json`` is written at the end (loss spikes and
+  gradient-norm outliers by ``llmarch.training.spikes``, validation loss at longer contexts by
+  :func:`length_eval`, MoE load balance by :func:`expert_cv`).
 
 The model trained is a published configuration scaled down (``llmarch.training.scale``).
 Batches are a function of ``(seed, step)`` (``llmarch.training.data.TokenData``), the schedule a
@@ -23,6 +26,7 @@ import math
 import resource
 import statistics
 import time
+import zlib
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -93,6 +97,19 @@ def init_weights(model: Decoder, std: float = 0.02) -> Decoder:
         if name.endswith("e_score_correction_bias"):
             b.zero_()
     return model
+
+
+def seeded_model(model_cfg: ModelConfig, seed: int) -> Decoder:
+    """A freshly built model (on the CPU) with the training init drawn from ``seed`` alone.
+
+    The global generator is seeded after the model is built, not before: module constructors
+    draw from it, a different amount per architecture. So two variants of one seed draw the same
+    values for the parameters they share up to their first difference in named order, the token
+    embedding (first) included.
+    """
+    model = build_model(model_cfg, device="cpu")
+    torch.manual_seed(seed)
+    return init_weights(model)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -268,8 +285,7 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
         ckpt = read_checkpoint(resume) if find_checkpoint(resume) else None
     dev = distributed.setup(dev)
 
-    torch.manual_seed(cfg.seed)
-    model = init_weights(build_model(model_cfg, device="cpu")).to(dev)
+    model = seeded_model(model_cfg, cfg.seed).to(dev)
     counts = count_model(model)
     routers = router_modules(model)
     load = ExpertLoad(routers)
@@ -296,6 +312,8 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
         loss_sum, aux_sum = 0.0, 0.0
         for micro in range(cfg.grad_accum):
             x, y = data.train_batch(cfg.seed, step, micro, rank, world, cfg.batch_size, cfg.grad_accum, cfg.seq_len)
+            if micro == 0:  # a fingerprint of the step's batch: variants of one seed see the same ones
+                batch_crc = zlib.crc32(x.to(torch.int64).contiguous().numpy().tobytes())
             sync = nullcontext()
             if isinstance(wrapped, nn.parallel.DistributedDataParallel) and micro < cfg.grad_accum - 1:
                 sync = wrapped.no_sync()
@@ -314,7 +332,7 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
         norm = distributed.full_norm(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
         opt.step()
         opt.zero_grad()
-        record: dict[str, Any] = dict(step=step + 1, tokens=(step + 1) * tokens_per_step)
+        record: dict[str, Any] = dict(step=step + 1, tokens=(step + 1) * tokens_per_step, batch_crc=batch_crc)
         if routers:
             totals = load.totals()
             if cfg.bias_update:
@@ -412,5 +430,5 @@ def _summary(metrics_path: Path, cfg: TrainConfig, model_cfg: ModelConfig, count
 
 __all__ = [
     "METRICS", "RUN_FILES", "SUMMARY", "evaluate", "expert_cv", "init_weights", "length_eval", "read_metrics",
-    "run_files", "train", "usable_length_multiples",
+    "run_files", "seeded_model", "train", "usable_length_multiples",
 ]

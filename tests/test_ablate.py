@@ -1,0 +1,568 @@
+"""``llmarch ablate``: seeds, the per-variant LR sweep, parallel jobs, fresh / --resume / --force
+output folders, the torchrun launcher, results.json/md/csv and the plots.
+
+The runs are real ``llmarch train`` processes of a tiny model (a few seconds each); the tables
+and plots are also checked on synthetic rows, against statistics computed here by hand.
+"""
+
+import csv
+import gzip
+import json
+import math
+import statistics
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llmarch.cli import main as cli_main
+from llmarch.errors import ConfigError
+from llmarch.training import ablate
+from llmarch.training.ablate import (
+    Launch,
+    active_non_embedding,
+    check_variant_values,
+    choose_lr,
+    load_spec,
+    make_run,
+    prepare_run,
+    run_pool,
+    run_stage,
+    run_spec,
+    source_commit,
+    spec_seeds,
+    variant_configs,
+    variants_of,
+)
+from llmarch.training.ablate_results import (
+    compute_stats,
+    loss_figure,
+    lr_sweep_figure,
+    plot,
+    variant_colours,
+    write_json,
+    write_table,
+)
+from llmarch.training.data import DEFAULT_CORPUS, TokenData, prepare
+from llmarch.training.loop import read_metrics, seeded_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
+BASE = {"arch": "llama3.2-1b", "set": TINY, "tokens": 4 * 32 * 6, "batch_size": 4, "seq_len": 32, "warmup": 1,
+        "eval_every": 3, "eval_batches": 2, "threads": 1}
+T_975_DF1 = 12.706  # Student's t, two-sided 95%, 1 degree of freedom (any statistics table)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ablate_data")
+    with gzip.open(DEFAULT_CORPUS, "rt") as f:
+        (d / "c.txt").write_text(f.read()[:100_000])
+    prepare(d / "c.txt", d / "tok", "bpe", vocab_size=300, progress=False)
+    return d / "tok"
+
+
+def write_spec(path: Path, **spec) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def cli(capsys, *argv):
+    rc = cli_main(list(argv))
+    return rc, capsys.readouterr().err.strip()
+
+
+def one_error(rc, err, *fragments):
+    last = err.splitlines()[-1] if err else ""
+    assert rc == 2 and last.startswith("llmarch: error: "), (rc, err)
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+# ----------------------------------------------------------------------------------------
+# the spec
+# ----------------------------------------------------------------------------------------
+
+
+def _spec(tmp_path, data_dir, **changes):
+    spec = {"out": str(tmp_path / "abl"), "data": str(data_dir),
+            "base": {"arch": "llama3.2-1b", "tokens": 4 * 32 * 2, "batch_size": 4, "seq_len": 32},
+            "variants": [{"name": "A"}, {"name": "a", "lr": 1e-3}]}
+    spec.update(changes)
+    return write_spec(tmp_path / "spec.yaml", **spec), spec
+
+
+SWEEP = {"lr_sweep": [1e-3, 3e-3]}
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"base": 5}, "'base' must be a mapping"),
+    ({"variants": [{"name": "A", "set": 3}]}, "'set' in variant 1 must be a mapping"),
+    ({"variants": [{"name": "A", "learning_rate": 1}]}, "unknown field(s) learning_rate in variant 1"),
+    ({"variants": [{"name": 7}]}, "unique 'name'"),
+    ({"variants": [{"name": "A"}, {"name": "A", "lr": 1e-3}]}, "unique 'name'"),
+    ({"sweeps": 3}, "unknown key(s) sweeps"),
+    ({"seeds": 0}, "'seeds' must be a count"),
+    ({"seeds": [0, 0]}, "'seeds' must be a count"),
+    ({"seeds": "3"}, "'seeds' must be a count"),
+    ({"seeds": 2, "base": {"arch": "llama3.2-1b", "seed": 1}}, "'seed' in 'base' and top-level 'seeds'"),
+    ({"jobs": 0}, "'jobs' must be an integer"),
+    ({"lr_sweep": []}, "'lr_sweep' must be a non-empty list"),
+    ({"lr_sweep": [1e-3, -1]}, "'lr_sweep' must be a non-empty list of positive numbers"),
+    ({"lr_sweep": [1e-3, 1e-3]}, "lists a learning rate twice"),
+    ({"baseline": "B"}, "'baseline' 'B' is not a variant"),
+    ({"variants": [{"name": "A"}, {"name": "B", "seed": 3}]}, "'seed' in variant 2 ('B')"),
+    ({"variants": [{"name": "A"}, {"name": "B", "lr_from": "A"}]}, "'lr_from' in variant 2 ('B') needs a top-level 'lr_sweep'"),
+    ({**SWEEP, "variants": [{"name": "A"}, {"name": "B", "lr_from": "C"}]}, "no variant is named 'C'"),
+    ({**SWEEP, "variants": [{"name": "A", "lr_from": "B"}, {"name": "B", "lr_from": "A"}]}, "is not swept itself"),
+    ({**SWEEP, "variants": [{"name": "A", "lr_from": "A"}]}, "is not swept itself"),
+    ({**SWEEP, "variants": [{"name": "A"}, {"name": "B", "lr": 0.01}]}, "'lr' in variant 2 ('B'): with 'lr_sweep'"),
+    ({"variants": [{"name": "A", "out": "x"}]}, "'out' in variant 1: set it with the spec's top-level 'out'"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_bad_spec_is_one_error_naming_the_spot(capsys, tmp_path, data_dir, change, fragment):
+    path, _ = _spec(tmp_path, data_dir, **change)
+    with pytest.raises(ConfigError) as e:
+        load_spec(path)
+    assert fragment in str(e.value) and str(path) in str(e.value)
+    rc, err = cli(capsys, "ablate", str(path))
+    one_error(rc, err, fragment)
+    assert not (tmp_path / "abl").exists()
+
+
+def test_seeds_from_spec_base_and_command_line(tmp_path, data_dir):
+    _, spec = _spec(tmp_path, data_dir)
+    assert spec_seeds(spec) == [0]
+    assert spec_seeds({**spec, "base": {**spec["base"], "seed": 5}}) == [5]
+    assert spec_seeds({**spec, "seeds": 3}) == [0, 1, 2]
+    assert spec_seeds({**spec, "seeds": [4, 2]}) == [4, 2]
+    assert spec_seeds({**spec, "seeds": [4, 2]}, override=2) == [0, 1]
+    with pytest.raises(ConfigError, match="--seeds must be 1 or more"):
+        spec_seeds(spec, override=0)
+
+
+def test_lr_choice_lowest_loss_ties_to_the_smaller_diverged_is_worst():
+    assert choose_lr({1e-3: 3.0, 3e-3: 2.9, 1e-2: 3.5}) == 3e-3
+    assert choose_lr({1e-2: 2.9, 1e-3: 2.9, 3e-3: 3.0}) == 1e-3  # a tie: the smaller LR
+    assert choose_lr({1e-3: 3.0, 1e-2: float("nan")}) == 1e-3  # NaN (diverged) loses
+    assert choose_lr({1e-3: None, 1e-2: 4.0}) == 1e-2  # unfinished runs are not candidates
+    assert choose_lr({1e-3: None}) is None
+
+
+def test_variants_are_parameter_matched_and_take_their_lr_source(tmp_path, data_dir):
+    path, _ = _spec(tmp_path, data_dir, match="params", lr_sweep=[1e-3, 3e-3],
+                    variants=[{"name": "GQA"}, {"name": "MHA", "set": {"num_kv_heads": 4}, "lr_from": "GQA"},
+                              {"name": "Muon", "optimizer": "muon"}])
+    spec = load_spec(path)
+    (_, c0), (_, c1), (muon, c2) = variant_configs(spec, 300)
+    assert c1.num_kv_heads == 4 and c1.intermediate_size < c0.intermediate_size  # MHA's extra K/V paid by the FFN
+    assert abs(active_non_embedding(c1) - active_non_embedding(c0)) <= 3 * c0.hidden_size * 8
+    assert muon["optimizer"] == "muon" and c2.to_dict() == c0.replace(name="Muon").to_dict()
+    gqa, mha, mu = variants_of(spec, 300)
+    assert gqa.swept and mu.swept and not mha.swept and mha.lr_from == "GQA"
+    assert "lr" not in gqa.fields and "lr_from" not in mha.fields  # the sweep supplies the LR
+
+
+def test_runs_are_keyed_by_configuration_seed_and_lr(tmp_path, data_dir):
+    path, spec = _spec(tmp_path, data_dir)
+    a, b = variants_of(load_spec(path), 300)
+    out = tmp_path / "abl"
+    ra, rb = make_run(a, 0, 3e-3, out, str(data_dir)), make_run(b, 0, 3e-3, out, str(data_dir))
+    assert ra.dir != rb.dir and ra.dir.name.startswith("a-s0-lr0.003-") and rb.dir.name.startswith("a-s0-lr0.003-")
+    assert make_run(a, 0, 3e-3, out, str(data_dir)) == ra  # the same run: the same folder and key
+    others = [make_run(a, 1, 3e-3, out, str(data_dir)), make_run(a, 0, 1e-3, out, str(data_dir)),
+              make_run(a, 0, 3e-3, out, str(data_dir), procs=2)]
+    assert len({r.key for r in [ra, *others]}) == 4 and len({r.dir for r in [ra, *others]}) == 4
+    # a finished run is reused only when its stored key is the run's
+    ra.dir.mkdir(parents=True)
+    (ra.dir / "summary.json").write_text(json.dumps({"finished": True, "final_val_loss": 5.0}))
+    (ra.dir / "spec.json").write_text(json.dumps({"key": rb.key}))
+    assert ablate.read_summary(ra) is None and prepare_run(ra, str(data_dir), Launch()) is not None
+    (ra.dir / "spec.json").write_text(json.dumps({"key": ra.key}))
+    assert ablate.final_val_loss(ra) == 5.0 and prepare_run(ra, str(data_dir), Launch()) is None
+
+
+def test_a_killed_run_continues_from_its_checkpoint(tmp_path, data_dir):
+    path, _ = _spec(tmp_path, data_dir)
+    a, _ = variants_of(load_spec(path), 300)
+    run = make_run(a, 0, 3e-3, tmp_path / "abl", str(data_dir))
+    cmd = prepare_run(run, str(data_dir), Launch())
+    assert cmd[1:4] == ["-m", "llmarch.cli", "train"] and cmd[-1] == "--force" and "--resume" not in cmd
+    assert json.loads((run.dir / "spec.json").read_text())["key"] == run.key and (run.dir / "model.json").is_file()
+    (run.dir / "checkpoint.safetensors").write_bytes(b"")  # killed after a checkpoint, before its summary
+    assert prepare_run(run, str(data_dir), Launch())[4:] == ["--resume", str(run.dir), "--no-progress"]
+
+
+def test_torchrun_command_splits_the_global_batch(tmp_path, data_dir):
+    path, _ = _spec(tmp_path, data_dir)
+    a, _ = variants_of(load_spec(path), 300)
+    launch = Launch("torchrun", 2)
+    run = make_run(a, 0, 3e-3, tmp_path / "abl", str(data_dir), procs=2)
+    cmd = prepare_run(run, str(data_dir), launch)
+    assert cmd[:10] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "llmarch.cli", "train", "--arch"]
+    def opt(flag):
+        return cmd[cmd.index(flag) + 1]
+
+    assert opt("--batch-size") == "2" and opt("--eval-batches") == str(2 * 8)  # same rows and eval windows in all
+    with pytest.raises(ConfigError, match="variant 'A': batch_size 4 is not divisible by --nproc 3"):
+        check_variant_values([a], None, Launch("torchrun", 3))
+    with pytest.raises(ConfigError, match="--nproc 2 needs --launcher torchrun"):
+        Launch("local", 2).check()
+
+
+def test_bad_training_values_fail_before_any_run(capsys, tmp_path, data_dir):
+    path, _ = _spec(tmp_path, data_dir, variants=[{"name": "A"}, {"name": "B", "warmup": -1}])
+    rc, err = cli(capsys, "ablate", str(path))
+    one_error(rc, err, "variant 'B': --warmup must be 0 or more")
+    assert not (tmp_path / "abl" / "runs").exists()
+
+
+def test_only_nosuch_is_an_error_listing_the_variants(capsys, tmp_path, data_dir):
+    path, _ = _spec(tmp_path, data_dir)
+    rc, err = cli(capsys, "ablate", str(path), "--only", "nosuch")
+    one_error(rc, err, "--only nosuch", "'A', 'a'")
+    assert not (tmp_path / "abl" / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# seeds: the same init and batches for every variant of a seed
+# ----------------------------------------------------------------------------------------
+
+
+def test_seeded_init_is_shared_by_variants_and_differs_between_seeds(tmp_path, data_dir):
+    path, _ = _spec(tmp_path, data_dir, variants=[{"name": "GQA"}, {"name": "MHA", "set": {"num_kv_heads": 4}},
+                                                  {"name": "MoE", "set": {"moe": {"num_experts": 4, "top_k": 2,
+                                                                                  "expert_size": 32}}}])
+    (_, gqa), (_, mha), (_, moe) = variant_configs(load_spec(path), 300)
+
+    def embedding(cfg, seed):
+        name, p = next(iter(seeded_model(cfg, seed).named_parameters()))
+        assert "embed" in name
+        return p.detach().clone()
+
+    e = embedding(gqa, 0)
+    assert torch.equal(e, embedding(mha, 0)) and torch.equal(e, embedding(moe, 0))
+    assert not torch.equal(e, embedding(gqa, 1))
+    assert torch.equal(e, embedding(gqa, 0))  # and it does not depend on what ran before
+
+
+# ----------------------------------------------------------------------------------------
+# running: jobs at once, failures
+# ----------------------------------------------------------------------------------------
+
+
+class _FakeRun:
+    def __init__(self, d: Path, variant: str):
+        self.dir, self.variant, self.seed, self.lr, self.key = d, variant, 0, 1e-3, "fake"
+        d.mkdir(parents=True)
+
+
+def _sleeper(d: Path) -> list[str]:
+    code = ("import pathlib, sys, time; d = pathlib.Path(sys.argv[1]); (d / 'start').write_text(repr(time.time())); "
+            "time.sleep(1.5); (d / 'end').write_text(repr(time.time()))")
+    return [sys.executable, "-c", code, str(d)]
+
+
+def test_jobs_run_at_once_and_a_failure_does_not_stop_the_others(tmp_path):
+    bad, r1, r2 = (_FakeRun(tmp_path / n, n) for n in ("bad", "one", "two"))
+    done = []
+    failed = run_pool([(bad, [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]),
+                       (r1, _sleeper(r1.dir)), (r2, _sleeper(r2.dir))], 2, lambda r, rc: done.append((r.variant, rc)))
+    assert failed == [(bad, 3)] and sorted(done) == [("bad", 3), ("one", 0), ("two", 0)]
+    assert "boom" in (bad.dir / "train.log").read_text()
+    t = {r.variant: [float((r.dir / f).read_text()) for f in ("start", "end")] for r in (r1, r2)}
+    assert t["one"][0] < t["two"][1] and t["two"][0] < t["one"][1]  # they overlapped: two jobs at once
+
+
+def test_a_stage_lists_its_failed_runs_after_the_others_finish(tmp_path, monkeypatch):
+    runs = [_FakeRun(tmp_path / "good", "good"), _FakeRun(tmp_path / "bad", "bad")]
+    commands = {"good": _sleeper(tmp_path / "good"), "bad": [sys.executable, "-c", "import sys; sys.exit(1)"]}
+    monkeypatch.setattr(ablate, "prepare_run", lambda run, data_dir, launch: commands[run.variant])
+    with pytest.raises(ConfigError) as e:
+        run_stage(runs, "unused", Launch(jobs=2), "LR sweep")
+    msg = str(e.value)
+    assert "1 of 2 run(s) of the LR sweep failed" in msg and "'bad'" in msg and str(tmp_path / "bad" / "train.log") in msg
+    assert "'good'" not in msg and (tmp_path / "good" / "end").exists()  # the other one ran to its end
+
+
+# ----------------------------------------------------------------------------------------
+# a whole ablation: LR sweep, lr_from, two seeds, two jobs
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ablation(data_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ablation")
+    spec = write_spec(d / "spec.yaml", out=str(d / "out"), data=str(data_dir), match="params", seeds=2,
+                      lr_sweep=[1e-3, 3e-3], jobs=2, base=BASE,
+                      variants=[{"name": "GQA"}, {"name": "MHA", "set": {"num_kv_heads": 2}, "lr_from": "GQA"}])
+    assert cli_main(["ablate", str(spec)]) == 0
+    out = d / "out"
+    return out, json.loads((out / "results.json").read_text())
+
+
+def _run_folders(out: Path) -> dict[Path, dict]:
+    return {p: json.loads((p / "spec.json").read_text()) for p in (out / "runs").iterdir()}
+
+
+def test_sweep_picks_the_lowest_loss_and_its_run_is_the_first_seed(ablation):
+    out, results = ablation
+    folders = _run_folders(out)
+    assert len(folders) == 5  # GQA at 2 LRs (seed 0) + GQA seed 1 + MHA seeds 0, 1: the seed-0 sweep run is reused
+    sweep = {s["lr"]: json.loads((p / "summary.json").read_text())["final_val_loss"]
+             for p, s in folders.items() if s["variant"] == "GQA" and s["seed"] == 0}
+    best = min(sweep, key=lambda lr: (sweep[lr], lr))
+    assert results["lr_sweep"]["chosen"] == {"GQA": best} and results["lr_sweep"]["lr_from"] == {"MHA": "GQA"}
+    assert results["lr_sweep"]["losses"]["GQA"] == {f"{lr:g}": loss for lr, loss in sweep.items()}
+    for v in results["variants"]:
+        assert v["lr"] == best and [r["seed"] for r in v["runs"]] == [0, 1] and all(r["lr"] == best for r in v["runs"])
+    assert {s["lr"] for s in folders.values() if s["variant"] == "MHA"} == {best}  # MHA took GQA's LR, no sweep
+    gqa0 = results["variants"][0]["runs"][0]["run_dir"]
+    assert [p for p, s in folders.items() if s["variant"] == "GQA" and s["lr"] == best and s["seed"] == 0] == [Path(gqa0)]
+
+
+def test_variants_of_one_seed_saw_the_same_batches(ablation, data_dir):
+    out, results = ablation
+    data = TokenData.open(data_dir)
+    crcs = {}
+    for v in results["variants"]:
+        for r in v["runs"]:
+            crcs[v["name"], r["seed"]] = [m["batch_crc"] for m in read_metrics(Path(r["run_dir"]) / "metrics.jsonl")]
+    assert crcs["GQA", 0] == crcs["MHA", 0] and crcs["GQA", 1] == crcs["MHA", 1]
+    assert crcs["GQA", 0] != crcs["GQA", 1]
+    for seed in (0, 1):  # each is the CRC-32 of the step's batch, computed here from the data
+        x0 = [data.train_batch(seed, step, 0, 0, 1, 4, 1, 32)[0] for step in range(6)]
+        assert crcs["GQA", seed] == [zlib.crc32(x.contiguous().numpy().astype("int64").tobytes()) for x in x0]
+
+
+def test_results_json_md_csv_and_plots(ablation):
+    out, results = ablation
+    for key in ("command", "commit", "date", "wall_time_s", "machine", "seeds", "baseline", "lr_sweep", "ngram", "variants"):
+        assert key in results, key
+    assert results["command"].startswith("llmarch ablate ") and results["seeds"] == [0, 1] and results["baseline"] == "GQA"
+    assert results["machine"]["cores"] >= 1 and results["machine"]["cpu"]
+    assert results["commit"] == source_commit(exclude=out) or results["commit"].startswith("llmarch ")
+    assert results["runs_trained_here"] == results["runs_total"] == 5
+    gqa, mha = results["variants"]
+    for r in gqa["runs"] + mha["runs"]:
+        for key in ("run_dir", "lr", "final_val_loss", "val_loss_ctx", "loss_spikes", "max_grad_norm", "tokens_per_s",
+                    "expert_load_cv_final"):
+            assert key in r, key
+        assert set(r["val_loss_ctx"]) == {"1", "2", "4"} and "metrics" not in r
+    # the paired difference, by hand
+    diffs = [m["final_val_loss"] - g["final_val_loss"] for m, g in zip(mha["runs"], gqa["runs"])]
+    d = mha["stats"]["delta_vs_baseline"]
+    assert d["mean"] == pytest.approx(statistics.fmean(diffs))
+    half = T_975_DF1 * statistics.stdev(diffs) / math.sqrt(2)
+    assert d["ci95"] == pytest.approx([statistics.fmean(diffs) - half, statistics.fmean(diffs) + half])
+    assert gqa["stats"]["delta_vs_baseline"] is None and gqa["stats"]["n_seeds"] == 2
+    ng = results["ngram"]
+    assert ng["seq_len"] == 32 and ng["windows"] == 8 and ng["bigram"] < ng["unigram"]
+    md = (out / "results.md").read_text()
+    for fragment in ("- command: `llmarch ablate", "- commit: `", "- wall time: ", "- seeds: 0, 1 (2)", "- machine: ",
+                     "| MHA | ", "| unigram (count model", "| bigram (count model", "## LR sweep", "| GQA | "):
+        assert fragment in md, fragment
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["variant"] for r in rows[:2]] == ["GQA", "MHA"] and len(rows) == 4
+    assert float(rows[1]["delta_mean"]) == pytest.approx(statistics.fmean(diffs))
+    for name in ("loss", "grad_norm", "length", "lr_sweep"):
+        for ext in ("png", "svg"):
+            assert (out / f"{name}.{ext}").stat().st_size > 0, (name, ext)
+    command = (out / "runs" / Path(gqa["runs"][0]["run_dir"]).name / "command.txt").read_text()
+    assert command.startswith("python -m llmarch.cli train")
+
+
+# ----------------------------------------------------------------------------------------
+# reproduce means reproduce: a fresh folder, --resume, --force
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_finished_ablation_is_refused_reused_with_resume_and_replaced_with_force(capsys, tmp_path, data_dir):
+    spec = write_spec(tmp_path / "spec.yaml", out=str(tmp_path / "out"), data=str(data_dir), base=BASE,
+                      variants=[{"name": "only"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("mine")  # not the ablation's: never refused, never deleted
+    assert cli_main(["ablate", str(spec)]) == 0
+    (run_dir,) = (out / "runs").iterdir()
+    metrics = run_dir / "metrics.jsonl"
+    before = (metrics.read_bytes(), metrics.stat().st_mtime_ns)
+    capsys.readouterr()
+
+    rc, err = cli(capsys, "ablate", str(spec))
+    one_error(rc, err, f"{out} already holds an ablation (", "runs/ with 1 folder(s)",
+              "continue it with --resume, replace it with --force, or give another --out")
+    assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == before
+
+    assert cli_main(["ablate", str(spec), "--resume"]) == 0
+    assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == before  # reused, untouched
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["runs_trained_here"] == 0 and resumed["command"].endswith("--resume")
+
+    rc, err = cli(capsys, "ablate", str(spec), "--resume", "--force")
+    one_error(rc, err, "--resume and --force exclude each other")
+
+    assert cli_main(["ablate", str(spec), "--force"]) == 0
+    assert metrics.stat().st_mtime_ns != before[1]  # trained again
+    assert json.loads((out / "results.json").read_text())["runs_trained_here"] == 1
+    assert (out / "README.md").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------------------
+# tables and plots from synthetic rows
+# ----------------------------------------------------------------------------------------
+
+
+def _metrics(final: float, seed: int, steps: int = 8) -> list[dict]:
+    rows = []
+    for s in range(1, steps + 1):
+        row = {"step": s, "tokens": 128 * s, "loss": final + 2.0 / s + 0.01 * seed, "grad_norm": 1.0 + 0.1 * seed + 1.0 / s}
+        if s % 4 == 0:
+            row["val_loss"] = final + (steps - s) * 0.1
+        rows.append(row)
+    return rows
+
+
+def _run(seed: int, loss: float, **extra) -> dict:
+    r = {"seed": seed, "lr": 3e-3, "run_dir": f"runs/x-s{seed}", "final_val_loss": loss,
+         "val_loss_ctx": {"1": loss, "2": loss + 0.01, "4": loss + 0.05}, "loss_spikes": 1, "max_grad_norm": 2.0 + seed,
+         "tokens_per_s": 1000.0 + seed, "expert_load_cv_final": None, "metrics": _metrics(loss, seed)}
+    r.update(extra)
+    return r
+
+
+def synthetic_results(n_variants: int = 4) -> dict:
+    losses = {"A": [3.00, 3.10], "B": [2.90, 3.02], "C": [3.50, 3.61]}
+    variants = [{"name": n, "lr": 3e-3, "lr_source": "sweep", "params_active_non_embedding": 1000,
+                 "runs": [_run(i, x) for i, x in enumerate(xs)]} for n, xs in losses.items()]
+    # an old run: one seed, a summary without the newer keys
+    old = {k: v for k, v in _run(0, 3.2).items() if k not in ("val_loss_ctx", "loss_spikes", "expert_load_cv_final")}
+    variants.append({"name": "D (old summary)", "lr": 1e-3, "lr_source": "fixed", "params_active_non_embedding": 900,
+                     "runs": [old]})
+    for i in range(len(variants), n_variants):
+        variants.append({"name": f"V{i}", "lr": 3e-3, "lr_source": "sweep", "params_active_non_embedding": 1000,
+                         "runs": [_run(0, 3.0 + i / 100), _run(1, 3.05 + i / 100)]})
+    results = {"command": "llmarch ablate spec.yaml --seeds 2", "commit": "abc123+dirty", "wall_time_s": 12.5,
+               "date": "2026-01-01T00:00:00+00:00", "machine": {"cpu": "Test CPU", "cores": 2, "platform": "test"},
+               "seeds": [0, 1], "baseline": "A", "runs_trained_here": 7, "runs_total": 7,
+               "ngram": {"unigram": 5.0, "bigram": 4.0},
+               "lr_sweep": {"grid": [1e-3, 3e-3], "seed": 0, "chosen": {"A": 3e-3}, "lr_from": {"B": "A"},
+                            "losses": {"A": {1e-3: 3.2, 3e-3: 3.0}}},
+               "variants": variants[:max(n_variants, 4)]}
+    return compute_stats(results)
+
+
+def _row(md: str, name: str) -> list[str]:
+    """The cells of the first row named ``name`` (the main table comes before the LR sweep's)."""
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_table_from_synthetic_rows_against_hand_statistics(tmp_path):
+    results = synthetic_results()
+    write_table(results, tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    header = _row(md, "variant")
+    col = {h: i for i, h in enumerate(header)}
+    assert header[:7] == ["variant", "LR", "active non-emb. params", "val loss mean ± std (n seeds)", "95% CI",
+                          "Δ vs baseline [95% CI]", "exceeds seed noise?"]
+    assert "val loss at 2x ctx" in col and "val loss at 4x ctx" in col and header[-1] == "tokens/s"
+    a, b, c, d = (_row(md, n) for n in ("A", "B", "C", "D (old summary)"))
+    # A: mean 3.05, std of [3.00, 3.10] = 0.0707; CI mean ± 12.706 * std / sqrt(2)
+    half_a = T_975_DF1 * statistics.stdev([3.0, 3.1]) / math.sqrt(2)
+    assert a[col["val loss mean ± std (n seeds)"]] == "3.0500 ± 0.0707 (2)"
+    assert a[col["95% CI"]] == f"[{3.05 - half_a:.4f}, {3.05 + half_a:.4f}]"
+    assert a[col["Δ vs baseline [95% CI]"]] == "baseline"
+    # B - A per seed: -0.10, -0.08 -> mean -0.09, the interval holds 0: a wash
+    half_b = T_975_DF1 * statistics.stdev([-0.10, -0.08]) / math.sqrt(2)
+    assert b[col["Δ vs baseline [95% CI]"]] == f"−0.0900 [−{0.09 + half_b:.4f}, +{half_b - 0.09:.4f}]"
+    assert b[col["exceeds seed noise?"]] == "no (wash)"
+    # C - A: 0.50, 0.51 -> the interval excludes 0
+    assert c[col["exceeds seed noise?"]] == "yes" and c[col["Δ vs baseline [95% CI]"]].startswith("+0.5050 [")
+    # D: one seed, keys missing from its summary
+    assert d[col["exceeds seed noise?"]] == "— (1 seed)" and d[col["Δ vs baseline [95% CI]"]] == "+0.2000"
+    assert d[col["val loss at 2x ctx"]] == "—" and d[col["loss spikes"]] == "—" and d[col["expert load CV"]] == "—"
+    assert a[col["val loss at 4x ctx"]] == "3.1000 ± 0.0707"
+    assert a[col["loss spikes"]] == "2" and a[col["max grad norm"]] == "3.0000"
+    uni = _row(md, "unigram (count model, no training)")
+    assert uni[col["val loss mean ± std (n seeds)"]] == "5.0000" and set(uni[4:]) == {"—"}
+    assert "| A | 3.2000 | **3.0000** | 0.003 |" in md and "B: the LR of A (0.003)" in md
+    for line in ("- command: `llmarch ablate spec.yaml --seeds 2`", "- commit: `abc123+dirty`", "- seeds: 0, 1 (2)",
+                 "- machine: Test CPU, 2 cores"):
+        assert line in md, line
+    rows = {r["variant"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
+    assert float(rows["B"]["delta_mean"]) == pytest.approx(-0.09) and rows["B"]["exceeds_seed_noise"] == "False"
+    assert rows["C"]["exceeds_seed_noise"] == "True" and float(rows["bigram (count model, no training)"]["val_loss_mean"]) == 4.0
+    write_json(results, tmp_path)
+    back = json.loads((tmp_path / "results.json").read_text())
+    assert back["lr_sweep"]["losses"]["A"] == {"0.001": 3.2, "0.003": 3.0} and "metrics" not in back["variants"][0]["runs"][0]
+
+
+def test_plots_from_synthetic_rows_use_distinct_colours(tmp_path):
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    written = plot(synthetic_results(), tmp_path)
+    assert sorted(p.name for p in written) == sorted(f"{n}.{e}" for n in ("loss", "grad_norm", "length", "lr_sweep")
+                                                     for e in ("png", "svg"))
+    assert all(p.stat().st_size > 0 for p in written)
+    results = synthetic_results(n_variants=13)
+    fig = loss_figure(results)
+    names = [v["name"] for v in results["variants"]]
+    lines = {ln.get_label(): ln for ln in fig.axes[0].lines}
+    colours = [mcolors.to_hex(lines[f"{n} ({len(v['runs'])} seed{'s' * (len(v['runs']) > 1)})"].get_color())
+               for n, v in zip(names, results["variants"])]
+    assert len(set(colours)) == len(names) == 13
+    dashed = [ln for ln in fig.axes[0].lines if ln.get_linestyle() == "--"]
+    assert sorted(ln.get_ydata()[0] for ln in dashed) == [4.0, 5.0]  # the n-gram references
+    plt.close(fig)
+    fig = lr_sweep_figure(results)
+    assert [ln.get_label() for ln in fig.axes[0].lines if not ln.get_label().startswith("_")] == ["A"]
+    plt.close(fig)
+    for n in (3, 11, 20, 31):
+        assert len({mcolors.to_hex(c) for c in variant_colours(n)}) == n
+
+
+# ----------------------------------------------------------------------------------------
+# the torchrun launcher
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_launcher_gives_the_local_loss_curve(tmp_path, data_dir):
+    base = {**BASE, "tokens": 4 * 32 * 8, "eval_every": 4}
+    spec = write_spec(tmp_path / "spec.yaml", out=str(tmp_path / "local"), data=str(data_dir), base=base,
+                      variants=[{"name": "tiny"}])
+    local = run_spec(spec)
+    dist = run_spec(spec, out=str(tmp_path / "torchrun"), launcher="torchrun", nproc=2)
+    (lrun,), (drun,) = local["variants"][0]["runs"], dist["variants"][0]["runs"]
+    assert "torch.distributed.run" in (Path(drun["run_dir"]) / "command.txt").read_text()
+    a, b = read_metrics(Path(lrun["run_dir"]) / "metrics.jsonl"), read_metrics(Path(drun["run_dir"]) / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    for key in ("loss", "grad_norm", "val_loss"):
+        xs, ys = [r.get(key) for r in a], [r.get(key) for r in b]
+        assert [x is None for x in xs] == [y is None for y in ys], key
+        for x, y in zip(xs, ys):
+            assert x is None or abs(x - y) <= 1e-4 * abs(x), (key, xs, ys)
+    for m in ("1", "2", "4"):
+        assert drun["val_loss_ctx"][m] == pytest.approx(lrun["val_loss_ctx"][m], rel=1e-4)
+    assert dist["nproc"] == 2 and dist["launcher"] == "torchrun"
+
+
+def test_run_checkpoints_are_never_committed():
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    for rel in ("docs/ablations/runs/gqa-s0-lr0.003-0123456789/checkpoint.safetensors",
+                "docs/ablations/runs/old-layout/checkpoint.pt", "docs/ablations/runs/a/b/checkpoint.safetensors"):
+        assert subprocess.run(["git", "-C", str(root), "check-ignore", "-q", rel], check=False).returncode == 0, rel
+    kept = "docs/ablations/runs/gqa-s0-lr0.003-0123456789/metrics.jsonl"
+    assert subprocess.run(["git", "-C", str(root), "check-ignore", "-q", kept], check=False).returncode == 1
+
