@@ -4,7 +4,8 @@ Both models hold the same weights (llmarch's init, exported with ``save_pretrain
 ``LlamaForCausalLM.from_pretrained``), see the same batches from the prepared data, run in the
 same dtype with the same AdamW and a plain PyTorch loop (forward, cross-entropy, backward,
 clip, step). Steps alternate between the two in one process, so machine load hits both alike.
-Also times llmarch with Muon (+ AdamW for embeddings/head/norms) against AdamW.
+Also times llmarch with Muon (+ AdamW for embeddings/head/norms) against AdamW, in the same
+alternation.
 
     PYTHONPATH=src python benchmarks/train.py [--data data/shakespeare] [--steps 30]
 """
@@ -103,8 +104,8 @@ def main() -> None:
         print(f"{name:20s} {tokens / med[name]:9.0f} tokens/s   step {med[name] * 1e3:7.1f} ms   "
               f"optimizer.step {med_opt[name] * 1e3:6.1f} ms   (median of {args.steps})")
     print(f"throughput ratio llmarch / transformers (AdamW): {med['transformers AdamW'] / med['llmarch AdamW']:.3f}x")
-    print(f"Muon / AdamW: full step {med['llmarch Muon'] / med['llmarch AdamW']:.3f}x, "
-          f"optimizer.step {med_opt['llmarch Muon'] / med_opt['llmarch AdamW']:.3f}x")
+    print(f"Muon full step / AdamW full step: {med['llmarch Muon'] / med['llmarch AdamW']:.3f}x "
+          f"(optimizer.step alone {med_opt['llmarch Muon'] / med_opt['llmarch AdamW']:.3f}x)")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from llmarch.training.checkpointing import read_checkpoint
 from llmarch.training.config import TrainConfig
 from llmarch.training.data import DEFAULT_CORPUS, TokenData, prepare
 from llmarch.training.loop import init_weights, read_metrics, train, usable_length_multiples
-from llmarch.training.optim import NS_COEFFICIENTS, QKClip, build_optimizer
+from llmarch.training.optim import NS_COEFFICIENTS, Muon, QKClip, build_optimizer
 from llmarch.training.scale import scale_config
 from llmarch.training.schedule import lr_factor
 
@@ -169,7 +169,7 @@ def test_muon_update_is_orthogonal_newton_schulz():
     model.embed = nn.Embedding(4, 96)  # stays with AdamW
     opt = build_optimizer(model, "muon", lr=1.0, weight_decay=0.0)
     adamw, muon = opt.optimizers
-    assert isinstance(muon, torch.optim.Muon) and muon.param_groups[0]["ns_coefficients"] == (3.4445, -4.7750, 2.0315)
+    assert isinstance(muon, Muon) and muon.param_groups[0]["ns_coefficients"] == (3.4445, -4.7750, 2.0315)
     assert NS_COEFFICIENTS == (3.4445, -4.7750, 2.0315) and muon.param_groups[0]["ns_steps"] == 5
     assert [p for g in adamw.param_groups for p in g["params"]] == [model.embed.weight]
     w = model[0].weight
@@ -187,7 +187,7 @@ def test_muon_update_is_orthogonal_newton_schulz():
     for _ in range(5):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
-    assert torch.allclose(update, x, atol=0.03)  # torch runs the iteration in bfloat16
+    assert torch.allclose(update, x, atol=0.03)  # the iteration runs in bfloat16, as torch's does
     assert float(torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min()) > 3
 
 

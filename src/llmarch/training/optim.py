@@ -1,13 +1,25 @@
 """Optimisers for training: AdamW, Muon (+ AdamW for what Muon does not own) and MuonClip's QK-clip.
 
 Muon
-    ``torch.optim.Muon`` ships with torch (2.9 and later; llmarch runs on 2.13), so llmarch uses
-    it rather than a copy: Nesterov momentum, then 5 Newton-Schulz steps with Keller Jordan's
-    quintic coefficients (3.4445, -4.7750, 2.0315) orthogonalise each update, and
+    :class:`Muon` is the update of ``torch.optim.Muon`` (torch 2.9 and later) with the settings
+    llmarch uses: Nesterov momentum, then 5 Newton-Schulz steps with Keller Jordan's quintic
+    coefficients (3.4445, -4.7750, 2.0315) orthogonalise each update (a wide orientation: a
+    tall matrix is transposed so that the Gram product is on its small side), and
     ``adjust_lr_fn="match_rms_adamw"`` scales it by 0.2 * sqrt(max(m, n)) (Moonshot, "Muon is
     scalable for LLM training") so that the update RMS matches AdamW's and one learning rate
-    serves both. Muon owns the 2-D weight matrices of the hidden layers; the embedding, the
-    output head, norms and biases stay with AdamW (as in Keller Jordan's and Moonshot's setups).
+    serves both; decoupled weight decay multiplies the weights by 1 - lr * weight_decay first.
+    llmarch has its own step because torch's runs the iteration matrix by matrix: here the
+    matrices of one (oriented) shape are stacked and iterated together with ``torch.bmm`` /
+    ``torch.baddbmm`` (a tall 688 x 256 and a wide 256 x 688 matrix share one stack), and the
+    momentum, weight decay and update use foreach ops. The Newton-Schulz iteration runs in
+    bfloat16, as torch's and Keller Jordan's do; ``ns_dtype=torch.float32`` gives the same
+    iteration in float32. The state (a ``momentum_buffer`` per matrix) and the param-group keys
+    are torch's, so checkpoints written with ``torch.optim.Muon`` load into :class:`Muon`.
+
+    Muon owns the 2-D weight matrices of the hidden layers; the embedding, the output head,
+    norms and biases stay with AdamW (as in Keller Jordan's and Moonshot's setups), and so do
+    MoE experts stored as one 3-D tensor per layer (their fused gate/up rows would be
+    orthogonalised together, not per projection).
 
 QK-clip (MuonClip, Kimi K2)
     After each optimiser step, every attention head whose largest pre-softmax logit in that
@@ -23,6 +35,9 @@ QK-clip (MuonClip, Kimi K2)
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
+
 import torch
 from torch import nn
 
@@ -30,6 +45,7 @@ from ..errors import ConfigError
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
+NS_EPS = 1e-7  # torch.optim.Muon's floor on the norm the update is divided by
 OPTIMIZERS = ("adamw", "muon")
 
 
@@ -91,6 +107,117 @@ class Optimizers:
             opt.load_state_dict(s)
 
 
+def newton_schulz(
+    x: torch.Tensor, coefficients: tuple[float, float, float] = NS_COEFFICIENTS, steps: int = NS_STEPS,
+    eps: float = NS_EPS,
+) -> torch.Tensor:
+    """Orthogonalise a stack of wide matrices (``(batch, m, n)`` with m <= n) by the quintic
+    Newton-Schulz iteration, each divided (in place) by its Frobenius norm first.
+
+    Each step is X <- a X + (b A + c A^2) X with A = X X^T, as in ``torch.optim.Muon``, in the
+    dtype of ``x``."""
+    if x.ndim != 3 or x.shape[-2] > x.shape[-1]:
+        raise ValueError(f"newton_schulz takes a stack of wide matrices (batch, m, n) with m <= n, got {tuple(x.shape)}")
+    a, b, c = coefficients
+    x.div_(torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp_(min=eps))
+    for _ in range(steps):
+        gram = torch.bmm(x, x.mT)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    return x
+
+
+def _adjusted_lr(lr: float, shape: torch.Size) -> float:
+    """torch.optim.Muon's ``match_rms_adamw``: lr * 0.2 * sqrt(max(m, n))."""
+    return lr * 0.2 * math.sqrt(max(shape))
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a wide matrix: transposed (a view) when it has more rows than columns."""
+    return t.T if t.shape[0] > t.shape[1] else t
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon with Nesterov momentum and AdamW-RMS matching, Newton-Schulz batched by shape.
+
+    The same update as ``torch.optim.Muon(params, lr, weight_decay, momentum, nesterov,
+    ns_coefficients, eps, ns_steps, adjust_lr_fn="match_rms_adamw")``, with the same state
+    (``momentum_buffer``) and param-group keys. ``ns_dtype`` is the dtype of the iteration
+    (bfloat16, torch's; float32 is slower on CPU and closer to exact arithmetic)."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = NS_EPS,
+        ns_steps: int = NS_STEPS,
+        ns_dtype: torch.dtype = torch.bfloat16,
+    ):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"Muon needs lr, momentum and weight_decay >= 0, got {lr}, {momentum}, {weight_decay}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
+                        adjust_lr_fn="match_rms_adamw")
+        super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
+        for group in self.param_groups:
+            if group["adjust_lr_fn"] != "match_rms_adamw":
+                raise ValueError(f"Muon scales the lr as 'match_rms_adamw' only, got {group['adjust_lr_fn']!r}")
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon takes 2-D matrices only, got a parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every matrix that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update_group(group, params)
+        return loss
+
+    def _momentum(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Advance the momentum buffers; return the (Nesterov) directions to orthogonalise."""
+        grads = [p.grad for p in params]
+        for p in params:
+            if p.grad.is_sparse or torch.is_complex(p):
+                raise RuntimeError("Muon takes real parameters with dense gradients only")
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        momentum = group["momentum"]
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * grad
+        return torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+
+    def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        """Momentum, then per (wide) shape: stack, orthogonalise, decay the weights and add."""
+        lr, wd = group["lr"], group["weight_decay"]
+        directions = self._momentum(group, params)
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        stacks: dict[tuple, list[int]] = defaultdict(list)  # one stack per wide shape (and device, dtype)
+        for i, p in enumerate(params):
+            stacks[(_wide(p).shape, p.device, p.dtype)].append(i)
+        for (shape, device, dtype), idx in stacks.items():
+            stack = torch.empty((len(idx), *shape), dtype=self.ns_dtype, device=device)
+            torch._foreach_copy_(list(stack.unbind(0)), [_wide(directions[i]) for i in idx])  # cast as it stacks
+            ortho = newton_schulz(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            ortho = ortho.to(dtype)
+            updates = [o.T if params[i].shape != shape else o for i, o in zip(idx, ortho.unbind(0))]
+            torch._foreach_add_([params[i] for i in idx], updates, alpha=-_adjusted_lr(lr, shape))
+
+
 def build_optimizer(
     model: nn.Module,
     name: str = "adamw",
@@ -110,10 +237,8 @@ def build_optimizer(
     opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(adam_groups, lr=lr, betas=betas, eps=1e-8)]
     if name == "muon" and matrices:
         opts.append(
-            torch.optim.Muon(
-                matrices, lr=lr, weight_decay=weight_decay, momentum=muon_momentum, nesterov=True,
-                ns_coefficients=NS_COEFFICIENTS, ns_steps=NS_STEPS, adjust_lr_fn="match_rms_adamw",
-            )
+            Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=muon_momentum, nesterov=True,
+                 ns_coefficients=NS_COEFFICIENTS, ns_steps=NS_STEPS)
         )
     return Optimizers(opts)
 
@@ -215,5 +340,8 @@ class QKClip:
         att.kv_b_proj.weight.mul_(k_rows.reshape(-1).to(att.kv_b_proj.weight.dtype)[:, None])
 
 
-__all__ = ["NS_COEFFICIENTS", "NS_STEPS", "OPTIMIZERS", "Optimizers", "QKClip", "build_optimizer", "split_params"]
+__all__ = [
+    "NS_COEFFICIENTS", "NS_EPS", "NS_STEPS", "OPTIMIZERS", "Muon", "Optimizers", "QKClip", "build_optimizer",
+    "newton_schulz", "split_params",
+]
 
