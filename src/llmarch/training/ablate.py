@@ -67,7 +67,7 @@ from ..analysis.params import count_params
 from ..atomic import write_text
 from ..errors import ConfigError
 from ..model.config import ModelConfig
-from .ablate_results import gather, write_all
+from .ablate_results import compute_stats, lr_source, ngram_rows, run_entry, write_all
 from .checkpointing import find_checkpoint
 from .config import TrainConfig
 from .data import TokenData, prepare
@@ -728,8 +728,43 @@ def run_spec(path: str | Path, out: str | None = None, only: list[str] | None = 
     return results
 
 
+def gather(spec: dict[str, Any], variants: list, seeds: list[int], chosen: dict[str, float], grid: list[float] | None,
+           out_dir: Path, data, procs: int, provenance: dict[str, Any]) -> dict[str, Any]:
+    """The results of every variant's finished runs (at its chosen LR, every seed), the LR
+    sweep's losses, the n-gram references, the provenance, and the statistics over seeds."""
+    data_dir = str(data.path)
+    entries = []
+    for v in variants:
+        if v.name not in chosen:
+            continue
+        runs = []
+        for seed in seeds:
+            run = make_run(v, seed, chosen[v.name], out_dir, data_dir, procs)
+            summary = read_summary(run)
+            if summary is not None:
+                runs.append(run_entry(run, summary))
+        if runs:
+            entries.append({"name": v.name, "lr": chosen[v.name], "lr_source": lr_source(v),
+                            "params_active_non_embedding": active_non_embedding(v.cfg),
+                            "params_total": count_params(v.cfg).total, "runs": runs})
+    sweep = None
+    if grid:
+        swept = [v for v in variants if v.swept]
+        sweep = {"grid": list(grid), "seed": seeds[0],
+                 "chosen": {v.name: chosen[v.name] for v in swept if v.name in chosen},
+                 "lr_from": {v.name: v.lr_from for v in variants if v.lr_from},
+                 "losses": {v.name: sweep_losses(v, grid, seeds[0], out_dir, data_dir, procs) for v in swept}}
+    base = spec["base"]
+    seq_len = int(base.get("seq_len", TrainConfig.seq_len))
+    windows = int(base.get("eval_batches", TrainConfig.eval_batches)) * int(base.get("batch_size", TrainConfig.batch_size))
+    results = {**provenance, "seeds": list(seeds), "baseline": baseline_name(spec), "lr_sweep": sweep,
+               "ngram": ngram_rows(data, seq_len, windows), "variants": entries}
+    compute_stats(results)
+    return results
+
+
 __all__ = [
-    "Launch", "Run", "Variant", "active_non_embedding", "baseline_name", "check_out_dir", "choose_lr", "chosen_lrs",
+    "Launch", "Run", "Variant", "active_non_embedding", "baseline_name", "check_out_dir", "gather", "choose_lr", "chosen_lrs",
     "load_spec", "make_run", "match_params", "prepare_run", "read_summary", "run_key", "run_pool", "run_spec",
     "source_commit", "spec_seeds", "variant_configs", "variants_of",
 ]

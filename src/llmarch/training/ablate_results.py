@@ -53,7 +53,7 @@ def run_entry(run, summary: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def _lr_source(v) -> str:
+def lr_source(v) -> str:
     if v.lr_from is not None:
         return f"lr_from {v.lr_from}"
     return "fixed" if v.lr is not None else "sweep"
@@ -65,45 +65,6 @@ def ngram_rows(data, seq_len: int, windows: int) -> dict[str, Any]:
 
     ref = ngram_reference(data, seq_len, windows)
     return {"seq_len": seq_len, "windows": windows, **ref}
-
-
-def gather(spec: dict[str, Any], variants: list, seeds: list[int], chosen: dict[str, float], grid: list[float] | None,
-           out_dir: Path, data, procs: int, provenance: dict[str, Any]) -> dict[str, Any]:
-    """The results of every variant's finished runs (at its chosen LR, every seed), the LR
-    sweep's losses, the n-gram references, the provenance, and the statistics over seeds."""
-    from .ablate import active_non_embedding, baseline_name, make_run, read_summary, sweep_losses
-    from ..analysis.params import count_params
-    from .config import TrainConfig
-
-    data_dir = str(data.path)
-    entries = []
-    for v in variants:
-        if v.name not in chosen:
-            continue
-        runs = []
-        for seed in seeds:
-            run = make_run(v, seed, chosen[v.name], out_dir, data_dir, procs)
-            summary = read_summary(run)
-            if summary is not None:
-                runs.append(run_entry(run, summary))
-        if runs:
-            entries.append({"name": v.name, "lr": chosen[v.name], "lr_source": _lr_source(v),
-                            "params_active_non_embedding": active_non_embedding(v.cfg),
-                            "params_total": count_params(v.cfg).total, "runs": runs})
-    sweep = None
-    if grid:
-        swept = [v for v in variants if v.swept]
-        sweep = {"grid": list(grid), "seed": seeds[0],
-                 "chosen": {v.name: chosen[v.name] for v in swept if v.name in chosen},
-                 "lr_from": {v.name: v.lr_from for v in variants if v.lr_from},
-                 "losses": {v.name: sweep_losses(v, grid, seeds[0], out_dir, data_dir, procs) for v in swept}}
-    base = spec["base"]
-    seq_len = int(base.get("seq_len", TrainConfig.seq_len))
-    windows = int(base.get("eval_batches", TrainConfig.eval_batches)) * int(base.get("batch_size", TrainConfig.batch_size))
-    results = {**provenance, "seeds": list(seeds), "baseline": baseline_name(spec), "lr_sweep": sweep,
-               "ngram": ngram_rows(data, seq_len, windows), "variants": entries}
-    compute_stats(results)
-    return results
 
 
 # ----------------------------------------------------------------------------------------
@@ -543,5 +504,5 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
-__all__ = ["compute_stats", "csv_rows", "gather", "grad_norm_figure", "length_figure", "loss_figure", "lr_sweep_figure",
+__all__ = ["compute_stats", "csv_rows", "grad_norm_figure", "length_figure", "loss_figure", "lr_sweep_figure",
            "plot", "table_rows", "variant_colours", "variant_stats", "write_all", "write_json", "write_table"]
