@@ -566,3 +566,20 @@ def test_run_checkpoints_are_never_committed():
     kept = "docs/ablations/runs/gqa-s0-lr0.003-0123456789/metrics.jsonl"
     assert subprocess.run(["git", "-C", str(root), "check-ignore", "-q", kept], check=False).returncode == 1
 
+
+
+def test_the_committed_article_spec_loads_and_matches_parameters():
+    """docs/ablations/article.yaml (what the committed results came from) is a valid spec: every
+    variant resolves, the LR families point at swept variants, and matching holds each variant's
+    active non-embedding parameters within 1% of the baseline's."""
+    path = Path(__file__).parent.parent / "docs" / "ablations" / "article.yaml"
+    spec = ablate.load_spec(path)
+    variants = ablate.variants_of(spec, 1024)
+    assert len(variants) == len(spec["variants"]) >= 12 and spec["seeds"] >= 3
+    names = {v.name for v in variants}
+    assert "post-norm + QK-norm (OLMo 2)" in names
+    swept = {v.name for v in variants if v.swept}
+    assert all(v.lr_from in swept for v in variants if v.lr_from)
+    base = ablate.active_non_embedding(variants[0].cfg)
+    for v in variants:
+        assert abs(ablate.active_non_embedding(v.cfg) - base) <= 0.01 * base, v.name
