@@ -65,3 +65,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory):
+    """``token_data(chars, vocab)``: the first ``chars`` characters of the bundled corpus prepared
+    with a ``vocab``-entry BPE (``llmarch data prepare``), once per session for each pair. Tests
+    read the folder; one that changes data copies it first."""
+    import gzip
+
+    from llmarch.training.data import DEFAULT_CORPUS, prepare
+
+    made = {}
+
+    def get(chars: int, vocab: int):
+        if (chars, vocab) not in made:
+            d = tmp_path_factory.mktemp(f"data_{chars}_{vocab}")
+            with gzip.open(DEFAULT_CORPUS, "rt") as f:
+                (d / "c.txt").write_text(f.read()[:chars])
+            prepare(d / "c.txt", d / "tok", "bpe", vocab_size=vocab, progress=False)
+            made[chars, vocab] = d / "tok"
+        return made[chars, vocab]
+
+    return get
+

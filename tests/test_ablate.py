@@ -6,7 +6,6 @@ and plots are also checked on synthetic rows, against statistics computed here b
 """
 
 import csv
-import gzip
 import json
 import math
 import statistics
@@ -46,7 +45,7 @@ from llmarch.training.ablate_results import (
     write_json,
     write_table,
 )
-from llmarch.training.data import DEFAULT_CORPUS, TokenData, prepare
+from llmarch.training.data import TokenData
 from llmarch.training.loop import read_metrics, seeded_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,12 +57,8 @@ T_975_DF1 = 12.706  # Student's t, two-sided 95%, 1 degree of freedom (any stati
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ablate_data")
-    with gzip.open(DEFAULT_CORPUS, "rt") as f:
-        (d / "c.txt").write_text(f.read()[:100_000])
-    prepare(d / "c.txt", d / "tok", "bpe", vocab_size=300, progress=False)
-    return d / "tok"
+def data_dir(token_data):
+    return token_data(100_000, 300)
 
 
 def write_spec(path: Path, **spec) -> Path:

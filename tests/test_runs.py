@@ -7,7 +7,6 @@
 * every bad argument of ``train`` / ``data prepare`` is one ``llmarch: error:`` line, exit 2.
 """
 
-import gzip
 import json
 import os
 import random
@@ -25,7 +24,7 @@ from llmarch.cli import main as cli_main
 from llmarch.training import loop
 from llmarch.training.checkpointing import CHECKPOINT, TRAIN_CONFIG, read_checkpoint
 from llmarch.training.config import TrainConfig
-from llmarch.training.data import DEFAULT_CORPUS, prepare
+from llmarch.training.data import prepare
 from llmarch.training.loop import read_metrics, train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -34,12 +33,8 @@ KEYS = ("loss", "grad_norm", "lr", "val_loss")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("runs_data")
-    with gzip.open(DEFAULT_CORPUS, "rt") as f:
-        (d / "c.txt").write_text(f.read()[:100_000])
-    prepare(d / "c.txt", d / "tok", "bpe", vocab_size=300, progress=False)
-    return d / "tok"
+def data_dir(token_data):
+    return token_data(100_000, 300)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from llmarch.training.data import prepare
 from llmarch.training.loop import read_metrics
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -16,16 +15,8 @@ pytestmark = pytest.mark.slow  # torchrun with 2 processes, several runs
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    import gzip
-
-    from llmarch.training.data import DEFAULT_CORPUS
-
-    d = tmp_path_factory.mktemp("dist_data")
-    with gzip.open(DEFAULT_CORPUS, "rt") as f:
-        (d / "c.txt").write_text(f.read()[:200_000])
-    prepare(d / "c.txt", d / "tok", "bpe", vocab_size=512, progress=False)
-    return d / "tok"
+def data_dir(token_data):
+    return token_data(200_000, 512)
 
 
 def run(out: Path, data_dir: Path, nproc: int, *extra: str) -> list[dict]:
