@@ -19,7 +19,7 @@ from llmarch.training.balance import ExpertLoad, load_balancing_loss, router_mod
 from llmarch.training.checkpointing import read_checkpoint
 from llmarch.training.config import TrainConfig
 from llmarch.training.data import DEFAULT_CORPUS, TokenData, prepare
-from llmarch.training.loop import init_weights, read_metrics, train, usable_length_multiples
+from llmarch.training.loop import init_weights, length_eval, read_metrics, train, usable_length_multiples
 from llmarch.training.optim import NS_COEFFICIENTS, Muon, QKClip, build_optimizer
 from llmarch.training.scale import scale_config
 from llmarch.training.schedule import lr_factor
@@ -346,6 +346,10 @@ def test_summary_has_length_eval_spikes_and_no_moe_fields(data_dir, tmp_path):
             seg = val[w * 128 : (w + 1) * 128 + 1]
             losses.append(F.cross_entropy(model(seg[None, :-1])[0], seg[1:], reduction="sum"))
     assert summary["val_loss_ctx"]["4"] == pytest.approx(float(sum(losses)) / 256, rel=1e-5)
+    # the run reuses the final evaluation for 1x; evaluated afresh, 1x gives that same loss
+    fresh = length_eval(model, TokenData.open(data_dir), cfg, model.config, torch.device("cpu"))
+    assert fresh["1"] == pytest.approx(summary["final_val_loss"], rel=1e-6)
+    assert fresh["4"] == pytest.approx(summary["val_loss_ctx"]["4"], rel=1e-6)
 
 
 def test_length_multiples_the_model_and_data_allow(data_dir):

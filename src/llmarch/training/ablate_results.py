@@ -104,7 +104,7 @@ def variant_stats(entry: dict[str, Any], baseline: dict[str, Any] | None) -> dic
         if common:
             delta = dict(stats.paired_difference([vals[s] for s in common], [base_vals[s] for s in common]), seeds=common)
     ctx = {}
-    for m in sorted({m for r in runs if isinstance(r.get("val_loss_ctx"), dict) for m in r["val_loss_ctx"]}, key=float):
+    for m in context_multiples({"variants": [entry]}):
         xs = _ctx_values(runs, m)
         if xs:
             ctx[m] = stats.summarize(xs)
@@ -440,12 +440,10 @@ def length_figure(results: dict[str, Any]):
     width = 0.08
     for i, (v, c) in enumerate(zip(variants, variant_colours(len(variants)))):
         xs, ys, es = [], [], []
-        for m in multiples:
-            vals = _ctx_values(v["runs"], m)
-            if vals:
-                xs.append(float(m) * 2 ** (width * (i - (len(variants) - 1) / 2)))  # a small dodge
-                ys.append(statistics.fmean(vals))
-                es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        for m, st in sorted(v["stats"]["val_loss_ctx"].items(), key=lambda kv: float(kv[0])):  # compute_stats'
+            xs.append(float(m) * 2 ** (width * (i - (len(variants) - 1) / 2)))  # a small dodge
+            ys.append(st["mean"])
+            es.append(st["std"])
         if xs:
             ax.errorbar(xs, ys, yerr=es, fmt="o-", ms=4, lw=1.2, capsize=3, color=c, label=v["name"])
     ax.set_xscale("log", base=2)

@@ -157,7 +157,8 @@ def _val_windows(data: TokenData, seq_len: int, windows: int, batch: int) -> lis
     ]
 
 
-def length_eval(model: nn.Module, data: TokenData, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> dict[str, float]:
+def length_eval(model: nn.Module, data: TokenData, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device,
+                regular: float | None = None) -> dict[str, float]:
     """Validation loss at each usable multiple ``m`` of the training context (:func:`usable_length_multiples`),
     keyed ``str(m)``.
 
@@ -166,7 +167,8 @@ def length_eval(model: nn.Module, data: TokenData, cfg: TrainConfig, model_cfg: 
     the regular evaluation's ``windows * seq_len`` tokens. A window of ``m * seq_len`` covers ``m``
     consecutive 1x windows, so the longer contexts differ only in how much each target sees
     before it. Batches hold ``max(1, batch_size // m)`` windows. When ``windows`` is a multiple of
-    ``M`` the 1x evaluation is the regular one (same windows, same batches).
+    ``M`` the 1x evaluation is the regular one (same windows, same batches): its loss
+    ``regular``, when given, is used instead of evaluating again.
     """
     windows = min((len(data.val) - 1) // cfg.seq_len, cfg.batch_size * cfg.eval_batches)  # as val_batches
     usable = usable_length_multiples(cfg, model_cfg, windows)
@@ -175,6 +177,9 @@ def length_eval(model: nn.Module, data: TokenData, cfg: TrainConfig, model_cfg: 
     tokens = windows // max(usable) * max(usable) * cfg.seq_len
     out = {}
     for m in usable:
+        if m == 1 and regular is not None and tokens == windows * cfg.seq_len:
+            out["1"] = regular
+            continue
         length = m * cfg.seq_len
         batches = _val_windows(data, length, tokens // length, max(1, cfg.batch_size // m))
         out[str(m)] = evaluate(model, batches, device, cfg)
@@ -352,7 +357,7 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
             val_loss = evaluate(wrapped, val_batches, dev, cfg)
             record["val_loss"] = val_loss
         if step + 1 == total_steps and cfg.length_multiples:  # every rank: FSDP needs all in the forward
-            record["val_loss_ctx"] = length_eval(wrapped, data, cfg, model_cfg, dev)
+            record["val_loss_ctx"] = length_eval(wrapped, data, cfg, model_cfg, dev, regular=val_loss)
         if rank == 0:
             with open(metrics_path, "a") as f:  # a kill mid-line leaves a torn last line, which resume drops
                 f.write(json.dumps(record) + "\n")
