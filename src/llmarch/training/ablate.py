@@ -687,9 +687,7 @@ def run_spec(path: str | Path, out: str | None = None, only: list[str] | None = 
     data = TokenData.open(data_dir)
     variants = variants_of(spec, data.vocab_size)
     grid = spec.get("lr_sweep")
-    check_variant_values(variants, grid, launch)
-    for v in variants:
-        _train_args({**v.fields, "lr": 1.0, "seed": 0}, Path("model.json"), data_dir, Path("run"))
+    check_variant_values(variants, grid, launch)  # unknown fields were refused by load_spec
     selected = _select(variants, only)
     if force:
         clear_out_dir(out_dir)
