@@ -97,6 +97,27 @@ def test_continuous_batching_matches_one_request_at_a_time(tiny, arch):
     assert scheduler.active == 0 and scheduler.decoding == 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "llama4_text", "deepseek_v3", "gemma3n"])
+def test_prompts_arriving_together_are_prefilled_in_one_forward(tiny, arch, monkeypatch):
+    """Four prompts of different lengths (right-padded to the longest, padding at position -1)
+    are one prefill forward, and each still gets the tokens it gets alone; a fifth whose chunk
+    would take the padded batch past prefill_chunk waits for the next turn."""
+    model = tiny(arch)[0]
+    lengths, news = [3, 1, 4, 2, 9], [5, 7, 3, 6, 4]
+    requests = [(_prompt(n, 20 + s), GenerationConfig(max_new_tokens=m, ignore_eos=True))
+                for s, (n, m) in enumerate(zip(lengths, news))]
+    shapes = []
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda ids, **kw: shapes.append(tuple(ids.shape)) or real(ids, **kw))
+    scheduler = Scheduler(model, None, slots=5, context=40, prefill_chunk=16)
+    got = run_all(scheduler, requests)
+    monkeypatch.undo()
+    assert shapes[0] == (4, 4)  # rows 1-4 together; 5 x 9 columns would exceed 16 tokens
+    assert shapes[1] == (1, 9) or shapes[1][1] == 1 and shapes[2] == (1, 9)
+    assert got == [generate(model, None, p, c).token_ids[0] for p, c in requests]
+    assert scheduler.active == 0 and scheduler.decoding == 0
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "deepseek_v3"])
 def test_prefix_reuse_skips_the_shared_prefix_and_changes_nothing(tiny, arch, monkeypatch):
     model = tiny(arch)[0]

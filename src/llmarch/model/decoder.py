@@ -208,10 +208,15 @@ class Decoder(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        last_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab); with ``last_only`` only the last position's (B, 1, vocab)."""
+        """Logits (B, T, vocab); with ``last_only`` only the last position's (B, 1, vocab); with
+        ``last_index`` (B,) only position ``last_index[b]`` of each row b (B, 1, vocab), the last
+        real token of a right-padded batch."""
         h = self.hidden_states(input_ids, positions, cache)
-        if last_only:
+        if last_index is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), last_index.to(h.device)][:, None]
+        elif last_only:
             h = h[:, -1:]
         return self.logits(h)
 

@@ -14,9 +14,11 @@ Columns a row has not written hold position -1, so a batched decode step attends
 longest row's columns and attention masks the rest, as it masks left padding.
 
 A forward is either the **decode** of rows ``[0, n)`` (one new token each, at each row's own
-position) or the **prefill** of one row from its current length on (a prompt chunk). The
-scheduler keeps decoding sequences in the leading rows (:meth:`SlotPool.swap`), so a decode
-step reads plain views, never a gather.
+position) or the **prefill** of some rows, each from its current length on (a prompt chunk per
+row). Chunks of different lengths are right-padded to the longest; padding tokens have position
+-1, so the columns they write stay invisible (and a decode overwrites them). The scheduler keeps
+decoding sequences in the leading rows (:meth:`SlotPool.swap`), so a decode step reads plain
+views, never a gather.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class SlotPool:
         self.device = base.layers[0].pos.device if base.layers and base.layers[0] is not None else torch.device("cpu")
         self.lens = [0] * slots  # tokens stored per row
         self.forward_id = 0  # bumped per forward: the layout key that lets layers share masks
-        self.prefill_row: int | None = None  # the row of the coming prefill, None for a decode
+        self.prefill_rows: list[int] | None = None  # the rows of the coming prefill, None for a decode
         self.decode_cols: torch.Tensor | None = None  # each decoding row's write column
         self.decode_span = 0  # columns a decode step attends over
         wrapped: dict[int, LayerCache] = {}
@@ -53,28 +55,45 @@ class SlotPool:
         return any(isinstance(c, SlotRing) for c in self.caches)
 
     # -- the two kinds of forward -------------------------------------------------------
-    def begin_prefill(self, row: int, tokens: int) -> torch.Tensor:
-        """Prepare a forward of ``tokens`` new tokens of ``row``; their positions (1, tokens)."""
-        start = self.lens[row]
-        if start + tokens > self.max_len:
-            raise GenerationError(f"slot {row} is full: {start + tokens} tokens, the cache holds {self.max_len}")
-        self.prefill_row = row
+    def prefill_fits(self, row: int, width: int) -> bool:
+        """Whether ``row`` can take a prefill of ``width`` columns (its chunk plus padding).
+
+        A full cache needs the columns; a ring, when the prefill is padded or batched, must
+        not wrap (padding written past the ring's end would overwrite tokens still in the
+        window): such a row is prefilled alone, where a ring keeps the last ``size`` tokens."""
+        end = self.lens[row] + width
+        return end <= self.max_len and all(end <= c.size for c in self.caches if isinstance(c, SlotRing))
+
+    def begin_prefill(self, rows: list[int], counts: list[int]) -> torch.Tensor:
+        """Prepare a forward of ``counts[i]`` new tokens of each row ``rows[i]``, right-padded to
+        the longest; their positions (len(rows), max(counts)), -1 for padding."""
+        width = max(counts)
+        for row, n in zip(rows, counts):
+            if self.lens[row] + n > self.max_len:
+                raise GenerationError(f"slot {row} is full: {self.lens[row] + n} tokens, the cache holds {self.max_len}")
+            if len(rows) > 1 and not self.prefill_fits(row, width):
+                raise GenerationError(f"slot {row} cannot take a batched prefill of {width} columns")
+        self.prefill_rows = list(rows)
         self.forward_id += 1
-        return torch.arange(start, start + tokens, device=self.device)[None]
+        pos = torch.full((len(rows), width), -1, dtype=torch.long)
+        for i, (row, n) in enumerate(zip(rows, counts)):
+            pos[i, :n] = torch.arange(self.lens[row], self.lens[row] + n)
+        return pos.to(self.device)
 
     def begin_decode(self, n: int) -> torch.Tensor:
         """Prepare a forward of one token for each of rows [0, n); their positions (n, 1)."""
         lens = self.lens[:n]
         if max(lens) >= self.max_len:
             raise GenerationError(f"a slot is full: the cache holds {self.max_len} tokens")
-        self.prefill_row = None
+        self.prefill_rows = None
         self.forward_id += 1
         self.decode_cols = torch.tensor(lens, device=self.device)
         self.decode_span = max(lens) + 1
         return self.decode_cols[:, None]
 
-    def end_prefill(self, row: int, tokens: int) -> None:
-        self.lens[row] += tokens
+    def end_prefill(self, rows: list[int], counts: list[int]) -> None:
+        for row, n in zip(rows, counts):
+            self.lens[row] += n
 
     def end_decode(self, n: int) -> None:
         for r in range(n):
@@ -124,19 +143,31 @@ class SlotFull(LayerCache):
 
     def update(self, k, v, pos):
         pool = self.pool
-        if pool.prefill_row is not None:
-            r, start = pool.prefill_row, pool.lens[pool.prefill_row]
-            end = start + k.shape[2]
-            self.k[r, :, start:end] = k[0]
-            self.v[r, :, start:end] = v[0]
-            self.pos[r, start:end] = pos[0]
-            return self.k[r : r + 1, :, :end], self.v[r : r + 1, :, :end], self.pos[r : r + 1, :end]
+        if pool.prefill_rows is not None:
+            return self.prefill(k, v, pos)
         n, cols, span = k.shape[0], pool.decode_cols, pool.decode_span
         rows = torch.arange(n, device=k.device)
         self.k[rows, :, cols] = k[:, :, 0]
         self.v[rows, :, cols] = v[:, :, 0]
         self.pos[rows, cols] = pos[:, 0]
         return self.k[:n, :, :span], self.v[:n, :, :span], self.pos[:n, :span]
+
+    def prefill(self, k, v, pos):
+        """Write each prefilled row's chunk (padding included) from its length on; the rows' keys
+        up to the furthest column written."""
+        rows, width = self.pool.prefill_rows, k.shape[2]
+        end = 0
+        for i, r in enumerate(rows):
+            start = self.pool.lens[r]
+            self.k[r, :, start : start + width] = k[i]
+            self.v[r, :, start : start + width] = v[i]
+            self.pos[r, start : start + width] = pos[i]
+            end = max(end, start + width)
+        if len(rows) == 1:
+            r = rows[0]
+            return self.k[r : r + 1, :, :end], self.v[r : r + 1, :, :end], self.pos[r : r + 1, :end]
+        idx = torch.tensor(rows, device=k.device)
+        return self.k[idx, :, :end], self.v[idx, :, :end], self.pos[idx, :end]
 
     def layout(self) -> tuple:
         return ("slot-full", self.pool.forward_id)
@@ -168,10 +199,14 @@ class SlotRing(SlotFull):
 
     def update(self, k, v, pos):
         pool, size = self.pool, self.size
-        if pool.prefill_row is not None:
+        if pool.prefill_rows is not None and len(pool.prefill_rows) > 1:
+            # batched (and padded): no row wraps (SlotPool.prefill_fits), so slot = column
+            return self.prefill(k, v, pos)
+        if pool.prefill_rows is not None:
             # as RingCache's prefill: attend over what the ring holds plus every new token,
             # then keep the last `size` of them
-            r, written, t = pool.prefill_row, pool.lens[pool.prefill_row], k.shape[2]
+            r, t = pool.prefill_rows[0], k.shape[2]
+            written = pool.lens[r]
             ring = slice(r, r + 1)
             k_all = torch.cat([self.k[ring], k], 2) if written else k
             v_all = torch.cat([self.v[ring], v], 2) if written else v
@@ -190,7 +225,7 @@ class SlotRing(SlotFull):
         return self.k[:n], self.v[:n], self.pos[:n]
 
     def layout(self) -> tuple:
-        return ("slot-ring", self.size, self.pool.forward_id, self.pool.prefill_row is None)
+        return ("slot-ring", self.size, self.pool.forward_id, self.pool.prefill_rows is None)
 
     def forget(self, row: int, keep: int, written: int) -> None:
         if keep == 0:

@@ -5,8 +5,11 @@ Each turn of the loop (:meth:`Scheduler.step`):
 1. **admit** waiting requests into free rows of the :class:`~.cache.SlotPool`; a request
    whose prompt starts with tokens a finished row still holds gets that prefix copied in
    and skips computing it (*prefix reuse*);
-2. **prefill** one chunk (``prefill_chunk`` tokens) of the oldest sequence still reading
-   its prompt; when its prompt is done, its first token is sampled and it joins the decoders;
+2. **prefill** one chunk of the oldest sequence still reading its prompt, together with the
+   next chunks of the sequences after it while the batch, right-padded to its longest chunk,
+   stays within ``prefill_chunk`` tokens (sixteen short prompts arriving at once are one
+   forward, not sixteen); a sequence whose prompt is done gets its first token sampled and
+   joins the decoders;
 3. **decode** one token for every decoding sequence in a single batched forward.
 
 A long prompt is so spread over several turns and never stalls the decoders for more than
@@ -178,7 +181,7 @@ class Scheduler:
         self.drop_cancelled()
         self.admit()
         if self.prefilling:
-            self.prefill(self.prefilling[0])
+            self.prefill(self.prefill_batch())
         if self.decoding:
             self.decode()
 
@@ -226,21 +229,48 @@ class Scheduler:
         seq.sampler = Sampler(seq.config, 1, self.model.config.vocab_size, self.device)
         self.prefilling.append(seq)
 
+    def prefill_batch(self) -> list[tuple[Sequence, int]]:
+        """This turn's prefill: (sequence, chunk length) for the oldest prefilling sequence and
+        then, in arrival order, each next one that keeps the padded batch (rows x longest chunk)
+        within ``prefill_chunk`` tokens and fits its row's cache (see ``SlotPool.prefill_fits``)."""
+        def chunk(seq: Sequence) -> int:
+            return min(self.prefill_chunk, len(seq.prompt) - seq.prefilled)
+
+        first = self.prefilling[0]
+        batch, width = [(first, chunk(first))], chunk(first)
+        for seq in itertools.islice(self.prefilling, 1, None):
+            n = chunk(seq)
+            w = max(width, n)
+            if (len(batch) + 1) * w > self.prefill_chunk:
+                continue
+            if all(self.pool.prefill_fits(s.row, w) for s, _ in batch) and self.pool.prefill_fits(seq.row, w):
+                batch.append((seq, n))
+                width = w
+        return batch
+
     @torch.inference_mode()
-    def prefill(self, seq: Sequence) -> None:
-        chunk = seq.prompt[seq.prefilled : seq.prefilled + self.prefill_chunk]
-        positions = self.pool.begin_prefill(seq.row, len(chunk))
-        ids = torch.tensor([chunk], device=self.device)
-        logits = self.model(ids, positions=positions, cache=self.pool.kv, last_only=True)[:, -1]
-        self.pool.end_prefill(seq.row, len(chunk))
-        seq.prefilled += len(chunk)
-        if seq.prefilled < len(seq.prompt):
-            return
-        self.prefilling.popleft()
-        # join the decoders: row `decoding` becomes this sequence's
-        self.move(seq.row, self.decoding)
-        self.decoding += 1
-        self.take(seq, int(seq.sampler(logits)[0]), index=0)
+    def prefill(self, batch: list[tuple[Sequence, int]]) -> None:
+        rows, counts = [s.row for s, _ in batch], [n for _, n in batch]
+        positions = self.pool.begin_prefill(rows, counts)
+        ids = torch.zeros((len(batch), max(counts)), dtype=torch.long)
+        for i, (seq, n) in enumerate(batch):
+            ids[i, :n] = torch.tensor(seq.prompt[seq.prefilled : seq.prefilled + n])
+        ids = ids.to(self.device)
+        if len(batch) == 1:
+            logits = self.model(ids, positions=positions, cache=self.pool.kv, last_only=True)[:, -1]
+        else:
+            last = torch.tensor([n - 1 for n in counts], device=self.device)
+            logits = self.model(ids, positions=positions, cache=self.pool.kv, last_index=last)[:, -1]
+        self.pool.end_prefill(rows, counts)
+        for i, (seq, n) in enumerate(batch):
+            seq.prefilled += n
+            if seq.prefilled < len(seq.prompt):
+                continue
+            self.prefilling.remove(seq)
+            # join the decoders: row `decoding` becomes this sequence's (take may retire it)
+            self.move(seq.row, self.decoding)
+            self.decoding += 1
+            self.take(seq, int(seq.sampler(logits[i : i + 1])[0]), index=0)
 
     @torch.inference_mode()
     def decode(self) -> None:
