@@ -19,6 +19,8 @@ from llmarch.inference.quant import (
     QuantEmbedding,
     QuantExperts,
     QuantHead,
+    W8A8_MIN_ROWS,
+    int8_rows,
     quantize,
     quantize_linear,
 )
@@ -66,15 +68,55 @@ def test_linear_within_the_format_error(mode, group, dtype, out_features):
     assert ((y.double() - ref).abs() <= tol).all()
 
 
+@pytest.mark.parametrize("rows", [W8A8_MIN_ROWS, 16, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_with_many_rows_multiplies_int8_activations_within_their_error(rows, dtype, monkeypatch):
+    """From W8A8_MIN_ROWS rows on, Int8Linear runs torch._int_mm on two-level int8 activations
+    (the weight-only kernel is not called): within the weight's error plus the activations'
+    (at most max |x| / (2 * 254 * 127) per element), and each row's result is the same in any
+    batch (rows never mix)."""
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(100, 512, generator=g), torch.randn(100, generator=g)
+    x = (torch.randn(rows, 512, generator=g) * torch.rand(rows, 1, generator=g) * 10).to(dtype)
+    x[0, 7] = 300.0  # an outlier feature: per-token int8 alone would lose the small entries of row 0
+    layer = Int8Linear.from_float(w, b)
+
+    def no_weight_only(*a):
+        raise AssertionError("the weight-only kernel was called")
+
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", no_weight_only)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (rows, 100)
+    codes, s1, s2 = int8_rows(x)
+    assert codes.dtype == torch.int8 and codes.shape == (2 * rows, 512)
+    dx = (x.double().abs().amax(1, keepdim=True) / (2 * 254 * 127)).expand(rows, 512)
+    # (up to float32 rounding: a bfloat16 input can sit exactly on a half step)
+    assert ((s1 * codes[:rows] + s2 * codes[rows:]).double() - x.double()).abs().le(dx * 1.001 + 1e-6 * x.double().abs()).all()
+    ref = x.double() @ w.double().T + b.double()
+    elem = _weight_error_bound(w, "int8", 32)
+    out_round = (BF16 if dtype == torch.bfloat16 else 1e-6) * (ref.abs() + b.double().abs())
+    tol = x.double().abs() @ elem.double().T + dx @ (w.double().abs() + elem.double()).T + out_round + 1e-5
+    assert ((y.double() - ref).abs() <= tol).all()
+    # the same rows inside another batch: bit for bit
+    assert torch.equal(layer(x[:W8A8_MIN_ROWS]), y[:W8A8_MIN_ROWS])
+    # a per-token int8 product of row 0 (one level) is visibly worse than the two-level one
+    one = (torch.round(x[0].float() / s1[0]) * s1[0]).double()
+    assert (one - x[0].double()).abs().max() > 100 * dx[0, 0]
+
+
 @pytest.mark.parametrize("mode, group", CASES)
 def test_embedding_rows_are_the_kernel_weights(mode, group):
     """The rows a lookup dequantises are exactly the matrix the kernel multiplies (read off the
     kernel with an identity input), so the tied head and the embedding agree."""
     w = torch.randn(200, 256, generator=torch.Generator().manual_seed(1))
     emb = QuantEmbedding.from_float(w, mode, group)
-    kernel_w = emb.table(torch.eye(256)).T  # (vocab, hidden), rounded to bfloat16 by the kernel
+    eye = torch.eye(256)
+    step = W8A8_MIN_ROWS - 1  # the weight-only kernel: fewer rows at a time than W8A8_MIN_ROWS
+    kernel_w = torch.cat([emb.table(eye[i : i + step]) for i in range(0, 256, step)]).T  # rounded to bfloat16
     rows = emb.table.rows(torch.arange(200))
     assert torch.equal(rows.to(torch.bfloat16).float(), kernel_w.float())
+    if mode == "int8":  # all 256 rows at once: int8 activations, float32 results
+        assert torch.allclose(emb.table(eye).T, rows, rtol=1e-6, atol=0)
     ids = torch.tensor([[5, 199, 64], [0, 63, 5]])
     assert torch.equal(emb(ids), rows[ids])
     assert ((rows - w).abs() <= _weight_error_bound(w, mode, group)).all()
