@@ -439,3 +439,26 @@ def test_a_non_streamed_client_that_disconnects_frees_its_sequence(served):
         server.scheduler.submit, server.scheduler.step = real_submit, real_step
     assert seqs[0].out.finish_reason == "cancelled"
     assert len(seqs[0].out.ids) < body["max_tokens"]
+
+
+def test_the_scheduler_makes_int8_layers_batch_invariant(tiny):
+    """A request's tokens must not depend on its batch: with an int8-quantised model the
+    scheduler has every int8 layer use int8 activations at any row count, so one row alone and
+    the same row among 16 are bit-identical (the weight-only kernel used for one row and the
+    int8-activation path used for many differ in the last bits), and greedy decoding of a
+    request alone equals it among others."""
+    import copy
+
+    from llmarch.inference.quant import Int8Linear, quantize
+
+    model = quantize(copy.deepcopy(tiny("llama")[0]), "int8")
+    layer = next(m for m in model.modules() if isinstance(m, Int8Linear))
+    x = torch.randn(16, layer.in_features, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        assert not torch.equal(layer(x[:1]), layer(x)[:1])  # the two kernels, as loaded
+        Scheduler(model, None, slots=4, context=40)
+        assert torch.equal(layer(x[:1]), layer(x)[:1])
+    config = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    prompts = [_prompt(n, 40 + n) for n in (5, 9, 3, 7)]
+    alone = [run_all(Scheduler(model, None, slots=4, context=40), [(p, config)])[0] for p in prompts]
+    assert run_all(Scheduler(model, None, slots=4, context=40), [(p, config) for p in prompts]) == alone

@@ -36,6 +36,7 @@ import torch
 
 from ..errors import GenerationError
 from ..inference.generate import GenerationConfig, Sampler, _Row
+from ..inference.quant import batch_invariant
 from .cache import SlotPool
 
 
@@ -92,6 +93,7 @@ class Scheduler:
     def __init__(self, model, tokenizer, *, slots: int = 16, context: int | None = None,
                  max_queue: int = 64, prefill_chunk: int = 256):
         self.model, self.tokenizer = model, tokenizer
+        batch_invariant(model)  # a request's tokens must not depend on the batch it lands in
         limit = model.config.max_position_embeddings
         self.context = min(context or limit, limit)
         self.pool = SlotPool(model, slots, self.context)
