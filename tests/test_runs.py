@@ -198,8 +198,9 @@ def test_kill_9_at_random_moments_never_changes_the_resumed_curve(tmp_path, data
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     rng = random.Random(0)
     kills = 0
-    # kill moments are fractions of how long a whole run takes on this machine (start-up included),
-    # so a fast machine is interrupted as surely as a slow one
+    # kill moments are set by progress, not by the clock (a resumed run has less left to do, and
+    # a fast machine finishes before a fixed delay): a random step still to come, then a random
+    # fraction of a step's time, so a kill lands anywhere in a step, checkpoint writes included
     t0 = time.monotonic()
     probe = subprocess.run([sys.executable, "-m", "llmarch.cli", *train_argv(data_dir, tmp_path / "probe"), "--force"],
                            env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -212,17 +213,34 @@ def test_kill_9_at_random_moments_never_changes_the_resumed_curve(tmp_path, data
             return [sys.executable, "-m", "llmarch.cli", "train", "--resume", str(out), "--no-progress"]
         return [sys.executable, "-m", "llmarch.cli", *train_argv(data_dir, out), "--force"]
 
-    while kills < 5 and time.monotonic() < deadline:
+    steps = len(reference)
+    per_step = whole / steps  # an upper bound: start-up is in `whole` too
+
+    def logged() -> int:  # complete metrics lines written so far
+        try:
+            return (out / "metrics.jsonl").read_bytes().count(b"\n")
+        except OSError:
+            return 0
+
+    while kills < 5 and time.monotonic() < deadline and logged() < steps - 1:
+        target = rng.randint(logged() + 1, steps - 1)
         proc = subprocess.Popen(command(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            proc.wait(timeout=rng.uniform(0.3, 0.95) * whole)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-        else:
-            assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
-            break
+            start, first, t_first = logged(), None, None
+            while proc.poll() is None and logged() < target and time.monotonic() < deadline:
+                if first is None and logged() > start:
+                    first, t_first = logged(), time.monotonic()
+                time.sleep(0.002)
+            # a step's time as this process steps (start-up excluded where it could be seen)
+            step_time = (time.monotonic() - t_first) / max(1, logged() - first) if first is not None else per_step
+            time.sleep(rng.uniform(0.0, 1.0) * step_time)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills += 1
+            else:
+                assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+                break
         finally:
             proc.stderr.close()
         if (out / CHECKPOINT).exists():  # whatever is there loads whole, and the metrics reach it
