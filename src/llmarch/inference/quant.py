@@ -19,7 +19,7 @@ Those weight-only kernels cost time in proportion to the rows (they dequantise f
 16 rows (a server's batched decode step, a prefill) ``_weight_int8pack_mm`` is several times
 slower than a bfloat16 product. From ``W8A8_MIN_ROWS`` rows on, :class:`Int8Linear` instead
 quantises the activations too and multiplies int8 by int8 (``torch._int_mm``, exact int32
-sums, VNNI): each row x is written as ``s1 * q1 + s2 * q2`` (``q2`` the int8 codes of what
+sums): each row x is written as ``s1 * q1 + s2 * q2`` (``q2`` the int8 codes of what
 ``q1`` missed), both rows in one product, so the activations keep about bfloat16's precision
 (per-token int8 alone, as in llama.cpp's Q8 blocks, cost Qwen2.5-0.5B 0.8-1.5% perplexity
 here; the two-level split costs nothing measurable). Rows never mix, so a row's result does

@@ -257,12 +257,8 @@ class Scheduler:
         ids = torch.zeros((len(batch), max(counts)), dtype=torch.long)
         for i, (seq, n) in enumerate(batch):
             ids[i, :n] = torch.tensor(seq.prompt[seq.prefilled : seq.prefilled + n])
-        ids = ids.to(self.device)
-        if len(batch) == 1:
-            logits = self.model(ids, positions=positions, cache=self.pool.kv, last_only=True)[:, -1]
-        else:
-            last = torch.tensor([n - 1 for n in counts], device=self.device)
-            logits = self.model(ids, positions=positions, cache=self.pool.kv, last_index=last)[:, -1]
+        last = torch.tensor([n - 1 for n in counts], device=self.device)  # each row's last real token
+        logits = self.model(ids.to(self.device), positions=positions, cache=self.pool.kv, last_index=last)[:, -1]
         self.pool.end_prefill(rows, counts)
         for i, (seq, n) in enumerate(batch):
             seq.prefilled += n
