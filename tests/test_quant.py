@@ -253,3 +253,14 @@ def test_errors_say_what_to_do():
         Int4Linear.from_float(torch.randn(16, 96), group_size=64)
     with pytest.raises(ConfigError, match="not divisible"):
         quantize(_model("dense_tied"), "int4", group_size=128)  # hidden 64
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0])
+def test_torch_dequantisation_equals_gguf(qtype):
+    """The vectorised torch path for the common 5- and 8-bit types gives gguf.quants' values exactly
+    (random bytes: every code and high-bit pattern)."""
+    from llmarch.inference.gguf_quant import _dequantize_torch
+
+    for data in (_gguf_data(qtype), _random_blocks(qtype, (0,), seed=3)):
+        ref = torch.from_numpy(dequantize(data, qtype)).reshape(SHAPE[0], -1)
+        assert torch.equal(_dequantize_torch(data, qtype), ref)

@@ -36,9 +36,9 @@ def _q4_k(rows: int, cols: int, rng) -> np.ndarray:
     return b.reshape(rows, -1)
 
 
-def _write_llama_gguf(path, types: dict[str, QT], tied: bool = True):
+def _write_llama_gguf(path, types: dict[str, QT], tied: bool = True, seed: int = 0):
     """A one-layer llama GGUF file; each matrix in the type ``types`` gives it (default Q8_0)."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     shapes = {
         "token_embd.weight": (VOCAB, HIDDEN), "blk.0.attn_q.weight": (HIDDEN, HIDDEN),
         "blk.0.attn_k.weight": (KV * HEAD_DIM, HIDDEN), "blk.0.attn_v.weight": (KV * HEAD_DIM, HIDDEN),
@@ -189,3 +189,90 @@ def test_refusals_name_the_layer_and_the_fix(tmp_path, mixed_gguf):
     # refused from config.json alone (the safetensors hold 512-wide tensors that would not even load)
     with pytest.raises(ConfigError, match=r"layer layers\.0\.mlp\.down_proj has input width 384, not divisible by the int4 group size 256"):
         load_model(open_checkpoint(path), quant="int4", group_size=256)
+
+
+# ---- the int8 requantisations cached between runs ------------------------------------------------
+def _counting_requantisations(monkeypatch):
+    from llmarch.inference import gguf_quant
+
+    calls = []
+    real = gguf_quant.int8_weights
+
+    def counted(data, qtype, shape):
+        calls.append(shape)
+        return real(data, qtype, shape)
+
+    monkeypatch.setattr(gguf_quant, "int8_weights", counted)
+    return calls
+
+
+def _derived(root):
+    return sorted((root / "derived").glob("*.safetensors"))
+
+
+@pytest.fixture
+def derived_cache(tmp_path, monkeypatch):
+    from llmarch.checkpoints.cache import DerivedTensors
+
+    root = tmp_path / "cache"
+    monkeypatch.setenv("LLMARCH_CACHE", str(root))
+    monkeypatch.setattr(DerivedTensors, "MIN_FILE_BYTES", 0)
+    return root
+
+
+def test_int8_requantisation_is_read_back_on_the_second_load(derived_cache, mixed_gguf, monkeypatch):
+    calls = _counting_requantisations(monkeypatch)
+    first = load_model(open_checkpoint(mixed_gguf), pack=False)
+    assert calls and len(_derived(derived_cache)) == 1
+    n = len(calls)
+    second = load_model(open_checkpoint(mixed_gguf), pack=False)
+    assert len(calls) == n, "the second load requantised again instead of reading the cache"
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    for m in second.modules():  # the kernels fault on misaligned memory: read-back tensors are torch's own
+        if isinstance(m, Int8Linear):
+            assert m.weight_int8.data_ptr() % 64 == 0
+    assert torch.equal(_logits(first), _logits(second))
+
+
+def test_damaged_or_stale_entries_are_recomputed(derived_cache, mixed_gguf, monkeypatch, tmp_path):
+    calls = _counting_requantisations(monkeypatch)
+    reference = _logits(load_model(open_checkpoint(mixed_gguf), pack=False))
+    (entry,) = _derived(derived_cache)
+    n = len(calls)
+    # one flipped byte in the data: that item (only) is recomputed, and the entry rewritten whole
+    data = bytearray(entry.read_bytes())
+    data[-100] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    assert torch.equal(_logits(load_model(open_checkpoint(mixed_gguf), pack=False)), reference)
+    assert len(calls) == n + 1
+    load_model(open_checkpoint(mixed_gguf), pack=False)
+    assert len(calls) == n + 1, "the rewritten entry was not read back"
+    # truncated, then garbage: everything recomputed, never an error
+    for damage in (entry.read_bytes()[: entry.stat().st_size // 2], b"not a safetensors file"):
+        entry.write_bytes(damage)
+        before = len(calls)
+        assert torch.equal(_logits(load_model(open_checkpoint(mixed_gguf), pack=False)), reference)
+        assert len(calls) - before == n
+    # another file with the same metadata and size (so the same entry) but other weights: the
+    # entry's items were made from other bytes, so none is served
+    other = _write_llama_gguf(tmp_path / "other.gguf", MIXED, seed=1)
+    assert other.stat().st_size == mixed_gguf.stat().st_size
+    before = len(calls)
+    got = _logits(load_model(open_checkpoint(other), pack=False))
+    assert len(calls) - before == n and _derived(derived_cache) == [entry]
+    from llmarch.checkpoints.cache import DerivedTensors
+
+    monkeypatch.setattr(DerivedTensors, "MIN_FILE_BYTES", 1 << 60)  # no cache at all
+    assert torch.equal(got, _logits(load_model(open_checkpoint(other), pack=False)))
+    assert not torch.equal(got, reference)
+
+
+def test_an_unwritable_cache_only_means_no_caching(derived_cache, mixed_gguf, monkeypatch):
+    derived_cache.mkdir(parents=True)
+    (derived_cache / "derived").write_text("a file where the directory would go")
+    calls = _counting_requantisations(monkeypatch)
+    reference = _logits(load_model(open_checkpoint(mixed_gguf), pack=False))
+    n = len(calls)
+    assert torch.equal(_logits(load_model(open_checkpoint(mixed_gguf), pack=False)), reference)
+    assert len(calls) == 2 * n

@@ -14,6 +14,14 @@ version and :data:`FORMAT_VERSION`. An entry that does not check out (truncated,
 for another key or another format) is rebuilt, never served. Entries are written to a temporary
 file and renamed into place, so a reader never sees half of one; a cache directory that cannot be
 written just means the tokenizer is built every time.
+
+Tensors derived from a checkpoint's tensors (:class:`DerivedTensors`: a GGUF file's Q5_0 / Q8_0 /
+Q6_K matrices requantised to int8 take 0.5-3 s to compute, and a fraction of that to read back).
+One entry per checkpoint file and purpose, ``derived/<key>.safetensors`` (no pickle), the key
+hashing the file's metadata and size, the purpose, torch's version and :data:`FORMAT_VERSION`.
+Each item records the SHA-256 of its source bytes (as the loader handed them over, after any
+checkpoint surgery) and of what was stored: an item is served only when both match, otherwise it
+is computed again and the entry rewritten, atomically, as above.
 """
 
 from __future__ import annotations
@@ -29,11 +37,14 @@ from typing import TYPE_CHECKING, Any
 from .assets import cache_dir
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
     from ..families.base import TokenizerQuirks
     from .gguf import GGUFFile
     from .tokenizer import Tokenizer
 
-__all__ = ["FORMAT_VERSION", "cached_tokenizer", "tokenizer_cache_path"]
+__all__ = ["FORMAT_VERSION", "DerivedTensors", "cached_tokenizer", "tokenizer_cache_path"]
 
 #: Bump when the entry layout or what the builders produce changes: older entries are then ignored.
 FORMAT_VERSION = 1
@@ -106,3 +117,107 @@ def _write(path: Path, tokenizer: Tokenizer) -> None:
         pass  # a full disk, a directory made read-only meanwhile: no caching this time
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's name, dtype, shape and bytes."""
+    import torch
+
+    digest = hashlib.sha256(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+    digest.update(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+class DerivedTensors:
+    """Tensors computed from a checkpoint's tensors, kept between runs (see the module docstring).
+
+    >>> store = DerivedTensors.for_gguf(ckpt, "int8 auto")        # doctest: +SKIP
+    >>> q, s = store.get("blk.0.attn_q.weight", raw, lambda: requantise(raw))   # doctest: +SKIP
+    >>> store.save()                                              # doctest: +SKIP
+    """
+
+    #: files smaller than this are not worth an entry (requantising them takes milliseconds)
+    MIN_FILE_BYTES = 32 << 20
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._items: dict[str, dict[str, Any]] = {}  # name -> {"source", "names", "tensors"}
+        self._stored: dict[str, dict[str, Any]] = {}
+        self._dirty = False
+        self._file = None
+        try:
+            from safetensors import safe_open
+
+            self._file = safe_open(str(path), framework="pt")
+            header = json.loads(self._file.metadata()["llmarch"])
+            if header["format"] == FORMAT_VERSION and header["key"] == path.stem:
+                self._stored = dict(header["items"])
+        except Exception:  # noqa: BLE001 -- a missing or damaged entry is an empty one
+            self._stored = {}
+
+    @classmethod
+    def for_gguf(cls, ckpt: GGUFFile, purpose: str) -> DerivedTensors | None:
+        """The store for ``purpose`` (e.g. ``"int8 auto"``) of the GGUF file ``ckpt``; None for a
+        file under :attr:`MIN_FILE_BYTES`."""
+        import torch
+
+        if ckpt.path.stat().st_size < cls.MIN_FILE_BYTES:
+            return None
+        digest = hashlib.sha256()
+        for part in (f"llmarch derived v{FORMAT_VERSION}", torch.__version__, purpose,
+                     str(ckpt.path.stat().st_size), ckpt.metadata_digest("")):
+            digest.update(part.encode("utf-8") + b"\0")
+        return cls(cache_dir() / "derived" / f"{digest.hexdigest()}.safetensors")
+
+    def get(self, name: str, source: np.ndarray, compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """The tensors computed from ``source`` under ``name``: read back if this entry holds them
+        for exactly these source bytes and they check out, else ``compute()`` (kept for :meth:`save`)."""
+        import numpy as np
+
+        digest = hashlib.sha256(name.encode("utf-8") + b"\0")
+        digest.update(memoryview(np.ascontiguousarray(source)).cast("B"))
+        source_digest = digest.hexdigest()
+        item = self._stored.get(name)
+        tensors = None
+        if item is not None and item.get("source") == source_digest and self._file is not None:
+            try:
+                # cloned into torch's own (64-byte aligned) memory: safetensors' buffers may sit at
+                # any offset, and torch's low-bit CPU kernels fault on misaligned weights
+                got = tuple(self._file.get_tensor(f"{name}/{i}").clone() for i in range(len(item["sha256"])))
+                if [_tensor_digest(name, t) for t in got] == item["sha256"]:
+                    tensors = got
+            except Exception:  # noqa: BLE001 -- an item that does not read back is computed again
+                tensors = None
+        if tensors is None:
+            tensors = tuple(compute())
+            self._dirty = True
+        self._items[name] = {"source": source_digest, "tensors": tensors}
+        return tensors
+
+    def save(self) -> None:
+        """Write the entry (every item :meth:`get` returned) if anything was computed; atomically,
+        and silently nothing when the cache directory cannot be written."""
+        if not self._dirty:
+            return
+        from safetensors.torch import save_file
+
+        flat, items = {}, {}
+        for name, item in self._items.items():
+            items[name] = {"source": item["source"], "sha256": [_tensor_digest(name, t) for t in item["tensors"]]}
+            for i, t in enumerate(item["tensors"]):
+                flat[f"{name}/{i}"] = t.contiguous()
+        header = {"format": FORMAT_VERSION, "key": self.path.stem, "items": items}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+        except OSError:
+            return
+        os.close(fd)
+        try:
+            save_file(flat, tmp, metadata={"llmarch": json.dumps(header)})
+            os.replace(tmp, self.path)
+            self._dirty = False
+        except Exception:  # noqa: BLE001 -- a full disk, a read-only directory: no caching this time
+            pass
+        finally:
+            Path(tmp).unlink(missing_ok=True)

@@ -1,5 +1,5 @@
 """``python -m llmarch.cli``: the same as the ``llmarch`` command."""
 
-from . import main
+from . import entry
 
-raise SystemExit(main())
+entry()

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--seed", type=int, default=None)
     add_runtime(sp)
     add_device(sp)
-    sp.set_defaults(func=run)
+    sp.set_defaults(func=run, quick_exit=True)  # reads a model, writes nothing: see cli.entry
 
 
 def run(args: argparse.Namespace) -> None:

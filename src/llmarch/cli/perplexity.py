@@ -31,7 +31,7 @@ def register(sub) -> None:
     sp.add_argument("--json", action="store_true", help="print a JSON object instead of a sentence")
     add_runtime(sp)
     add_device(sp)
-    sp.set_defaults(func=run)
+    sp.set_defaults(func=run, quick_exit=True)  # reads a model, writes nothing: see cli.entry
 
 
 def run(args: argparse.Namespace) -> None:

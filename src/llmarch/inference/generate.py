@@ -31,6 +31,7 @@ import math
 import operator
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -510,16 +511,23 @@ def load_model(checkpoint, dtype: torch.dtype | None = torch.float32, pack: bool
                group_size: int = 32):
     """An opened checkpoint (:func:`llmarch.checkpoints.formats.open_checkpoint`) as a model for
     inference; the arguments as for :func:`load`."""
+    from ..checkpoints.cache import DerivedTensors
+    from ..checkpoints.formats import GGUFCheckpoint
     from ..checkpoints.hf import from_pretrained
     from .gguf_quant import assign_quantized, resolve_quant
     from .packed import pack_linears
     from .quant import MODES, quantize
 
     mode = resolve_quant(checkpoint, quant, group_size)  # refuses what cannot work before reading a tensor
-    keep = None
+    keep = store = None
     if mode != "none":  # int4 from a GGUF file: resolve_quant let only its 4-bit types through, as they are
-        keep = functools.partial(assign_quantized, mode="int8" if mode == "int8" else "auto", dtype=dtype or torch.float32)
+        kept = "int8" if mode == "int8" else "auto"
+        if isinstance(checkpoint, GGUFCheckpoint):  # its int8 requantisations are kept between runs
+            store = DerivedTensors.for_gguf(checkpoint, f"int8 weights, quant {kept}")
+        keep = functools.partial(assign_quantized, mode=kept, dtype=dtype or torch.float32, store=store)
     model = from_pretrained(checkpoint, dtype=dtype, quantized=keep)
+    if store is not None:
+        store.save()
     if mode in MODES:
         quantize(model, mode, group_size)  # the layers still in float
     if pack:
@@ -550,7 +558,14 @@ def load(
     from ..checkpoints.tokenizer import Tokenizer
 
     checkpoint = open_checkpoint(resolve_model(name_or_path))  # a GGUF file's metadata is parsed once, here
-    model = load_model(checkpoint, dtype, pack, quant, group_size)
-    if isinstance(checkpoint, GGUFCheckpoint):
-        return model, Tokenizer.from_gguf(checkpoint)
-    return model, Tokenizer.from_file(checkpoint.path)
+    tokenizer = Tokenizer.from_gguf if isinstance(checkpoint, GGUFCheckpoint) else Tokenizer.from_file
+    # The tokenizer is read on a second thread while the weights load (``tokenizers`` parses its
+    # JSON without the GIL: about a second for a 262k vocabulary, hidden behind the weights).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmarch-tokenizer") as pool:
+        pending = pool.submit(tokenizer, checkpoint if isinstance(checkpoint, GGUFCheckpoint) else checkpoint.path)
+        try:
+            model = load_model(checkpoint, dtype, pack, quant, group_size)
+        except BaseException:
+            pending.cancel()
+            raise
+        return model, pending.result()

@@ -26,12 +26,15 @@ Loading a GGUF file with a ``quant`` choice (:func:`resolve_quant`, then
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import Q4_K, dequantize
 from torch import nn
 
+from ..checkpoints.cache import DerivedTensors
 from ..checkpoints.formats import GGUFCheckpoint, HFDirectory
 from ..checkpoints.quantized import FLOAT_TYPES, QuantizedTensor
 from ..errors import CheckpointError, ConfigError
@@ -52,7 +55,7 @@ from .quant import (
 Q = GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)  # exact in the int4 kernel's format, group size 32
 GROUP = 32
-REQUANT_ROWS = 4096  # rows dequantised at once when requantising to int8 (bounds the float copy)
+REQUANT_ELEMENTS = 1 << 22  # weights dequantised at once when requantising to int8 (bounds the float copy)
 
 
 def _blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> np.ndarray:
@@ -96,14 +99,54 @@ def int4_codes(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, 
     return codes.reshape(n, k), scales.reshape(n, k // GROUP), zeros.reshape(n, k // GROUP)
 
 
+def _torch_blocks(rows: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """Rows of raw bytes -> torch uint8 (rows * blocks, bytes per block), sharing memory."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.uint8)).reshape(-1, size)
+
+
+def _torch_f16(b: torch.Tensor) -> torch.Tensor:
+    """(blocks, 2) little-endian float16 bytes -> float32 (blocks, 1)."""
+    return b.contiguous().view(torch.float16).float()
+
+
+_BITS = torch.arange(8, dtype=torch.uint8)
+
+
+def _dequantize_torch(rows: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor | None:
+    """Q8_0 and Q5_0 rows dequantised by torch (vectorised, multi-threaded; the same float32
+    values as ``gguf.quants``, each a product exact in float32), flat per row; None for other types."""
+    if qtype == Q.Q8_0:  # 34 bytes: float16 d, 32 int8 q; w = d * q
+        b = _torch_blocks(rows, qtype)
+        return (_torch_f16(b[:, :2]) * b[:, 2:].view(torch.int8).float()).reshape(len(rows), -1)
+    if qtype == Q.Q5_0:  # 22 bytes: float16 d, 32 high bits, 16 bytes of low nibbles; w = d * (q - 16)
+        b = _torch_blocks(rows, qtype)
+        d = _torch_f16(b[:, :2])
+        # weight j's fifth bit is bit j of the little-endian 32 bits: bit j % 8 of byte j // 8
+        high = ((b[:, 2:6, None] >> _BITS) & 1).reshape(-1, 32) << 4
+        qs = b[:, 6:]
+        low = torch.cat([qs & 15, qs >> 4], dim=1)  # weights 0..15 low nibbles, 16..31 high ones
+        return (d * (low | high).float().sub_(16)).reshape(len(rows), -1)
+    return None
+
+
+def _dequantize_rows(rows: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """Whole rows of a GGUF tensor -> float32 (rows, weights per row)."""
+    w = _dequantize_torch(rows, qtype)
+    if w is None:
+        w = torch.from_numpy(dequantize(rows, qtype).reshape(len(rows), -1))
+    return w
+
+
 def int8_weights(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]):
     """Any dequantisable GGUF type -> (int8 (out, in), per-row scales (out,)), requantised."""
     n, k = shape
     rows = np.ascontiguousarray(data).reshape(n, -1)
     q = torch.empty(n, k, dtype=torch.int8)
     scales = torch.empty(n, dtype=torch.float32)
-    for start in range(0, n, REQUANT_ROWS):
-        w = torch.from_numpy(dequantize(rows[start : start + REQUANT_ROWS], qtype).reshape(-1, k))
+    step = max(1, REQUANT_ELEMENTS // k)
+    for start in range(0, n, step):
+        w = _dequantize_rows(rows[start : start + step], qtype)
         q[start : start + len(w)], scales[start : start + len(w)] = int8_quantize(w)
     return q, scales
 
@@ -114,13 +157,22 @@ def gguf_linear(
     shape: tuple[int, int],
     bias: torch.Tensor | None = None,
     mode: str = "auto",
+    store: tuple[DerivedTensors, str] | None = None,
 ) -> QuantLinear:
     """A GGUF weight as a quantised linear layer: int4 where the format maps (unless ``mode`` is
-    ``int8``), int8 otherwise."""
+    ``int8``), int8 otherwise. ``store``: a cache and this tensor's name in it, for the int8
+    requantisation (the int4 layout is a copy, cheaper than a lookup)."""
     if qtype in INT4_TYPES and mode != "int8":
         codes, scales, zeros = int4_codes(data, qtype, shape)
         return Int4Linear.from_codes(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(zeros), bias, GROUP)
-    return Int8Linear(*int8_weights(data, qtype, shape), bias)
+    compute = functools.partial(int8_weights, data, qtype, shape)
+    if store is None:
+        return Int8Linear(*compute(), bias)
+    cache, name = store
+    q, scales = cache.get(f"{name} {qtype.name} {shape[0]}x{shape[1]}", data, compute)
+    if q.dtype != torch.int8 or tuple(q.shape) != tuple(shape) or tuple(scales.shape) != (shape[0],):
+        q, scales = compute()  # an entry from another layout: never trusted over the file
+    return Int8Linear(q, scales, bias)
 
 
 def gguf_embedding(
@@ -129,9 +181,10 @@ def gguf_embedding(
     shape: tuple[int, int],
     dtype: torch.dtype = torch.float32,
     mode: str = "auto",
+    store: tuple[DerivedTensors, str] | None = None,
 ) -> QuantEmbedding:
     """A GGUF token table (vocab, hidden) as a :class:`QuantEmbedding` (also the tied head)."""
-    return QuantEmbedding(gguf_linear(data, qtype, shape, None, mode), dtype)
+    return QuantEmbedding(gguf_linear(data, qtype, shape, None, mode, store), dtype)
 
 
 def resolve_quant(checkpoint: GGUFCheckpoint | HFDirectory, quant: str, group_size: int = GROUP) -> str:
@@ -165,15 +218,17 @@ def resolve_quant(checkpoint: GGUFCheckpoint | HFDirectory, quant: str, group_si
 
 @torch.no_grad()
 def assign_quantized(
-    model: nn.Module, name: str, qt: QuantizedTensor, mode: str = "auto", dtype: torch.dtype = torch.float32
+    model: nn.Module, name: str, qt: QuantizedTensor, mode: str = "auto", dtype: torch.dtype = torch.float32,
+    store: DerivedTensors | None = None,
 ) -> None:
     """Put a GGUF matrix the loader kept quantised into ``model`` (being loaded, on the meta
     device), in place, as it arrives (so the file's bytes are held one tensor at a time): a
     linear layer's weight becomes a quantised layer (its bias, if not loaded yet, stays a meta
     buffer the loader fills), the token table a :class:`QuantEmbedding` (and a tied head a
     :class:`QuantHead` on it); a weight read any other way is dequantised to ``dtype``.
-    ``mode``: ``auto`` or ``int8`` (see the module's docstring). The loader's ``quantized`` hook
-    (:func:`llmarch.checkpoints.hf.load_tensors`) with the mode bound."""
+    ``mode``: ``auto`` or ``int8`` (see the module's docstring); ``store``: where int8
+    requantisations are cached between runs (:meth:`DerivedTensors.for_gguf`). The loader's
+    ``quantized`` hook (:func:`llmarch.checkpoints.hf.load_tensors`) with these bound."""
     mod_name, _, attr = name.rpartition(".")
     parent_name, _, child = mod_name.rpartition(".")
     module, parent = model.get_submodule(mod_name), model.get_submodule(parent_name)
@@ -182,10 +237,10 @@ def assign_quantized(
         raise CheckpointError(f"tensor {name!r} has shape {tuple(qt.shape)}; the configuration expects {expected}")
     args = (qt.data, qt.qtype, expected)
     if name == "embed.weight" and type(module) is nn.Embedding:
-        model.embed = gguf_embedding(*args, dtype, mode)
+        model.embed = gguf_embedding(*args, dtype, mode, store and (store, name))
         if getattr(model, "lm_head", False) is None:
             model.lm_head = QuantHead(model.embed)
     elif attr == "weight" and type(module) is nn.Linear and child not in getattr(parent, "reads_weights", ()):
-        setattr(parent, child, gguf_linear(*args, module.bias, mode))
+        setattr(parent, child, gguf_linear(*args, module.bias, mode, store and (store, name)))
     else:
         setattr(module, attr, nn.Parameter(qt.dequantize(dtype), requires_grad=False))

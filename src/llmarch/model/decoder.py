@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -221,9 +223,25 @@ class Decoder(nn.Module):
         return self.logits(h)
 
 
+@contextlib.contextmanager
+def _meta_init_skipped(device) -> Iterator[None]:
+    """On the meta device, skip ``nn.init.normal_`` (there are no values to draw): torch runs meta
+    ``normal_`` through its Python references, whose first call imports ``torch._dynamo``, about
+    1.5 s of every model load's start-up."""
+    if str(device) != "meta":
+        yield
+        return
+    normal = nn.init.normal_
+    nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
+    try:
+        yield
+    finally:
+        nn.init.normal_ = normal
+
+
 def build_model(cfg: ModelConfig, device=None, dtype=None) -> Decoder:
     """Build a model; ``device="meta"`` allocates nothing (parameter counting, lazy loading)."""
-    with torch.device(device or "cpu"):
+    with torch.device(device or "cpu"), _meta_init_skipped(device):
         model = Decoder(cfg)
     if dtype is not None and device != "meta":
         model = model.to(dtype)
