@@ -21,7 +21,9 @@ One entry per checkpoint file and purpose, ``derived/<key>.safetensors`` (no pic
 hashing the file's metadata and size, the purpose, torch's version and :data:`FORMAT_VERSION`.
 Each item records the SHA-256 of its source bytes (as the loader handed them over, after any
 checkpoint surgery) and of what was stored: an item is served only when both match, otherwise it
-is computed again and the entry rewritten, atomically, as above.
+is computed again and the entry rewritten, atomically, as above. Served items are views of the
+memory-mapped entry, its data laid out 64-byte aligned (the page cache holds them once for all
+processes, as llama.cpp's memory-mapped file does).
 """
 
 from __future__ import annotations
@@ -128,6 +130,13 @@ def _tensor_digest(name: str, tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+_ALIGN = 64
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.data_ptr() % _ALIGN == 0 else tensor.clone()
+
+
 class DerivedTensors:
     """Tensors computed from a checkpoint's tensors, kept between runs (see the module docstring).
 
@@ -181,9 +190,11 @@ class DerivedTensors:
         tensors = None
         if item is not None and item.get("source") == source_digest and self._file is not None:
             try:
-                # cloned into torch's own (64-byte aligned) memory: safetensors' buffers may sit at
-                # any offset, and torch's low-bit CPU kernels fault on misaligned weights
-                got = tuple(self._file.get_tensor(f"{name}/{i}").clone() for i in range(len(item["sha256"])))
+                # views of the memory-mapped entry (no copy: the page cache holds the weights once,
+                # for every process) where 64-byte aligned, as save() lays them out; anything else is
+                # copied into torch's own aligned memory (torch's low-bit CPU kernels fault on
+                # misaligned weights)
+                got = tuple(_aligned(self._file.get_tensor(f"{name}/{i}")) for i in range(len(item["sha256"])))
                 if [_tensor_digest(name, t) for t in got] == item["sha256"]:
                     tensors = got
             except Exception:  # noqa: BLE001 -- an item that does not read back is computed again
@@ -214,7 +225,13 @@ class DerivedTensors:
             return
         os.close(fd)
         try:
-            save_file(flat, tmp, metadata={"llmarch": json.dumps(header)})
+            metadata = {"llmarch": json.dumps(header), "pad": ""}
+            save_file(flat, tmp, metadata=metadata)
+            with open(tmp, "rb") as fh:  # the data section starts after 8 bytes of length and the header
+                start = 8 + int.from_bytes(fh.read(8), "little")
+            if start % _ALIGN:  # padded so that the data starts 64-byte aligned: see get()
+                metadata["pad"] = " " * (-start % _ALIGN)
+                save_file(flat, tmp, metadata=metadata)
             os.replace(tmp, self.path)
             self._dirty = False
         except Exception:  # noqa: BLE001 -- a full disk, a read-only directory: no caching this time
