@@ -128,6 +128,8 @@ def load_all(alias: str, dtype: torch.dtype, threads: int, llama_bench: Path | N
 
     path = resolve_model(alias)
     runners = {"llmarch": (run_llmarch, load_model(open_checkpoint(path), dtype))}  # as load() does: CLI's --quant auto
+    # generate --fast-head (and chat): the int8 head's fbgemm kernel; packed before the rounds
+    runners["llmarch --fast-head"] = (run_llmarch, load_model(open_checkpoint(path), dtype, head_kernel=True))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     runners["transformers"] = (run_transformers, hf.eval())
     try:
@@ -221,7 +223,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.new_tokens} new tokens, "
           f"median of {args.rounds} alternating rounds")
-    header = f"{'model':<20} {'dtype':<9} {'library':<13} {'prompt':>6} {'prefill tok/s':>14} {'decode tok/s':>13} " \
+    header = f"{'model':<20} {'dtype':<9} {'library':<19} {'prompt':>6} {'prefill tok/s':>14} {'decode tok/s':>13} " \
              f"{'decode vs HF':>13} {'same tokens':>12}"
     for alias in args.models:
         startup(alias, args)
@@ -234,7 +236,7 @@ def main() -> None:
             print(header)
             for a, d, lib, n, pre, dec, same in rows:
                 same = f"{same:>5}/{args.new_tokens}" if same is not None else f"{'n/a':>8}"
-                print(f"{a:<20} {d:<9} {lib:<13} {n:>6} {pre:>14.1f} {dec:>13.2f} {dec / hf_decode:>12.2f}x "
+                print(f"{a:<20} {d:<9} {lib:<19} {n:>6} {pre:>14.1f} {dec:>13.2f} {dec / hf_decode:>12.2f}x "
                       f"{same}", flush=True)
 
 

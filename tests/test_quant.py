@@ -264,3 +264,67 @@ def test_torch_dequantisation_equals_gguf(qtype):
     for data in (_gguf_data(qtype), _random_blocks(qtype, (0,), seed=3)):
         ref = torch.from_numpy(dequantize(data, qtype)).reshape(SHAPE[0], -1)
         assert torch.equal(_dequantize_torch(data, qtype), ref)
+
+
+# ---- the output head's one-row int8 x int8 kernel (fast_head) -----------------------------------
+def _head_model(vocab=1000, hidden=96, tied=False, seed=0):
+    from llmarch.inference.quant import QuantEmbedding, QuantHead
+
+    g = torch.Generator().manual_seed(seed)
+    table = Int8Linear.from_float(torch.randn(vocab, hidden, generator=g) * 0.05)
+    m = nn.Module()
+    if tied:
+        m.embed = QuantEmbedding(table, torch.float32)
+        m.lm_head = QuantHead(m.embed)
+    else:
+        m.lm_head = table
+    return m, table
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fast_head_one_row_within_per_token_int8_error(tied):
+    from concurrent.futures import Future
+
+    from llmarch.inference.quant import batch_invariant, dynamic_available, fast_head
+
+    if not dynamic_available():
+        pytest.skip("this torch build has no fbgemm (x86) quantized engine")
+    model, table = _head_model(tied=tied)
+    x = torch.randn(1, 1, 96, generator=torch.Generator().manual_seed(1)) * 3
+    x[..., 5] = 40.0  # an outlier sets the activation step
+    w = (table.weight_int8.double() * table.scales.double()[:, None])
+    ref = x.double().reshape(1, -1) @ w.t()
+    plain = table(x).double().reshape(1, -1)
+    fast_head(model)  # packed on a second thread
+    assert isinstance(table.dynamic, Future)
+    y = model.lm_head(x).double().reshape(1, -1)
+    assert not isinstance(table.dynamic, Future) and table.dynamic is not None
+    # per-token asymmetric uint8 activations: each off by at most half a step, step = range / 255
+    xf = x.double().reshape(-1)
+    step = (max(xf.max().item(), 0) - min(xf.min().item(), 0)) / 255
+    bound = w.abs().sum(1) * step / 2 + 1e-5 * ref.abs()[0] + 1e-6
+    assert ((y - ref).abs()[0] <= bound).all()
+    assert not torch.equal(y, plain)  # another kernel: it was used
+    # packed in the background or not, the same numbers
+    sync_model, sync_table = _head_model(tied=tied)
+    fast_head(sync_model, background=False)
+    assert torch.equal(sync_model.lm_head(x), model.lm_head(x))
+    # two rows or more keep their own paths: the same as without the fast head
+    x2 = torch.randn(1, 2, 96, generator=torch.Generator().manual_seed(2))
+    without, _ = _head_model(tied=tied)
+    assert torch.equal(model.lm_head(x2), without.lm_head(x2))
+    # a server's batch-invariant model drops it: one row is then one row of the batched product
+    batch_invariant(model)
+    assert table.dynamic is None
+
+
+def test_fast_head_leaves_other_heads_alone():
+    from llmarch.inference.quant import fast_head
+
+    m = nn.Module()
+    m.lm_head = nn.Linear(8, 16, bias=False)
+    assert fast_head(m) is m and not hasattr(m.lm_head, "dynamic")
+    q = nn.Module()
+    q.lm_head = Int4Linear.from_float(torch.randn(64, 64), None, 32)
+    fast_head(q)
+    assert getattr(q.lm_head, "dynamic", None) is None

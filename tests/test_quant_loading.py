@@ -276,3 +276,19 @@ def test_an_unwritable_cache_only_means_no_caching(derived_cache, mixed_gguf, mo
     n = len(calls)
     assert torch.equal(_logits(load_model(open_checkpoint(mixed_gguf), pack=False)), reference)
     assert len(calls) == 2 * n
+
+
+def test_load_with_the_fast_head(mixed_gguf):
+    from llmarch.inference.quant import dynamic_available
+
+    if not dynamic_available():
+        pytest.skip("this torch build has no fbgemm (x86) quantized engine")
+    plain = load_model(open_checkpoint(mixed_gguf))
+    fast = load_model(open_checkpoint(mixed_gguf), head_kernel=True)
+    table = fast.lm_head.embedding.table  # the tied Q8_0 table, int8
+    assert table.dynamic is not None and plain.lm_head.embedding.table.dynamic is None
+    ids = torch.tensor([[3, 17, 42, 5]])
+    with torch.no_grad():
+        a, b = plain(ids[:, -1:]), fast(ids[:, -1:])  # one row: the fast head's kernel
+        assert 0 < _rel(b, a) < 2e-2
+        assert torch.equal(plain(ids), fast(ids))  # a prefill's rows: the same path as before

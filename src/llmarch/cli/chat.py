@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> None:
     except ImportError:
         pass
     GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p).validate()
-    model, tokenizer, name = load_chat_model(args)
+    model, tokenizer, name = load_chat_model(args, decoding=True)  # the head is packed while the user types
     if tokenizer.chat_template is None:
         raise GenerationError(f"{name} has no chat template; chat needs an instruction-tuned model")
     context = model_context(model, GenerationConfig())

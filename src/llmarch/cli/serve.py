@@ -21,12 +21,13 @@ def add_model(sp: argparse.ArgumentParser) -> None:
                          "instruction-tuned)")
 
 
-def load_chat_model(args: argparse.Namespace):
-    """(model, tokenizer, name) of ``--model`` or the default chat model; says which on stderr."""
+def load_chat_model(args: argparse.Namespace, decoding: bool = False):
+    """(model, tokenizer, name) of ``--model`` or the default chat model; says which on stderr.
+    ``decoding``: see :func:`load_on_device` (a server's batched steps are not)."""
     name = args.model or CHAT_MODEL
     device, dtype, why = runtime_choice(args)
     print(f"loading {name} ({why}) ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_on_device(args, name, device, dtype)
+    model, tokenizer = load_on_device(args, name, device, dtype, decoding)
     print(f"model: {name}", file=sys.stderr, flush=True)
     return model, tokenizer, name
 

@@ -25,6 +25,18 @@ sums): each row x is written as ``s1 * q1 + s2 * q2`` (``q2`` the int8 codes of 
 here; the two-level split costs nothing measurable). Rows never mix, so a row's result does
 not depend on the others in its batch.
 
+The output head is the largest product of a decoding step (262k x 640 for Gemma 3 270M, 45% of
+the step) and ``_weight_int8pack_mm`` converts each int8 weight to float before its
+multiply-add, reading only about 10 GB/s. :func:`fast_head` gives the head's int8 table a
+copy packed for fbgemm's int8 x int8 GEMM (``torch.ops.quantized.linear_dynamic``, the x86
+engine: AVX512-VNNI where the CPU has it), used for one row: the row is quantised per token to
+uint8, asymmetric, as llama.cpp quantises its activations. 2.9x faster on that head (5.8 against
+17.2 ms, 2 threads); teacher-forced decoding of 400 Shakespeare tokens gives perplexity 32.08
+against 32.15 (weight-only kernel) and 31.84 (float32) on Gemma 3 270M, 61.29 against 61.32 and
+61.11 on Qwen2.5-0.5B. The same per-token activations in every layer cost Gemma 2.8%
+(outlier features in the residual stream), so only the head, whose input the final norm has
+just scaled, uses it.
+
 :class:`QuantEmbedding` keeps the token table quantised (one of the layers above, read as a
 ``hidden -> vocab`` linear), gathers only the looked-up rows and dequantises them; a tied
 output head (:class:`QuantHead`) multiplies by the same table, held once.
@@ -43,6 +55,9 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
+import threading
+from concurrent.futures import Future
 
 import torch
 from torch import nn
@@ -107,6 +122,55 @@ def batch_invariant(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, Int8Linear):
             m.w8a8_min_rows = 1
+            m.dynamic = None  # never used at one row either (fast_head's kernel is another product)
+    return model
+
+
+def dynamic_available() -> bool:
+    """Whether this torch has fbgemm's int8 linear (x86 builds; see :func:`fast_head`)."""
+    return "x86" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+def _pack_dynamic(weight_int8: torch.Tensor, scales: torch.Tensor):
+    with warnings.catch_warnings():  # torch's notice that quantized tensors are being phased out
+        warnings.simplefilter("ignore", UserWarning)
+        weight = torch._make_per_channel_quantized_tensor(
+            weight_int8, scales.double(), torch.zeros(len(scales), dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(weight, None)
+
+
+def fast_head(model: nn.Module, background: bool = True) -> nn.Module:
+    """Give ``model``'s int8 output head (its own, or the tied token table) fbgemm's packed copy
+    for one-row products (see the module docstring), in place; a no-op for other heads or where
+    fbgemm is missing. Costs the head's size in memory once more (the table stays for lookups).
+
+    Packing takes fbgemm 2-3 s for a 262k-token head (one core, without the GIL): with
+    ``background`` it runs on a second thread while the caller goes on (reading the tokenizer,
+    the prefill), and the first one-row product waits for it, so that every token of a
+    generation comes from the same kernel whatever the timing."""
+    head = getattr(model, "lm_head", None)
+    table = head.embedding.table if isinstance(head, QuantHead) else head
+    if not isinstance(table, Int8Linear) or table.bias is not None or not dynamic_available():
+        return model
+    if table.weight_int8.device.type != "cpu":
+        return model
+    torch.backends.quantized.engine = "x86"
+    if not background:
+        table.dynamic = _pack_dynamic(table.weight_int8, table.scales)
+        return model
+    future: Future = Future()
+
+    def pack() -> None:
+        try:
+            future.set_result(_pack_dynamic(table.weight_int8, table.scales))
+        except BaseException as exc:  # noqa: BLE001 -- raised where the result is waited for
+            future.set_exception(exc)
+
+    # A thread of its own that ends when done, not a pool's: a live thread keeps its OpenMP team,
+    # and with more OpenMP threads than cores libgomp stops spinning between parallel regions
+    # for every team, which cut decoding to 60% for as long as the pool lived (measured).
+    threading.Thread(target=pack, name="llmarch-pack-head", daemon=True).start()
+    table.dynamic = future
     return model
 
 
@@ -152,10 +216,17 @@ class Int8Linear(nn.Module):
         """Rows ``ids`` of the dequantised weight, float32 (len(ids), in)."""
         return self.weight_int8[ids].float() * self.scales[ids].float()[:, None]
 
+    #: fbgemm's packed copy for one-row products, or the Future of one being packed (:func:`fast_head`)
+    dynamic = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= self.w8a8_min_rows and x2.device.type == "cpu":
             return _linear_out(self, x, w8a8_mm(x2, self.weight_int8, self.scales))
+        if self.dynamic is not None and x2.shape[0] == 1 and x2.device.type == "cpu":
+            if isinstance(self.dynamic, Future):  # waited for, so a result never depends on timing
+                self.dynamic = self.dynamic.result()
+            return _linear_out(self, x, torch.ops.quantized.linear_dynamic(x2.float(), self.dynamic, False))
         x2 = x2.to(KERNEL_DTYPE)
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales.to(KERNEL_DTYPE))
         return _linear_out(self, x, y)
