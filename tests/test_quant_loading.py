@@ -221,50 +221,62 @@ def derived_cache(tmp_path, monkeypatch):
 
 
 def test_int8_requantisation_is_read_back_on_the_second_load(derived_cache, mixed_gguf, monkeypatch):
+    from llmarch.checkpoints.gguf import GGUFFile
+
     calls = _counting_requantisations(monkeypatch)
+    reads = []
+    raw = GGUFFile.raw
+    monkeypatch.setattr(GGUFFile, "raw", lambda self, name: reads.append(name) or raw(self, name))
     first = load_model(open_checkpoint(mixed_gguf), pack=False)
     assert calls and len(_derived(derived_cache)) == 1
-    n = len(calls)
+    n, first_reads = len(calls), len(reads)
     second = load_model(open_checkpoint(mixed_gguf), pack=False)
     assert len(calls) == n, "the second load requantised again instead of reading the cache"
+    assert len(reads) - first_reads == first_reads - n, "a cache hit read the file's int8 tensors"
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    for m in second.modules():  # the kernels fault on misaligned memory: read-back tensors are torch's own
+    for m in second.modules():  # the kernels fault on misaligned memory: read-back tensors are aligned
         if isinstance(m, Int8Linear):
             assert m.weight_int8.data_ptr() % 64 == 0
     assert torch.equal(_logits(first), _logits(second))
 
 
-def test_damaged_or_stale_entries_are_recomputed(derived_cache, mixed_gguf, monkeypatch, tmp_path):
+def test_damaged_or_stale_entries_are_recomputed(derived_cache, monkeypatch, tmp_path):
+    import shutil
+
+    from llmarch.checkpoints.cache import DerivedTensors
+
+    path = tmp_path / "model.gguf"
+    _write_llama_gguf(path, MIXED)
     calls = _counting_requantisations(monkeypatch)
-    reference = _logits(load_model(open_checkpoint(mixed_gguf), pack=False))
+    reference = _logits(load_model(open_checkpoint(path), pack=False))
     (entry,) = _derived(derived_cache)
     n = len(calls)
-    # one flipped byte in the data: that item (only) is recomputed, and the entry rewritten whole
+    # one flipped byte in the data (the entry's stamp no longer matches, so every item is
+    # checked): that item is recomputed, and the entry rewritten whole
     data = bytearray(entry.read_bytes())
     data[-100] ^= 0xFF
     entry.write_bytes(bytes(data))
-    assert torch.equal(_logits(load_model(open_checkpoint(mixed_gguf), pack=False)), reference)
+    assert torch.equal(_logits(load_model(open_checkpoint(path), pack=False)), reference)
     assert len(calls) == n + 1
-    load_model(open_checkpoint(mixed_gguf), pack=False)
+    load_model(open_checkpoint(path), pack=False)
     assert len(calls) == n + 1, "the rewritten entry was not read back"
     # truncated, then garbage: everything recomputed, never an error
     for damage in (entry.read_bytes()[: entry.stat().st_size // 2], b"not a safetensors file"):
         entry.write_bytes(damage)
         before = len(calls)
-        assert torch.equal(_logits(load_model(open_checkpoint(mixed_gguf), pack=False)), reference)
+        assert torch.equal(_logits(load_model(open_checkpoint(path), pack=False)), reference)
         assert len(calls) - before == n
-    # another file with the same metadata and size (so the same entry) but other weights: the
-    # entry's items were made from other bytes, so none is served
+    # the file replaced by another with the same metadata and size but other weights: a new
+    # key (its stamp changed), computed afresh, and the old entry removed
     other = _write_llama_gguf(tmp_path / "other.gguf", MIXED, seed=1)
-    assert other.stat().st_size == mixed_gguf.stat().st_size
+    assert other.stat().st_size == path.stat().st_size
+    shutil.copyfile(other, path)
     before = len(calls)
-    got = _logits(load_model(open_checkpoint(other), pack=False))
-    assert len(calls) - before == n and _derived(derived_cache) == [entry]
-    from llmarch.checkpoints.cache import DerivedTensors
-
+    got = _logits(load_model(open_checkpoint(path), pack=False))
+    assert len(calls) - before == n and len(_derived(derived_cache)) == 1
     monkeypatch.setattr(DerivedTensors, "MIN_FILE_BYTES", 1 << 60)  # no cache at all
-    assert torch.equal(got, _logits(load_model(open_checkpoint(other), pack=False)))
+    assert torch.equal(got, _logits(load_model(open_checkpoint(path), pack=False)))
     assert not torch.equal(got, reference)
 
 

@@ -17,17 +17,21 @@ written just means the tokenizer is built every time.
 
 Tensors derived from a checkpoint's tensors (:class:`DerivedTensors`: a GGUF file's Q5_0 / Q8_0 /
 Q6_K matrices requantised to int8 take 0.5-3 s to compute, and a fraction of that to read back).
-One entry per checkpoint file and purpose, ``derived/<key>.safetensors`` (no pickle), the key
-hashing the file's metadata and size, the purpose, torch's version and :data:`FORMAT_VERSION`.
-Each item records the SHA-256 of its source bytes (as the loader handed them over, after any
-checkpoint surgery) and of what was stored: an item is served only when both match, otherwise it
-is computed again and the entry rewritten, atomically, as above. Served items are views of the
-memory-mapped entry, its data laid out 64-byte aligned (the page cache holds them once for all
-processes, as llama.cpp's memory-mapped file does).
+One entry per checkpoint file and purpose, ``derived/<source>-<key>.safetensors`` (no pickle).
+The key hashes the file's path and stamp (size, modification and change times, inode: what
+changes whenever its content does), its metadata, the purpose, llmarch's own source code,
+torch's version and :data:`FORMAT_VERSION`, so a hit reads nothing of the file's tensors and code
+that would compute something else never meets an old entry; a new entry replaces the source's
+older ones. Each item records the SHA-256 of what was stored; items are checked against it
+unless the entry's own stamp (``.stamp`` beside it, written after it) shows the entry unchanged
+since it was written; an item that fails is computed again and the entry rewritten, atomically.
+Served items are views of the memory-mapped entry, its data laid out 64-byte aligned (the page
+cache holds them once for all processes, as llama.cpp's memory-mapped file does).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -39,7 +43,6 @@ from typing import TYPE_CHECKING, Any
 from .assets import cache_dir
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
     from ..families.base import TokenizerQuirks
@@ -137,23 +140,42 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.data_ptr() % _ALIGN == 0 else tensor.clone()
 
 
+def _stamp(path: Path) -> list[int]:
+    """What changes whenever a file's content does (as git's index and make trust it): size,
+    modification and change times, inode and device."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """SHA-256 of llmarch's own source files: an entry made by other code is never served."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode("utf-8") + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 class DerivedTensors:
     """Tensors computed from a checkpoint's tensors, kept between runs (see the module docstring).
 
     >>> store = DerivedTensors.for_gguf(ckpt, "int8 auto")        # doctest: +SKIP
-    >>> q, s = store.get("blk.0.attn_q.weight", raw, lambda: requantise(raw))   # doctest: +SKIP
+    >>> q, s = store.get("blk.0.attn_q.weight Q5_0 896x896", lambda: requantise(...))   # doctest: +SKIP
     >>> store.save()                                              # doctest: +SKIP
     """
 
     #: files smaller than this are not worth an entry (requantising them takes milliseconds)
     MIN_FILE_BYTES = 32 << 20
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, family: str = ""):
         self.path = path
-        self._items: dict[str, dict[str, Any]] = {}  # name -> {"source", "names", "tensors"}
+        self.family = family  # entries of one source and purpose share it: a new one replaces the old
+        self._items: dict[str, tuple[torch.Tensor, ...]] = {}
         self._stored: dict[str, dict[str, Any]] = {}
         self._dirty = False
         self._file = None
+        self._trusted = False
         try:
             from safetensors import safe_open
 
@@ -161,61 +183,74 @@ class DerivedTensors:
             header = json.loads(self._file.metadata()["llmarch"])
             if header["format"] == FORMAT_VERSION and header["key"] == path.stem:
                 self._stored = dict(header["items"])
+            self._trusted = json.loads(self._stamp_path.read_text()) == _stamp(path)
         except Exception:  # noqa: BLE001 -- a missing or damaged entry is an empty one
-            self._stored = {}
+            self._stored = self._stored or {}
+
+    @property
+    def _stamp_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".stamp")
 
     @classmethod
     def for_gguf(cls, ckpt: GGUFFile, purpose: str) -> DerivedTensors | None:
         """The store for ``purpose`` (e.g. ``"int8 auto"``) of the GGUF file ``ckpt``; None for a
-        file under :attr:`MIN_FILE_BYTES`."""
+        file under :attr:`MIN_FILE_BYTES`. The key is the file's path and stamp (size, times,
+        inode: any change to it makes another key), its metadata, llmarch's code, torch's version,
+        the purpose and :data:`FORMAT_VERSION`: a hit reads nothing of the file's tensors."""
         import torch
 
-        if ckpt.path.stat().st_size < cls.MIN_FILE_BYTES:
+        path = ckpt.path.resolve()
+        if path.stat().st_size < cls.MIN_FILE_BYTES:
             return None
+        family = hashlib.sha256(f"{path}\0{purpose}".encode()).hexdigest()[:16]
         digest = hashlib.sha256()
-        for part in (f"llmarch derived v{FORMAT_VERSION}", torch.__version__, purpose,
-                     str(ckpt.path.stat().st_size), ckpt.metadata_digest("")):
+        for part in (f"llmarch derived v{FORMAT_VERSION}", torch.__version__, purpose, str(path),
+                     json.dumps(_stamp(path)), ckpt.metadata_digest(""), _code_digest()):
             digest.update(part.encode("utf-8") + b"\0")
-        return cls(cache_dir() / "derived" / f"{digest.hexdigest()}.safetensors")
+        return cls(cache_dir() / "derived" / f"{family}-{digest.hexdigest()[:48]}.safetensors", family)
 
-    def get(self, name: str, source: np.ndarray, compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-        """The tensors computed from ``source`` under ``name``: read back if this entry holds them
-        for exactly these source bytes and they check out, else ``compute()`` (kept for :meth:`save`)."""
-        import numpy as np
+    def get(self, name: str, compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """The tensors kept under ``name`` (which should say what they are made from, e.g. the
+        tensor's name, type and shape), else ``compute()`` (kept for :meth:`save`).
 
-        digest = hashlib.sha256(name.encode("utf-8") + b"\0")
-        digest.update(memoryview(np.ascontiguousarray(source)).cast("B"))
-        source_digest = digest.hexdigest()
+        Served items are checked against the SHA-256 the entry recorded, unless the entry's stamp
+        (written beside it after the entry, atomically) says it has not changed since."""
         item = self._stored.get(name)
         tensors = None
-        if item is not None and item.get("source") == source_digest and self._file is not None:
+        if item is not None and self._file is not None:
             try:
                 # views of the memory-mapped entry (no copy: the page cache holds the weights once,
                 # for every process) where 64-byte aligned, as save() lays them out; anything else is
                 # copied into torch's own aligned memory (torch's low-bit CPU kernels fault on
                 # misaligned weights)
                 got = tuple(_aligned(self._file.get_tensor(f"{name}/{i}")) for i in range(len(item["sha256"])))
-                if [_tensor_digest(name, t) for t in got] == item["sha256"]:
+                if self._trusted or [_tensor_digest(name, t) for t in got] == item["sha256"]:
                     tensors = got
             except Exception:  # noqa: BLE001 -- an item that does not read back is computed again
                 tensors = None
         if tensors is None:
             tensors = tuple(compute())
             self._dirty = True
-        self._items[name] = {"source": source_digest, "tensors": tensors}
+        self._items[name] = tensors
         return tensors
 
     def save(self) -> None:
         """Write the entry (every item :meth:`get` returned) if anything was computed; atomically,
         and silently nothing when the cache directory cannot be written."""
         if not self._dirty:
+            if not self._trusted and self._items:  # every item served was checked: stamp the entry
+                try:
+                    _write_atomically(self._stamp_path, json.dumps(_stamp(self.path)).encode())
+                    self._trusted = True
+                except OSError:
+                    pass
             return
         from safetensors.torch import save_file
 
         flat, items = {}, {}
-        for name, item in self._items.items():
-            items[name] = {"source": item["source"], "sha256": [_tensor_digest(name, t) for t in item["tensors"]]}
-            for i, t in enumerate(item["tensors"]):
+        for name, tensors in self._items.items():
+            items[name] = {"sha256": [_tensor_digest(name, t) for t in tensors]}
+            for i, t in enumerate(tensors):
                 flat[f"{name}/{i}"] = t.contiguous()
         header = {"format": FORMAT_VERSION, "key": self.path.stem, "items": items}
         try:
@@ -234,7 +269,21 @@ class DerivedTensors:
                 save_file(flat, tmp, metadata=metadata)
             os.replace(tmp, self.path)
             self._dirty = False
+            _write_atomically(self._stamp_path, json.dumps(_stamp(self.path)).encode())
+            for old in self.path.parent.glob(f"{self.family}-*"):  # this source's entries for other code or content
+                if self.family and old.name not in (self.path.name, self._stamp_path.name) and not old.name.endswith(".tmp"):
+                    old.unlink(missing_ok=True)
         except Exception:  # noqa: BLE001 -- a full disk, a read-only directory: no caching this time
             pass
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -8,6 +8,8 @@ and ``raw_tensors()`` (the tensors under the file's own names) for the family's 
 
 from __future__ import annotations
 
+import functools
+
 import os
 from collections.abc import Iterator
 from functools import cached_property
@@ -89,7 +91,8 @@ class GGUFCheckpoint(GGUFFile, _Opened):
             if self.tensor_type(name) in FLOAT_TYPES or len(shape) != 2:
                 yield name, self.load(name)
             else:
-                yield name, QuantizedTensor(*self.raw(name), shape, name)
+                read = functools.partial(lambda n: self.raw(n)[0], name)  # read when first used
+                yield name, QuantizedTensor(read, self._tensors[name].tensor_type, shape, name)
 
     def tensor_names(self) -> list[str]:
         """HF names of the tensors :meth:`tensors` yields, in file order."""

@@ -10,6 +10,8 @@ The inference side turns it into a quantised layer (:mod:`llmarch.inference.gguf
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -20,15 +22,25 @@ FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
 
 
 class QuantizedTensor:
-    """A block-quantised tensor: raw bytes (rows, bytes per row), GGML type and torch shape."""
+    """A block-quantised tensor: raw bytes (rows, bytes per row), GGML type and torch shape.
 
-    def __init__(self, data: np.ndarray, qtype, shape: tuple[int, ...], name: str = "<tensor>"):
+    ``data``: the bytes, or a function reading them, called when :attr:`data` is first used (a
+    loader that finds what it would make from them in a cache never reads them)."""
+
+    def __init__(self, data: np.ndarray | Callable[[], np.ndarray], qtype, shape: tuple[int, ...],
+                 name: str = "<tensor>"):
         from gguf import GGMLQuantizationType
 
-        self.data = data
+        self._data = data
         self.qtype = GGMLQuantizationType(int(qtype))
         self.shape = torch.Size(shape)
         self.name = name
+
+    @property
+    def data(self) -> np.ndarray:
+        if callable(self._data):
+            self._data = self._data()
+        return self._data
 
     def dim(self) -> int:
         return len(self.shape)

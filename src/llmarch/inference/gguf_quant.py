@@ -160,16 +160,19 @@ def gguf_linear(
     store: tuple[DerivedTensors, str] | None = None,
 ) -> QuantLinear:
     """A GGUF weight as a quantised linear layer: int4 where the format maps (unless ``mode`` is
-    ``int8``), int8 otherwise. ``store``: a cache and this tensor's name in it, for the int8
-    requantisation (the int4 layout is a copy, cheaper than a lookup)."""
+    ``int8``), int8 otherwise. ``data``: the raw bytes, or a function that reads them (called only
+    when needed). ``store``: a cache and this tensor's name in it, for the int8 requantisation
+    (the int4 layout is a copy, cheaper than a lookup)."""
     if qtype in INT4_TYPES and mode != "int8":
-        codes, scales, zeros = int4_codes(data, qtype, shape)
+        codes, scales, zeros = int4_codes(data() if callable(data) else data, qtype, shape)
         return Int4Linear.from_codes(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(zeros), bias, GROUP)
-    compute = functools.partial(int8_weights, data, qtype, shape)
+    def compute():
+        return int8_weights(data() if callable(data) else data, qtype, shape)
+
     if store is None:
         return Int8Linear(*compute(), bias)
     cache, name = store
-    q, scales = cache.get(f"{name} {qtype.name} {shape[0]}x{shape[1]}", data, compute)
+    q, scales = cache.get(f"{name} {qtype.name} {shape[0]}x{shape[1]}", compute)
     if q.dtype != torch.int8 or tuple(q.shape) != tuple(shape) or tuple(scales.shape) != (shape[0],):
         q, scales = compute()  # an entry from another layout: never trusted over the file
     return Int8Linear(q, scales, bias)
@@ -235,7 +238,7 @@ def assign_quantized(
     expected = tuple(getattr(module, attr).shape)
     if expected != tuple(qt.shape):
         raise CheckpointError(f"tensor {name!r} has shape {tuple(qt.shape)}; the configuration expects {expected}")
-    args = (qt.data, qt.qtype, expected)
+    args = (lambda: qt.data, qt.qtype, expected)  # read from the file only if needed (not on a cache hit)
     if name == "embed.weight" and type(module) is nn.Embedding:
         model.embed = gguf_embedding(*args, dtype, mode, store and (store, name))
         if getattr(model, "lm_head", False) is None:
