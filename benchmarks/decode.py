@@ -146,6 +146,13 @@ def load_all(alias: str, dtype: torch.dtype, threads: int, llama_bench: Path | N
 def bench(alias: str, dtype: torch.dtype, args) -> list[tuple]:
     tokenizer, runners = load_all(alias, dtype, args.threads, args.llama_bench)
     ids = tokenizer.encode(args.prompt)
+    if args.prompt_tokens:  # a long prompt: the bundled Shakespeare's first tokens
+        import gzip
+        from importlib import resources
+
+        with resources.files("llmarch.data").joinpath("shakespeare.txt.gz").open("rb") as fh:
+            text = gzip.decompress(fh.read()).decode("utf-8")[200_000 : 200_000 + 40 * args.prompt_tokens]
+        ids = tokenizer.encode(text)[: args.prompt_tokens]
     runs: dict[str, list[Run]] = {name: [] for name in runners}
     for name, (fn, model) in runners.items():  # warm-up
         fn(model, ids, 4)
@@ -214,6 +221,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="instead of --prompt, this many tokens of the bundled Shakespeare (e.g. 512 for the prefill target)")
     p.add_argument("--llama-bench", default=None,
                    help="llama.cpp's llama-bench binary (default: $LLAMA_BENCH, PATH, or where "
                         "benchmarks/build_llama_cpp.sh puts it); runs when found")

@@ -189,6 +189,11 @@ def test_real_cached_tokenizer_equals_built(which, real_paths, tmp_path, monkeyp
     cached = Tokenizer.from_gguf(ckpt)
     assert calls == []
     _same(built, cached)
+    # the entry keeps the merges in tokenizers' compact "a b" form, and reads back the same model
+    (entry,) = _entries(tmp_path)
+    merges = json.loads(entry.read_bytes().partition(b"\n")[2])["model"]["merges"]
+    assert merges and all(isinstance(m, str) for m in merges)
+    assert cached.backend.to_str() == built.backend.to_str()
 
 
 def test_cli_import_is_light():

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 __all__ = ["FORMAT_VERSION", "DerivedTensors", "cached_tokenizer", "tokenizer_cache_path"]
 
 #: Bump when the entry layout or what the builders produce changes: older entries are then ignored.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: The :class:`Tokenizer` constructor arguments an entry keeps beside the ``tokenizers`` JSON.
 _FIELDS = ("bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token", "add_eos_token", "chat_template")
@@ -101,6 +101,20 @@ def _read(cls: type[Tokenizer], path: Path) -> Tokenizer | None:
         return None
 
 
+def _compact(serialised: str) -> str:
+    """``tokenizers``' JSON with a BPE's merges as ``"a b"`` strings (its older form, still read)
+    instead of ``["a", "b"]`` pairs, where no merged piece holds a space: the same tokenizer
+    (the test reads both back), parsed 0.3 s faster for Gemma's 515k merges."""
+    data = json.loads(serialised)
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    if model.get("type") != "BPE" or not merges or not all(
+            isinstance(m, list) and len(m) == 2 and " " not in m[0] and " " not in m[1] for m in merges):
+        return serialised
+    model["merges"] = [f"{a} {b}" for a, b in merges]
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
 def _write(path: Path, tokenizer: Tokenizer) -> None:
     """Write ``tokenizer``'s entry atomically; silently nothing when the cache directory is not writable."""
     try:
@@ -110,7 +124,7 @@ def _write(path: Path, tokenizer: Tokenizer) -> None:
         return
     try:
         with os.fdopen(fd, "wb") as fh:
-            body = tokenizer.backend.to_str().encode("utf-8")
+            body = _compact(tokenizer.backend.to_str()).encode("utf-8")
             fields: dict[str, Any] = {k: getattr(tokenizer, k) for k in _FIELDS}
             fields["eos_token_ids"] = sorted(tokenizer.eos_token_ids)
             header = {"format": FORMAT_VERSION, "key": path.stem, "size": len(body),
