@@ -53,3 +53,19 @@ def test_chat_repl(tmp_path, tiny_reference):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+@pytest.mark.parametrize("flag, decoding", [([], True), (["--no-fast-head"], False)])
+def test_chat_packs_the_fast_head_unless_told_not_to(flag, decoding, monkeypatch, capsys):
+    from llmarch.cli import chat, main
+    from llmarch.errors import GenerationError
+
+    seen = []
+
+    def fake_load(args, decoding=False):
+        seen.append(decoding)
+        raise GenerationError("stop here")
+
+    monkeypatch.setattr(chat, "load_chat_model", fake_load)
+    assert main(["chat", *flag]) == 2
+    assert seen == [decoding] and "stop here" in capsys.readouterr().err
