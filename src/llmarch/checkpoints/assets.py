@@ -117,15 +117,20 @@ def _stamp(target: Path) -> Path:
     return target.with_name(target.name + ".sha256")
 
 
-def _tag(model: PackagedModel, st: os.stat_result) -> str:
-    """What the stamp records of a file whose hash was checked.
+def file_stamp(st: os.stat_result) -> str:
+    """What changes whenever a file is written: size, modification and change times, inode.
 
     The inode change time (``st_ctime``) moves on every write to the file and, unlike the
     modification time, cannot be set back by ``touch`` or ``os.utime``; with the inode number it
-    proves the file has not been written since its hash was checked. A file copied or restored
-    elsewhere gets a new ctime, so it is hashed once more.
+    proves the file has not been written since it was last checked. A file copied or restored
+    elsewhere gets a new ctime, so it is checked once more.
     """
-    return f"{model.sha256} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
+
+
+def _tag(model: PackagedModel, st: os.stat_result) -> str:
+    """What the stamp records of a file whose hash was checked (see :func:`file_stamp`)."""
+    return f"{model.sha256} {file_stamp(st)}"
 
 
 def _intact(model: PackagedModel, target: Path) -> bool:

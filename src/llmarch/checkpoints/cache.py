@@ -40,7 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .assets import cache_dir
+from ..atomic import atomic_file, clean_stale, write_text
+from .assets import cache_dir, file_stamp
 
 if TYPE_CHECKING:
     import torch
@@ -154,11 +155,8 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.data_ptr() % _ALIGN == 0 else tensor.clone()
 
 
-def _stamp(path: Path) -> list[int]:
-    """What changes whenever a file's content does (as git's index and make trust it): size,
-    modification and change times, inode and device."""
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+def _stamp(path: Path) -> str:
+    return file_stamp(path.stat())
 
 
 @functools.lru_cache(maxsize=1)
@@ -197,7 +195,7 @@ class DerivedTensors:
             header = json.loads(self._file.metadata()["llmarch"])
             if header["format"] == FORMAT_VERSION and header["key"] == path.stem:
                 self._stored = dict(header["items"])
-            self._trusted = json.loads(self._stamp_path.read_text()) == _stamp(path)
+            self._trusted = self._stamp_path.read_text() == _stamp(path)
         except Exception:  # noqa: BLE001 -- a missing or damaged entry is an empty one
             self._stored = self._stored or {}
 
@@ -219,7 +217,7 @@ class DerivedTensors:
         family = hashlib.sha256(f"{path}\0{purpose}".encode()).hexdigest()[:16]
         digest = hashlib.sha256()
         for part in (f"llmarch derived v{FORMAT_VERSION}", torch.__version__, purpose, str(path),
-                     json.dumps(_stamp(path)), ckpt.metadata_digest(""), _code_digest()):
+                     _stamp(path), ckpt.metadata_digest(""), _code_digest()):
             digest.update(part.encode("utf-8") + b"\0")
         return cls(cache_dir() / "derived" / f"{family}-{digest.hexdigest()[:48]}.safetensors", family)
 
@@ -254,7 +252,7 @@ class DerivedTensors:
         if not self._dirty:
             if not self._trusted and self._items:  # every item served was checked: stamp the entry
                 try:
-                    _write_atomically(self._stamp_path, json.dumps(_stamp(self.path)).encode())
+                    write_text(self._stamp_path, _stamp(self.path), durable=False)
                     self._trusted = True
                 except OSError:
                     pass
@@ -267,37 +265,21 @@ class DerivedTensors:
             for i, t in enumerate(tensors):
                 flat[f"{name}/{i}"] = t.contiguous()
         header = {"format": FORMAT_VERSION, "key": self.path.stem, "items": items}
+        metadata = {"llmarch": json.dumps(header), "pad": ""}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-        except OSError:
-            return
-        os.close(fd)
-        try:
-            metadata = {"llmarch": json.dumps(header), "pad": ""}
-            save_file(flat, tmp, metadata=metadata)
-            with open(tmp, "rb") as fh:  # the data section starts after 8 bytes of length and the header
-                start = 8 + int.from_bytes(fh.read(8), "little")
-            if start % _ALIGN:  # padded so that the data starts 64-byte aligned: see get()
-                metadata["pad"] = " " * (-start % _ALIGN)
-                save_file(flat, tmp, metadata=metadata)
-            os.replace(tmp, self.path)
+            clean_stale(self.path.parent)  # what killed writers left behind
+            with atomic_file(self.path, durable=False) as tmp:
+                save_file(flat, str(tmp), metadata=metadata)
+                with open(tmp, "rb") as fh:  # the data section starts after 8 bytes of length and the header
+                    start = 8 + int.from_bytes(fh.read(8), "little")
+                if start % _ALIGN:  # padded so that the data starts 64-byte aligned: see get()
+                    metadata["pad"] = " " * (-start % _ALIGN)
+                    save_file(flat, str(tmp), metadata=metadata)
             self._dirty = False
-            _write_atomically(self._stamp_path, json.dumps(_stamp(self.path)).encode())
+            write_text(self._stamp_path, _stamp(self.path), durable=False)
             for old in self.path.parent.glob(f"{self.family}-*"):  # this source's entries for other code or content
-                if self.family and old.name not in (self.path.name, self._stamp_path.name) and not old.name.endswith(".tmp"):
+                if self.family and old.name not in (self.path.name, self._stamp_path.name):
                     old.unlink(missing_ok=True)
         except Exception:  # noqa: BLE001 -- a full disk, a read-only directory: no caching this time
             pass
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

@@ -8,8 +8,6 @@ and ``raw_tensors()`` (the tensors under the file's own names) for the family's 
 
 from __future__ import annotations
 
-import functools
-
 import os
 from collections.abc import Iterator
 from functools import cached_property
@@ -91,7 +89,7 @@ class GGUFCheckpoint(GGUFFile, _Opened):
             if self.tensor_type(name) in FLOAT_TYPES or len(shape) != 2:
                 yield name, self.load(name)
             else:
-                read = functools.partial(lambda n: self.raw(n)[0], name)  # read when first used
+                read = lambda n=name: self.raw(n)[0]  # noqa: E731 -- read when first used
                 yield name, QuantizedTensor(read, self._tensors[name].tensor_type, shape, name)
 
     def tensor_names(self) -> list[str]:

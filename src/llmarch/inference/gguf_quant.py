@@ -26,8 +26,6 @@ Loading a GGUF file with a ``quant`` choice (:func:`resolve_quant`, then
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -163,11 +161,13 @@ def gguf_linear(
     ``int8``), int8 otherwise. ``data``: the raw bytes, or a function that reads them (called only
     when needed). ``store``: a cache and this tensor's name in it, for the int8 requantisation
     (the int4 layout is a copy, cheaper than a lookup)."""
+    read = data if callable(data) else lambda: data
     if qtype in INT4_TYPES and mode != "int8":
-        codes, scales, zeros = int4_codes(data() if callable(data) else data, qtype, shape)
+        codes, scales, zeros = int4_codes(read(), qtype, shape)
         return Int4Linear.from_codes(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(zeros), bias, GROUP)
+
     def compute():
-        return int8_weights(data() if callable(data) else data, qtype, shape)
+        return int8_weights(read(), qtype, shape)
 
     if store is None:
         return Int8Linear(*compute(), bias)

@@ -55,8 +55,8 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 import threading
+import warnings
 from concurrent.futures import Future
 
 import torch
