@@ -117,6 +117,12 @@ SWEEP = {"lr_sweep": [1e-3, 3e-3]}
     ({**SWEEP, "variants": [{"name": "A", "lr_from": "A"}]}, "is not swept itself"),
     ({**SWEEP, "variants": [{"name": "A"}, {"name": "B", "lr": 0.01}]}, "'lr' in variant 2 ('B'): with 'lr_sweep'"),
     ({"variants": [{"name": "A", "out": "x"}]}, "'out' in variant 1: set it with the spec's top-level 'out'"),
+    ({"variants": [{"name": "A"}, {"name": "B", "lr_sweep": [1e-3]}]}, "'lr_sweep' in variant 2 ('B') needs a top-level 'lr_sweep'"),
+    ({**SWEEP, "variants": [{"name": "A"}, {"name": "B", "lr_from": "A", "lr_sweep": [1e-3]}]},
+     "'lr_sweep' in variant 2 ('B'): a variant with 'lr_from'"),
+    ({**SWEEP, "variants": [{"name": "A"}, {"name": "B", "lr_sweep": [0]}]},
+     "'lr_sweep' in variant 2 ('B') must be a non-empty list of positive numbers"),
+    ({**SWEEP, "variants": [{"name": "A"}, {"name": "B", "lr_sweep": [1e-2, 1e-2]}]}, "lists a learning rate twice"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_spec_is_one_error_naming_the_spot(capsys, tmp_path, data_dir, change, fragment):
     path, _ = _spec(tmp_path, data_dir, **change)
@@ -318,6 +324,29 @@ def test_sweep_picks_the_lowest_loss_and_its_run_is_the_first_seed(ablation):
     assert {s["lr"] for s in folders.values() if s["variant"] == "MHA"} == {best}  # MHA took GQA's LR, no sweep
     gqa0 = results["variants"][0]["runs"][0]["run_dir"]
     assert [p for p, s in folders.items() if s["variant"] == "GQA" and s["lr"] == best and s["seed"] == 0] == [Path(gqa0)]
+
+
+def test_a_variant_with_its_own_grid_is_swept_over_it_and_lends_its_choice(tmp_path, data_dir):
+    d = tmp_path
+    spec = write_spec(d / "spec.yaml", out=str(d / "out"), data=str(data_dir), lr_sweep=[1e-3, 3e-3], jobs=2, base=BASE,
+                      variants=[{"name": "GQA"}, {"name": "Muon", "optimizer": "muon", "lr_sweep": [3e-3, 1e-2]},
+                                {"name": "Muon MHA", "optimizer": "muon", "set": {"num_kv_heads": 2}, "lr_from": "Muon"}])
+    assert cli_main(["ablate", str(spec)]) == 0
+    out = d / "out"
+    results = json.loads((out / "results.json").read_text())
+    runs = sorted((s["variant"], s["lr"]) for s in _run_folders(out).values())
+    muon = {s["lr"]: json.loads((p / "summary.json").read_text())["final_val_loss"]
+            for p, s in _run_folders(out).items() if s["variant"] == "Muon"}
+    best = min(muon, key=lambda lr: (muon[lr], lr))
+    assert runs == sorted([("GQA", 1e-3), ("GQA", 3e-3), ("Muon", 3e-3), ("Muon", 1e-2), ("Muon MHA", best)])
+    sw = results["lr_sweep"]
+    assert sw["grid"] == [1e-3, 3e-3, 1e-2] and sw["chosen"]["Muon"] == best
+    assert set(sw["losses"]["GQA"]) == {"0.001", "0.003"} and set(sw["losses"]["Muon"]) == {"0.003", "0.01"}
+    assert {v["name"]: v["lr"] for v in results["variants"]}["Muon MHA"] == best
+    md = (out / "results.md").read_text()
+    row = next(line for line in md[md.index("## LR sweep"):].splitlines() if line.startswith("| Muon |"))
+    assert row.split("|")[2].strip() == ""  # 1e-3 is not in Muon's grid: an empty cell, not a missing result
+    assert all(cell.strip() for cell in row.split("|")[3:5])
 
 
 def test_variants_of_one_seed_saw_the_same_batches(ablation, data_dir):

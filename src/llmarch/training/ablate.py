@@ -8,6 +8,7 @@ A spec (YAML) names a base run and the variants that differ from it::
     match: params                  # params: equal active non-embedding parameters (via the FFN width)
     seeds: 3                       # seeds 0, 1, 2 (or a list: [0, 7, 42]); default: base's seed, else 0
     lr_sweep: [0.001, 0.003, 0.01] # optional: each variant's learning rate is chosen from this grid
+                                   # (a variant's own `lr_sweep` replaces it for that variant)
     jobs: 2                        # training processes at once (default 1)
     baseline: GQA (base)           # the row the others are compared with (default: the first variant)
     base: {arch: llama3.2-1b, scale: tiny, tokens: 300000, batch_size: 8, seq_len: 128, lr: 0.003}
@@ -30,7 +31,9 @@ paired by seed (``llmarch.training.stats.paired_difference``).
 ``lr`` is then unused, a variant's ``lr`` refused), stage 1 trains every variant that has no
 ``lr_from`` at each grid value on the first seed and picks the LR of the lowest final validation
 loss (ties: the smaller LR); a variant with ``lr_from: NAME`` takes NAME's choice (a family: the
-attention variants take the baseline's). Stage 2 runs the remaining seeds (an ``lr_from``
+attention variants take the baseline's). A swept variant may carry its own ``lr_sweep``, which
+replaces the top-level grid for it (three points around a family's known best instead of the
+whole range, when a longer budget makes every run count). Stage 2 runs the remaining seeds (an ``lr_from``
 variant: all seeds) at the chosen LR; the sweep's run at the chosen LR is the first seed's run.
 
 **Runs.** Each run is its own ``llmarch train`` process (``--jobs`` of them at once, or under
@@ -76,7 +79,7 @@ from .scale import resolve_model_config
 
 SPEC_FILE = "spec.json"
 SPEC_KEYS = {"out", "data", "prepare", "match", "base", "variants", "seeds", "jobs", "lr_sweep", "baseline"}
-VARIANT_KEYS = {"name", "set", "no_match", "lr_from"}
+VARIANT_KEYS = {"name", "set", "no_match", "lr_from", "lr_sweep"}
 # training fields that a spec sets another way
 NOT_IN_SPEC = {"out": "the spec's top-level 'out'", "data": "the spec's top-level 'data'",
                "overrides": "'set'", "progress": "nothing (runs never show a progress bar)"}
@@ -137,12 +140,16 @@ def _check_top(path: str | Path, spec: dict[str, Any]) -> None:
     jobs = spec.get("jobs")
     if jobs is not None and not (_is_int(jobs) and jobs >= 1):
         raise _bad(path, f"'jobs' must be an integer, 1 or more, got {jobs!r}")
-    grid = spec.get("lr_sweep")
+    _check_grid(path, "'lr_sweep'", spec.get("lr_sweep"))
+
+
+def _check_grid(path: str | Path, what: str, grid: Any) -> None:
+    """A learning-rate grid: a non-empty list of distinct positive numbers (or absent)."""
     if grid is not None:
         if not (isinstance(grid, list) and grid and all(_is_positive_number(x) for x in grid)):
-            raise _bad(path, f"'lr_sweep' must be a non-empty list of positive numbers, got {grid!r}")
+            raise _bad(path, f"{what} must be a non-empty list of positive numbers, got {grid!r}")
         if len(set(grid)) != len(grid):
-            raise _bad(path, f"'lr_sweep' lists a learning rate twice: {grid!r}")
+            raise _bad(path, f"{what} lists a learning rate twice: {grid!r}")
 
 
 def _check_variants(path: str | Path, spec: dict[str, Any]) -> None:
@@ -161,6 +168,13 @@ def _check_variants(path: str | Path, spec: dict[str, Any]) -> None:
             raise _bad(path, f"'lr' in {where}: with 'lr_sweep' the learning rate is chosen by the sweep "
                              "(or taken from another variant with 'lr_from')")
         src = v.get("lr_from")
+        if "lr_sweep" in v:
+            if not sweep:
+                raise _bad(path, f"'lr_sweep' in {where} needs a top-level 'lr_sweep' (the grid of the other variants)")
+            if src is not None:
+                raise _bad(path, f"'lr_sweep' in {where}: a variant with 'lr_from' takes that variant's LR and is "
+                                 "not swept; drop one of the two")
+            _check_grid(path, f"'lr_sweep' in {where}", v["lr_sweep"])
         if src is None:
             continue
         if not sweep:
@@ -288,10 +302,15 @@ class Variant:
     cfg: ModelConfig
     lr: float | None = None
     lr_from: str | None = None
+    grid: list[float] | None = None  # its own LR grid (replaces the spec's top-level one)
 
     @property
     def swept(self) -> bool:
         return self.lr is None and self.lr_from is None
+
+    def lrs(self, grid: list[float] | None) -> list[float]:
+        """The learning rates this variant's sweep tries: its own grid, else the spec's."""
+        return list(self.grid or grid or []) if self.swept else []
 
 
 @dataclass
@@ -336,7 +355,7 @@ def variants_of(spec: dict[str, Any], vocab_size: int) -> list[Variant]:
         fields = dict(fields)
         fields.pop("seed", None)
         lr = fields.pop("lr", TrainConfig.__dataclass_fields__["lr"].default)
-        out.append(Variant(v["name"], fields, cfg, None if sweep else lr, v.get("lr_from")))
+        out.append(Variant(v["name"], fields, cfg, None if sweep else lr, v.get("lr_from"), v.get("lr_sweep")))
     return out
 
 
@@ -344,7 +363,7 @@ def check_variant_values(variants: list[Variant], grid: list[float] | None, laun
     """Every training value a run would refuse, refused before the first run (naming the variant)."""
     for v in variants:
         values = {k: val for k, val in v.fields.items() if k in TrainConfig.__dataclass_fields__}
-        values.update(data="", out="", lr=v.lr if v.lr is not None else min(grid or [1.0]))
+        values.update(data="", out="", lr=v.lr if v.lr is not None else min(v.lrs(grid) or grid or [1.0]))
         try:
             TrainConfig(**values).check()
         except ConfigError as e:
@@ -419,8 +438,8 @@ def chosen_lrs(variants: list[Variant], grid: list[float] | None, seed: int, out
     (absent where the sweep it depends on has no finished run)."""
     out: dict[str, float] = {v.name: v.lr for v in variants if v.lr is not None}
     for v in variants:
-        if v.swept and grid:
-            lr = choose_lr(sweep_losses(v, grid, seed, out_dir, data_dir, procs))
+        if v.swept and v.lrs(grid):
+            lr = choose_lr(sweep_losses(v, v.lrs(grid), seed, out_dir, data_dir, procs))
             if lr is not None:
                 out[v.name] = lr
     for v in variants:
@@ -699,7 +718,7 @@ def run_spec(path: str | Path, out: str | None = None, only: list[str] | None = 
     if grid:
         needed = {v.name for v in selected} | {v.lr_from for v in selected if v.lr_from}
         sweep = [make_run(v, first, lr, out_dir, data_dir, nproc) for v in variants if v.swept and v.name in needed
-                 for lr in grid]
+                 for lr in v.lrs(grid)]
         run_stage(sweep, data_dir, launch, "LR sweep")
     chosen = chosen_lrs(variants, grid, first, out_dir, data_dir, nproc)
     finals = [make_run(v, s, chosen[v.name], out_dir, data_dir, nproc) for v in selected if v.name in chosen for s in seed_list]
@@ -748,10 +767,10 @@ def gather(spec: dict[str, Any], variants: list, seeds: list[int], chosen: dict[
     sweep = None
     if grid:
         swept = [v for v in variants if v.swept]
-        sweep = {"grid": list(grid), "seed": seeds[0],
+        sweep = {"grid": sorted({lr for v in swept for lr in v.lrs(grid)}), "seed": seeds[0],
                  "chosen": {v.name: chosen[v.name] for v in swept if v.name in chosen},
                  "lr_from": {v.name: v.lr_from for v in variants if v.lr_from},
-                 "losses": {v.name: sweep_losses(v, grid, seeds[0], out_dir, data_dir, procs) for v in swept}}
+                 "losses": {v.name: sweep_losses(v, v.lrs(grid), seeds[0], out_dir, data_dir, procs) for v in swept}}
     base = spec["base"]
     seq_len = int(base.get("seq_len", TrainConfig.seq_len))
     windows = int(base.get("eval_batches", TrainConfig.eval_batches)) * int(base.get("batch_size", TrainConfig.batch_size))

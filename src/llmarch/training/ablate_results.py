@@ -244,6 +244,9 @@ def sweep_lines(results: dict[str, Any]) -> list[str]:
         chosen = sw["chosen"].get(name)
         cells = []
         for lr in grid:
+            if lr not in losses and str(lr) not in losses:  # not in this variant's own grid
+                cells.append("")
+                continue
             loss = losses.get(lr, losses.get(str(lr)))
             cell = _num(loss)
             cells.append(f"**{cell}**" if lr == chosen and loss is not None else cell)
