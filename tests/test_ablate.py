@@ -41,6 +41,7 @@ from llmarch.training.ablate_results import (
     loss_figure,
     lr_sweep_figure,
     plot,
+    tail_drop,
     variant_colours,
     write_json,
     write_table,
@@ -524,6 +525,42 @@ def test_table_from_synthetic_rows_against_hand_statistics(tmp_path):
     write_json(results, tmp_path)
     back = json.loads((tmp_path / "results.json").read_text())
     assert back["lr_sweep"]["losses"]["A"] == {"0.001": 3.2, "0.003": 3.0} and "metrics" not in back["variants"][0]["runs"][0]
+
+
+def test_tail_drop_is_the_fall_over_the_last_eighth_of_training():
+    evals = {256 * k: 5.0 - 0.1 * k for k in range(1, 9)}  # every 256 steps to 2048
+    metrics = [{"step": s, "loss": 4.0} for s in range(1, 2049)]
+    for m in metrics:
+        if m["step"] in evals:
+            m["val_loss"] = evals[m["step"]]
+    t = tail_drop(metrics)
+    assert (t["from_step"], t["to_step"]) == (1792, 2048) and t["drop"] == pytest.approx(evals[1792] - evals[2048])
+    # evaluations that miss 7/8 exactly: the window starts at the latest one before it (longer, never shorter)
+    t = tail_drop([{"step": s, "val_loss": 4.0 - s / 1000} for s in (300, 600, 900, 1200, 1500, 1800, 2000)])
+    assert (t["from_step"], t["to_step"]) == (1500, 2000) and t["drop"] == pytest.approx(0.5)
+    assert tail_drop([{"step": 10, "val_loss": 3.0}]) is None  # one evaluation
+    assert tail_drop([{"step": 1990, "val_loss": 3.1}, {"step": 2000, "val_loss": 3.0}]) is None  # none before 7/8
+
+
+def test_flattened_means_the_tail_moved_less_than_the_seeds(tmp_path):
+    results = synthetic_results()
+    a, b = results["variants"][:2]  # final losses A [3.00, 3.10] (std 0.0707), B [2.90, 3.02] (std 0.0849)
+    for r, drop in zip(a["runs"], (0.01, 0.03)):
+        r["tail"] = {"from_step": 1792, "to_step": 2048, "drop": drop}
+    for r, drop in zip(b["runs"], (0.1, 0.2)):
+        r["tail"] = {"from_step": 1792, "to_step": 2048, "drop": drop}
+    compute_stats(results)
+    assert a["stats"]["tail_drop"]["mean"] == pytest.approx(0.02) and a["stats"]["flattened"] is True
+    assert b["stats"]["tail_drop"]["mean"] == pytest.approx(0.15) and b["stats"]["flattened"] is False
+    assert results["variants"][2]["stats"]["flattened"] is None  # no tails recorded
+    write_table(results, tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    col = _row(md, "variant").index("val drop, last 1/8 (flat?)")
+    assert _row(md, "A")[col] == "0.0200 (yes)" and _row(md, "B")[col] == "0.1500 (no)" and _row(md, "C")[col] == "—"
+    assert ("Baseline curve: validation loss fell 0.0200 (mean over 2 seeds) from step 1,792 to 2,048, the last 12.5% "
+            "of training, against a seed spread (std) of the final loss of 0.0707: flattened.") in md
+    rows = {r["variant"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
+    assert rows["B"]["flattened"] == "False" and float(rows["A"]["val_drop_last_eighth"]) == pytest.approx(0.02)
 
 
 def test_plots_from_synthetic_rows_use_distinct_colours(tmp_path):

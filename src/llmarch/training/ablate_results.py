@@ -11,10 +11,12 @@ The results are one dict (the content of ``results.json`` plus each run's metric
     ngram: null | {seq_len, windows, unigram, bigram},
     variants: [{name, lr, lr_source, params_active_non_embedding, params_total,
                 runs: [{seed, lr, run_dir, final_val_loss, val_loss_ctx, loss_spikes, spike_steps,
-                        grad_norm_outliers, max_grad_norm, tokens_per_s, expert_load_cv_final, ...}],
+                        grad_norm_outliers, max_grad_norm, tokens_per_s, expert_load_cv_final,
+                        tail{from_step, to_step, drop}, ...}],
                 stats: {n_seeds, val_loss{n, mean, std, ci95}, delta_vs_baseline{n, mean, std, ci95,
                         significant, seeds}, val_loss_ctx{multiple: {n, mean, std, ci95}}, loss_spikes,
-                        max_grad_norm, expert_load_cv, tokens_per_s}}]
+                        max_grad_norm, expert_load_cv, tokens_per_s, tail_drop{n, mean, std, ci95},
+                        flattened}}]
 
 :func:`compute_stats`, :func:`write_table` and :func:`plot` work on that dict alone, so they can
 be checked on synthetic rows. Keys an older run's summary lacks are shown as "—".
@@ -37,6 +39,7 @@ RUN_KEYS = ("final_val_loss", "final_loss", "val_loss_ctx", "loss_spikes", "spik
             "max_grad_norm", "tokens_per_s", "peak_rss_mb", "expert_load_cv_final", "steps", "tokens")
 CTX_COLUMNS = ("2", "4")  # context multiples always given a column (more appear when the runs have them)
 DASH = "—"
+TAIL = 1 / 8  # the part of training whose validation drop says whether a curve has flattened
 
 
 # ----------------------------------------------------------------------------------------
@@ -50,7 +53,23 @@ def run_entry(run, summary: dict[str, Any]) -> dict[str, Any]:
     entry = {"seed": run.seed, "lr": run.lr, "run_dir": str(run.dir)}
     entry.update({k: summary.get(k) for k in RUN_KEYS})
     entry["metrics"] = read_metrics(run.dir / "metrics.jsonl") if (run.dir / "metrics.jsonl").exists() else []
+    entry["tail"] = tail_drop(entry["metrics"])
     return entry
+
+
+def tail_drop(metrics: list[dict[str, Any]], fraction: float = TAIL) -> dict[str, Any] | None:
+    """How far validation loss fell over the last ``fraction`` of training: the final evaluation
+    against the latest one at or before step ``(1 - fraction) x`` the final step (so the window is
+    at least that long: ``from_step`` says where it starts). None without such an earlier one."""
+    pts = [(int(m["step"]), float(m["val_loss"])) for m in metrics if m.get("val_loss") is not None and "step" in m]
+    if len(pts) < 2:
+        return None
+    end, last = pts[-1]
+    earlier = [p for p in pts[:-1] if p[0] <= end * (1 - fraction)]
+    if not earlier:
+        return None
+    start, first = earlier[-1]
+    return {"from_step": start, "to_step": end, "drop": first - last}
 
 
 def lr_source(v) -> str:
@@ -112,6 +131,9 @@ def variant_stats(entry: dict[str, Any], baseline: dict[str, Any] | None) -> dic
     norms = list(_values(runs, "max_grad_norm").values())
     cvs = list(_values(runs, "expert_load_cv_final").values())
     speeds = list(_values(runs, "tokens_per_s").values())
+    drops = [float(r["tail"]["drop"]) for r in runs if isinstance(r.get("tail"), dict)]
+    tail = stats.summarize(drops) if drops else None
+    spread = (stats.summarize(list(vals.values())) if len(vals) > 1 else {}).get("std")
     return {
         "n_seeds": len(vals),
         "val_loss": stats.summarize(list(vals.values())) if vals else None,
@@ -121,6 +143,9 @@ def variant_stats(entry: dict[str, Any], baseline: dict[str, Any] | None) -> dic
         "max_grad_norm": max(norms) if norms else None,
         "expert_load_cv": statistics.fmean(cvs) if cvs else None,
         "tokens_per_s": statistics.fmean(speeds) if speeds else None,
+        "tail_drop": tail,
+        # flattened: the last stretch of training moved validation loss less than the seeds do
+        "flattened": (tail["mean"] < spread) if tail and spread is not None else None,
     }
 
 
@@ -187,19 +212,43 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     ctx = _ctx_columns(results)
     header = ["variant", "LR", "active non-emb. params", "val loss mean ± std (n seeds)", "95% CI",
               "Δ vs baseline [95% CI]", "exceeds seed noise?", *(f"val loss at {m}x ctx" for m in ctx),
-              "loss spikes", "max grad norm", "expert load CV", "tokens/s"]
+              "val drop, last 1/8 (flat?)", "loss spikes", "max grad norm", "expert load CV", "tokens/s"]
     rows = []
     for v in results["variants"]:
         s = v["stats"]
         delta, exceeds = _delta(s.get("delta_vs_baseline"), v["name"] == results.get("baseline"))
         rows.append([v["name"], f"{v['lr']:g}", _num(v.get("params_active_non_embedding")),
                      _mean_std(s.get("val_loss")), _ci((s.get("val_loss") or {}).get("ci95")), delta, exceeds,
-                     *(_mean_std(s["val_loss_ctx"].get(m), with_n=False) for m in ctx),
+                     *(_mean_std(s["val_loss_ctx"].get(m), with_n=False) for m in ctx), _tail_cell(s),
                      _num(s.get("loss_spikes")), _num(s.get("max_grad_norm")), _num(s.get("expert_load_cv"), 3),
                      _num(s.get("tokens_per_s"))])
     for name, loss in _ngram_items(results):
         rows.append([name, DASH, DASH, _num(loss), *[DASH] * (len(header) - 4)])
     return header, rows
+
+
+def _tail_cell(s: dict[str, Any]) -> str:
+    t = s.get("tail_drop")
+    if not t or t.get("mean") is None:
+        return DASH
+    flat = s.get("flattened")
+    return _num(t["mean"]) + ("" if flat is None else " (yes)" if flat else " (no)")
+
+
+def tail_lines(results: dict[str, Any]) -> list[str]:
+    """A sentence on whether the baseline's validation curve has flattened, with its numbers."""
+    base = next((v for v in results["variants"] if v["name"] == results.get("baseline")), None)
+    s = (base or {}).get("stats") or {}
+    t, spread = s.get("tail_drop"), (s.get("val_loss") or {}).get("std")
+    steps = [r["tail"] for r in (base or {}).get("runs", []) if isinstance(r.get("tail"), dict)]
+    if not t or t.get("mean") is None or not steps or spread is None or s.get("n_seeds", 0) < 2:
+        return []
+    w = steps[0]
+    verdict = "flattened" if s.get("flattened") else "still falling"
+    return ["", f"Baseline curve: validation loss fell {_num(t['mean'])} (mean over {t['n']} seeds) from step "
+                f"{w['from_step']:,} to {w['to_step']:,}, the last {(w['to_step'] - w['from_step']) / w['to_step']:.1%} "
+                f"of training, against a seed spread (std) of the final loss of {_num(spread)}: {verdict}. "
+                "The column \"val drop, last 1/8\" gives the same test per variant."]
 
 
 def _ngram_items(results: dict[str, Any]) -> list[tuple[str, float]]:
@@ -223,6 +272,8 @@ def csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                "delta_mean": d.get("mean"), "delta_ci_low": dci[0], "delta_ci_high": dci[1],
                "exceeds_seed_noise": d.get("significant") if d.get("ci95") else None}
         row.update({f"val_loss_{m}x_mean": (s["val_loss_ctx"].get(m) or {}).get("mean") for m in ctx})
+        row["val_drop_last_eighth"] = (s.get("tail_drop") or {}).get("mean")
+        row["flattened"] = s.get("flattened")
         row.update({k: s.get(k) for k in ("loss_spikes", "max_grad_norm", "expert_load_cv", "tokens_per_s")})
         out.append(row)
     keys = list(out[0]) if out else ["variant", "val_loss_mean"]
@@ -294,6 +345,7 @@ def write_table(results: dict[str, Any], out_dir: Path) -> None:
     lines = header_lines(results)
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
+    lines += tail_lines(results)
     sweep = sweep_lines(results)
     if sweep:
         lines += ["", *sweep]
