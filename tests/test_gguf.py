@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -398,3 +399,29 @@ def test_resolve_model_rebuilds_bad_cache(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="sha256"):
         resolve_model("bad", progress=False)
     assert not (cache / "bad.bin").exists() and not list(cache.glob("*.tmp"))
+
+
+def _mapped_kib(path) -> int:
+    """This process's resident KiB of its mappings of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line: range perms offset dev inode [path]
+            inside = len(head) >= 6 and head[5] == str(path)
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_release_pages_drops_residency_and_keeps_the_data(tmp_path):
+    rng = np.random.default_rng(5)
+    big = rng.standard_normal((512, 1024)).astype(np.float32)  # 2 MiB
+    path = _write_gguf(tmp_path / "big.gguf", tensors=[("token_embd.weight", big, QT.F32)]).resolve()
+    f = GGUFFile(path)
+    first = f.load("token_embd.weight").clone()
+    assert _mapped_kib(path) >= 2048  # read: resident in this process
+    f.release_pages()
+    assert _mapped_kib(path) < 64  # dropped (the header page may be faulted back by nothing; allow a little)
+    again = f.load("token_embd.weight")
+    assert torch.equal(again, first) and np.array_equal(again.numpy(), big)  # faulted back in, the same bytes

@@ -334,6 +334,21 @@ class GGUFFile:
         return tensors, spans, values
 
     # ------------------------------------------------------------------ metadata
+    def release_pages(self) -> None:
+        """Drop this process's resident pages of the file's mapping (``madvise(MADV_DONTNEED)``).
+
+        The map is read-only and shared, so nothing is lost: a later read faults the page back
+        in from the page cache. Called once a model is loaded, it keeps the bytes that loading
+        read and converted (4-bit blocks repacked for torch's kernels, the vocabulary) from
+        counting in the process's memory for as long as the model lives. A no-op where the
+        platform has no ``madvise``."""
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is not None and hasattr(self._parser.buf, "madvise"):
+            try:
+                self._parser.buf.madvise(advice)
+            except (OSError, ValueError):  # a closed or unusual mapping: only the accounting is at stake
+                pass
+
     def metadata_digest(self, prefix: str) -> str:
         """SHA-256 of the raw bytes of the metadata entries whose key starts with ``prefix``, in file order.
 

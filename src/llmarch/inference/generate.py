@@ -578,6 +578,9 @@ def load(
     release_free_memory()
     if model is None:
         model = load_model(checkpoint, dtype, pack, quant, group_size)
+    if isinstance(checkpoint, GGUFCheckpoint):  # what loading read of the file need not stay resident
+        checkpoint.release_pages()
+    release_free_memory()  # nor the temporaries of converting it (Qwen2.5-0.5B: about 180 MB)
     return model, tokenizer
 
 
