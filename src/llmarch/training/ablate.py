@@ -33,8 +33,9 @@ paired by seed (``llmarch.training.stats.paired_difference``).
 loss (ties: the smaller LR); a variant with ``lr_from: NAME`` takes NAME's choice (a family: the
 attention variants take the baseline's). A swept variant may carry its own ``lr_sweep``, which
 replaces the top-level grid for it (three points around a family's known best instead of the
-whole range, when a longer budget makes every run count). Stage 2 runs the remaining seeds (an ``lr_from``
-variant: all seeds) at the chosen LR; the sweep's run at the chosen LR is the first seed's run.
+whole range, when a longer budget makes every run count). Stage 2 runs the remaining seeds
+(an ``lr_from`` variant: all seeds) at the chosen LR; the sweep's run at the chosen LR is the
+first seed's run.
 
 **Runs.** Each run is its own ``llmarch train`` process (``--jobs`` of them at once, or under
 ``torchrun`` with ``--launcher torchrun --nproc N``: the global batch is unchanged, so is the
