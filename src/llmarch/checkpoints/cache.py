@@ -34,8 +34,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,25 +116,18 @@ def _compact(serialised: str) -> str:
 
 def _write(path: Path, tokenizer: Tokenizer) -> None:
     """Write ``tokenizer``'s entry atomically; silently nothing when the cache directory is not writable."""
+    body = _compact(tokenizer.backend.to_str()).encode("utf-8")
+    fields: dict[str, Any] = {k: getattr(tokenizer, k) for k in _FIELDS}
+    fields["eos_token_ids"] = sorted(tokenizer.eos_token_ids)
+    header = {"format": FORMAT_VERSION, "key": path.stem, "size": len(body),
+              "sha256": hashlib.sha256(body).hexdigest(), "fields": fields}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        clean_stale(path.parent)  # what killed writers left behind
+        with atomic_file(path, durable=False) as tmp:
+            tmp.write_bytes(json.dumps(header).encode("utf-8") + b"\n" + body)
     except OSError:
-        return
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            body = _compact(tokenizer.backend.to_str()).encode("utf-8")
-            fields: dict[str, Any] = {k: getattr(tokenizer, k) for k in _FIELDS}
-            fields["eos_token_ids"] = sorted(tokenizer.eos_token_ids)
-            header = {"format": FORMAT_VERSION, "key": path.stem, "size": len(body),
-                      "sha256": hashlib.sha256(body).hexdigest(), "fields": fields}
-            fh.write(json.dumps(header).encode("utf-8") + b"\n")
-            fh.write(body)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a full disk, a directory made read-only meanwhile: no caching this time
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        pass  # a full disk, a read-only directory: no caching this time
 
 
 def _tensor_digest(name: str, tensor: torch.Tensor) -> str:

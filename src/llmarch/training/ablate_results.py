@@ -133,10 +133,11 @@ def variant_stats(entry: dict[str, Any], baseline: dict[str, Any] | None) -> dic
     speeds = list(_values(runs, "tokens_per_s").values())
     drops = [float(r["tail"]["drop"]) for r in runs if isinstance(r.get("tail"), dict)]
     tail = stats.summarize(drops) if drops else None
-    spread = (stats.summarize(list(vals.values())) if len(vals) > 1 else {}).get("std")
+    val = stats.summarize(list(vals.values())) if vals else None
+    spread = val["std"] if val and val["n"] > 1 else None
     return {
         "n_seeds": len(vals),
-        "val_loss": stats.summarize(list(vals.values())) if vals else None,
+        "val_loss": val,
         "delta_vs_baseline": delta,
         "val_loss_ctx": ctx,
         "loss_spikes": sum(spikes) if spikes else None,
