@@ -30,6 +30,7 @@ from llmarch.training.ablate import (
     prepare_run,
     run_pool,
     run_stage,
+    run_key,
     run_spec,
     source_commit,
     spec_seeds,
@@ -38,6 +39,7 @@ from llmarch.training.ablate import (
 )
 from llmarch.training.ablate_results import (
     compute_stats,
+    delta_path,
     loss_figure,
     lr_sweep_figure,
     plot,
@@ -561,6 +563,128 @@ def test_flattened_means_the_tail_moved_less_than_the_seeds(tmp_path):
             "of training, against a seed spread (std) of the final loss of 0.0707: flattened.") in md
     rows = {r["variant"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
     assert rows["B"]["flattened"] == "False" and float(rows["A"]["val_drop_last_eighth"]) == pytest.approx(0.02)
+
+
+def _with_evals(run: dict, evals: dict[int, float]) -> None:
+    run["metrics"] = [{"step": s, "loss": 4.0, **({"val_loss": evals[s]} if s in evals else {})} for s in range(1, 2049)]
+    run["final_val_loss"] = evals[max(evals)]
+
+
+def test_delta_path_is_the_paired_difference_at_each_evaluation_of_the_last_quarter(tmp_path):
+    results = synthetic_results()
+    a, b, c = results["variants"][:3]
+    steps = (256, 512, 768, 1024, 1280, 1536, 1792, 2048)
+    for r, off in zip(a["runs"], (0.0, 0.05)):
+        _with_evals(r, {t: 5.0 - t / 1000 + off for t in steps})
+    # B: better by 0.100 and 0.101 at every step (beyond the noise everywhere)
+    for r, off, d in zip(b["runs"], (0.0, 0.05), (0.100, 0.101)):
+        _with_evals(r, {t: 5.0 - t / 1000 + off - d for t in steps})
+    # C: worse by 0.30 / 0.31 up to step 1792, then even with the baseline (a wash at the end)
+    for r, off, d in zip(c["runs"], (0.0, 0.05), ((0.30, 0.0), (0.31, 0.02))):
+        _with_evals(r, {t: 5.0 - t / 1000 + off + (d[0] if t < 2048 else d[1]) for t in steps})
+    compute_stats(results)
+    path = b["stats"]["delta_path"]
+    assert [p["step"] for p in path] == [1536, 1792, 2048]  # from 3/4 of the final step on
+    half = T_975_DF1 * statistics.stdev([-0.100, -0.101]) / math.sqrt(2)
+    for p in path:
+        assert p["mean"] == pytest.approx(-0.1005) and p["significant"] is True
+        assert p["ci95"] == pytest.approx((-0.1005 - half, -0.1005 + half))
+    assert b["stats"]["verdict_stable"] is True
+    assert [p["significant"] for p in c["stats"]["delta_path"]] == [True, True, False]
+    assert c["stats"]["verdict_stable"] is False
+    assert a["stats"]["delta_path"] == [] and a["stats"]["verdict_stable"] is None  # the baseline itself
+    # evaluations the runs do not share are skipped, never compared across steps
+    del b["runs"][1]["metrics"][1791]["val_loss"]
+    assert [p["step"] for p in delta_path(b, a)] == [1536, 2048]
+    compute_stats(results)
+    write_table(results, tmp_path)
+    md = (tmp_path / "results.md").read_text().split("## Δ vs baseline over the last 25% of training")[1]
+    assert "| variant | step 1,536 | step 1,792 | step 2,048 | same verdict at each step? |" in md
+    assert _row(md, "B")[1:] == ["−0.1005 (better)", "", "−0.1005 (better)", "yes"]
+    assert _row(md, "C")[1:] == ["+0.3050 (worse)", "+0.3050 (worse)", "+0.0100 (wash)", "no"]
+    assert "The verdict is the same at every one of these steps for 1 of the 2 variants; it changes for: C." in md
+    rows = {r["variant"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
+    assert rows["B"]["verdict_stable_last_quarter"] == "True" and rows["C"]["verdict_stable_last_quarter"] == "False"
+
+
+def test_report_rewrites_the_tables_from_the_runs_and_trains_nothing(capsys, tmp_path, ablation):
+    import shutil
+
+    out0, before = ablation
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    spec = yaml.safe_load((out0.parent / "spec.yaml").read_text())
+    spec_path = write_spec(tmp_path / "spec.yaml", **dict(spec, out=str(out)))
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.jsonl")}
+    (out / "results.md").write_text("stale")
+    assert cli_main(["ablate", str(spec_path), "--report"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.jsonl")} == stamps  # nothing trained
+    after = json.loads((out / "results.json").read_text())
+    for k in ("command", "commit", "date", "wall_time_s", "runs_trained_here", "runs_total"):
+        assert after[k] == before[k], k  # the training invocation's record is kept
+    assert after["report"]["command"].endswith("--report")
+    assert [v["stats"]["val_loss"] for v in after["variants"]] == [v["stats"]["val_loss"] for v in before["variants"]]
+    md = (out / "results.md").read_text()
+    assert md.startswith("# Ablation results") and "tables written again from these runs, training nothing" in md
+
+    rc, err = cli(capsys, "ablate", str(spec_path), "--report", "--resume")
+    one_error(rc, err, "--report trains nothing", "--resume")
+    (run,) = [p for p in out.glob("runs/mha-s1-*")]
+    (run / "summary.json").unlink()
+    rc, err = cli(capsys, "ablate", str(spec_path), "--report")
+    one_error(rc, err, "--report: 1 of 5 runs have not finished (e.g. mha-s1-", "train them with --resume")
+    (out / "results.json").write_text("[1, 2]")
+    rc, err = cli(capsys, "ablate", str(spec_path), "--report")
+    one_error(rc, err, "results.json holds a JSON list, not an object")
+    rc, err = cli(capsys, "ablate", str(spec_path), "--report", "--out", str(tmp_path / "nothing"))
+    one_error(rc, err, "holds no ablation runs")
+
+
+def test_run_keys_follow_the_data_content_not_its_location(tmp_path, data_dir):
+    import shutil
+
+    spec = load_spec(_spec(tmp_path, data_dir)[0])
+    v = variants_of(spec, TokenData.open(data_dir).vocab_size)[0]
+    key = run_key({"seed": 0, "lr": 1e-3}, v.cfg, str(data_dir))
+    moved = tmp_path / "elsewhere" / "data"
+    shutil.copytree(data_dir, moved)
+    meta = json.loads((moved / "meta.json").read_text())
+    meta["corpus"] = ["/another/checkout/src/llmarch/data/shakespeare.txt.gz"]  # prepared in another clone
+    (moved / "meta.json").write_text(json.dumps(meta))
+    assert run_key({"seed": 0, "lr": 1e-3}, v.cfg, str(moved)) == key
+    val = bytearray((moved / "val.bin").read_bytes())
+    val[0] ^= 1  # one token changed
+    (moved / "val.bin").write_bytes(bytes(val))
+    assert run_key({"seed": 0, "lr": 1e-3}, v.cfg, str(moved)) != key
+    assert run_key({"seed": 1, "lr": 1e-3}, v.cfg, str(data_dir)) != key
+
+
+def test_rekey_script_moves_runs_whose_batches_match_the_data(tmp_path, ablation, data_dir):
+    import shutil
+    import subprocess
+
+    out0, _ = ablation
+    runs = tmp_path / "runs"
+    shutil.copytree(out0 / "runs", runs)
+    right = sorted(runs.iterdir())
+    old = []
+    for d, bad in zip(right[:2], (False, True)):  # two runs as an older llmarch keyed them
+        spec = json.loads((d / "spec.json").read_text())
+        spec["key"] = "0123456789" + spec["key"][10:]
+        (d / "spec.json").write_text(json.dumps(spec))
+        if bad:  # and one whose batches are not this data's
+            rows = read_metrics(d / "metrics.jsonl")
+            rows[3]["batch_crc"] += 1
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        old.append(d.rename(d.with_name(d.name[:-10] + "0123456789")))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "rekey_ablation_runs.py"
+    p = subprocess.run([sys.executable, str(script), str(runs), "--data", str(data_dir)], capture_output=True, text=True)
+    assert p.returncode == 1, p.stderr
+    assert f"{old[1].name}: left alone (step 4: batch differs)" in p.stderr
+    assert not old[0].exists() and right[0].is_dir() and old[1].is_dir()
+    spec = json.loads((right[0] / "spec.json").read_text())
+    assert spec["rekeyed_from"].startswith("0123456789") and right[0].name.endswith(spec["key"][:10])
+    assert old[0].name not in (right[0] / "command.txt").read_text()
 
 
 def test_plots_from_synthetic_rows_use_distinct_colours(tmp_path):

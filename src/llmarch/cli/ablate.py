@@ -15,7 +15,8 @@ lr_from, or any training field), and optionally seeds (a count or a list), lr_sw
 learning rates), jobs and baseline. See llmarch.training.ablate and docs/ablations/README.md.
 
 An ablation writes a fresh folder: if --out already holds runs or results, say --resume (reuse
-finished runs, continue killed ones) or --force (delete them first)."""
+finished runs, continue killed ones) or --force (delete them first). --report trains nothing: it
+writes the tables and plots again from the finished runs (after an update adds a column)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--resume", action="store_true",
                     help="continue the ablation in --out: reuse finished runs, resume killed ones")
     sp.add_argument("--force", action="store_true", help="delete the runs and results --out holds, then run afresh")
+    sp.add_argument("--report", action="store_true",
+                    help="train nothing: write the results and plots again from the finished runs in --out "
+                         "(keeping the training command, commit and wall time results.json recorded)")
     sp.add_argument("--launcher", default="local", choices=["local", "torchrun"],
                     help="local: one process per run; torchrun: --nproc processes per run (same global batch)")
     sp.add_argument("--nproc", type=int, default=1, metavar="N", help="processes per run under --launcher torchrun")
@@ -47,7 +51,17 @@ def typed_command(args: argparse.Namespace) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..training.ablate import run_spec
+    from ..errors import ConfigError
+    from ..training.ablate import report_spec, run_spec
+
+    if args.report:
+        clash = [f for f, on in (("--resume", args.resume), ("--force", args.force), ("--only", args.only),
+                                 ("--jobs", args.jobs is not None)) if on]
+        if clash:
+            raise ConfigError(f"--report trains nothing and writes the whole table: it takes no {', '.join(clash)}")
+        report_spec(args.spec, out=args.out, seeds=args.seeds, launcher=args.launcher, nproc=args.nproc,
+                    command=typed_command(args))
+        return
 
     run_spec(args.spec, out=args.out, only=args.only, seeds=args.seeds, jobs=args.jobs, resume=args.resume,
              force=args.force, launcher=args.launcher, nproc=args.nproc, command=typed_command(args))

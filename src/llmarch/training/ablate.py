@@ -49,6 +49,7 @@ source commit, the machine and the wall time beside every number.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -375,13 +376,48 @@ def check_variant_values(variants: list[Variant], grid: list[float] | None, laun
                               "the global batch is split evenly over the processes")
 
 
+DATA_FILES = ("train.bin", "val.bin", "tokenizer.json")
+
+
+def data_identity(data_dir: str | Path) -> str:
+    """A hash of what a prepared data folder holds, wherever it is: its ``meta.json`` without the
+    corpus paths (absolute, so they name the checkout, not the text) and the bytes of its token
+    and tokenizer files. Cached per folder while the files' sizes and times stay the same."""
+    path = Path(data_dir)
+    stamp = tuple((f, st.st_size, st.st_mtime_ns) for f in ("meta.json", *DATA_FILES)
+                  if (st := _stat(path / f)) is not None)
+    return _data_identity(str(path.resolve()), stamp)
+
+
+def _stat(p: Path):
+    try:
+        return p.stat()
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _data_identity(path: str, stamp: tuple) -> str:
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    if isinstance(meta, dict):
+        meta.pop("corpus", None)
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
+    for f in DATA_FILES:
+        p = Path(path) / f
+        h.update(f"\0{f}\0".encode())
+        if p.is_file():
+            with open(p, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
 def run_key(fields: dict[str, Any], cfg: ModelConfig, data_dir: str, procs: int = 1) -> str:
     """A hash of everything that decides a run's result: its training fields (seed and LR
-    included), its resolved model configuration, the data (folder and ``meta.json``) and the
-    number of processes it runs on."""
-    meta = (Path(data_dir) / "meta.json").read_text()
-    blob = json.dumps({"fields": fields, "model": cfg.to_dict(), "data": str(data_dir), "meta": meta, "procs": procs},
-                      sort_keys=True, default=str)
+    included), its resolved model configuration, the data (:func:`data_identity`: its content,
+    not where the folder or the checkout is) and the number of processes it runs on."""
+    blob = json.dumps({"fields": fields, "model": cfg.to_dict(), "data": data_identity(data_dir), "procs": procs,
+                       "key": 2}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -746,6 +782,68 @@ def run_spec(path: str | Path, out: str | None = None, only: list[str] | None = 
     return results
 
 
+#: what results.json records about the invocation that trained the runs, kept by :func:`report_spec`
+TRAINING_PROVENANCE = ("command", "commit", "date", "machine", "launcher", "nproc", "jobs", "runs_trained_here",
+                       "runs_total", "wall_time_s")
+
+
+def _previous_provenance(out_dir: Path) -> dict[str, Any]:
+    """The training provenance of the results.json in ``out_dir`` ({} when there is none); a
+    results.json that is not a JSON object is an error, never silently dropped."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        return {}
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not readable JSON ({e}); rebuild it with --resume") from None
+    if not isinstance(prev, dict):
+        raise ConfigError(f"{path} holds a JSON {type(prev).__name__}, not an object; rebuild it with --resume")
+    return {k: prev[k] for k in TRAINING_PROVENANCE if k in prev}
+
+
+def report_spec(path: str | Path, out: str | None = None, seeds: int | None = None, launcher: str = "local",
+                nproc: int = 1, command: list[str] | None = None) -> dict[str, Any]:
+    """Write results.json/md/csv and the plots again from the finished runs in ``out``, training
+    nothing (``llmarch ablate SPEC --report``): after an llmarch update adds a column, or to
+    check the committed tables against their runs. Every run the results need (the LR sweep's
+    and every seed of every variant) must have finished, else a ConfigError says how many are
+    missing. The command, commit, date, machine and wall time of the invocation that trained the
+    runs are kept from the previous results.json; this one is recorded under ``report``."""
+    spec = load_spec(path)
+    out_dir = Path(out or spec.get("out") or "ablations")
+    Launch(launcher, nproc, 1).check()
+    if not (out_dir / "runs").is_dir():
+        raise ConfigError(f"--report: {out_dir} holds no ablation runs; train them first (without --report)")
+    prev = _previous_provenance(out_dir)
+    seed_list = spec_seeds(spec, seeds)
+    data_dir = str(spec.get("data", "data/shakespeare"))
+    if not (Path(data_dir) / "meta.json").is_file():
+        raise ConfigError(f"--report: the spec's data folder {data_dir} is missing; the runs were scored on it")
+    data = TokenData.open(data_dir)
+    variants = variants_of(spec, data.vocab_size)
+    grid = spec.get("lr_sweep")
+    first = seed_list[0]
+    needed = [make_run(v, first, lr, out_dir, data_dir, nproc) for v in variants if v.swept for lr in v.lrs(grid)]
+    chosen = chosen_lrs(variants, grid, first, out_dir, data_dir, nproc)
+    needed += [make_run(v, s, chosen[v.name], out_dir, data_dir, nproc) for v in variants if v.name in chosen
+               for s in seed_list]
+    needed = list({r.dir: r for r in needed}.values())
+    missing = [r for r in needed if read_summary(r) is None]
+    unchosen = [v.name for v in variants if v.name not in chosen]
+    if missing or unchosen:
+        what = [f"{len(missing)} of {len(needed)} runs have not finished (e.g. {missing[0].dir.name})"] if missing else []
+        what += [f"no learning rate yet for {len(unchosen)} variant(s) (e.g. {unchosen[0]!r})"] if unchosen else []
+        raise ConfigError(f"--report: {'; '.join(what)}; train them with --resume")
+    report = {"command": shlex.join(command or ["llmarch", "ablate", str(path), "--report"]),
+              "commit": source_commit(exclude=out_dir),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    provenance = {"spec": str(path), "out": str(out_dir), "data": data_dir, **prev, "report": report}
+    results = gather(spec, variants, seed_list, chosen, grid, out_dir, data, nproc, provenance)
+    write_all(results, out_dir)
+    return results
+
+
 def gather(spec: dict[str, Any], variants: list, seeds: list[int], chosen: dict[str, float], grid: list[float] | None,
            out_dir: Path, data, procs: int, provenance: dict[str, Any]) -> dict[str, Any]:
     """The results of every variant's finished runs (at its chosen LR, every seed), the LR
@@ -783,6 +881,6 @@ def gather(spec: dict[str, Any], variants: list, seeds: list[int], chosen: dict[
 
 __all__ = [
     "Launch", "Run", "Variant", "active_non_embedding", "baseline_name", "check_out_dir", "gather", "choose_lr", "chosen_lrs",
-    "load_spec", "make_run", "match_params", "prepare_run", "read_summary", "run_key", "run_pool", "run_spec",
-    "source_commit", "spec_seeds", "variant_configs", "variants_of",
+    "load_spec", "make_run", "match_params", "prepare_run", "read_summary", "report_spec", "run_key", "run_pool", "run_spec",
+    "data_identity", "source_commit", "spec_seeds", "variant_configs", "variants_of",
 ]

@@ -16,7 +16,7 @@ The results are one dict (the content of ``results.json`` plus each run's metric
                 stats: {n_seeds, val_loss{n, mean, std, ci95}, delta_vs_baseline{n, mean, std, ci95,
                         significant, seeds}, val_loss_ctx{multiple: {n, mean, std, ci95}}, loss_spikes,
                         max_grad_norm, expert_load_cv, tokens_per_s, tail_drop{n, mean, std, ci95},
-                        flattened}}]
+                        flattened, delta_path[{step, n, mean, std, ci95, significant}], verdict_stable}}]
 
 :func:`compute_stats`, :func:`write_table` and :func:`plot` work on that dict alone, so they can
 be checked on synthetic rows. Keys an older run's summary lacks are shown as "—".
@@ -40,6 +40,7 @@ RUN_KEYS = ("final_val_loss", "final_loss", "val_loss_ctx", "loss_spikes", "spik
 CTX_COLUMNS = ("2", "4")  # context multiples always given a column (more appear when the runs have them)
 DASH = "—"
 TAIL = 1 / 8  # the part of training whose validation drop says whether a curve has flattened
+LATE = 1 / 4  # the part of training over which each verdict against the baseline is checked to hold
 
 
 # ----------------------------------------------------------------------------------------
@@ -107,6 +108,43 @@ def context_multiples(results: dict[str, Any]) -> list[str]:
     return sorted(found, key=float)
 
 
+def _val_by_step(run: dict[str, Any]) -> dict[int, float]:
+    return {int(m["step"]): float(m["val_loss"]) for m in run.get("metrics") or []
+            if m.get("val_loss") is not None and "step" in m}
+
+
+def verdict(d: dict[str, Any] | None) -> int | None:
+    """A paired difference as a verdict: -1 better beyond the seed noise, +1 worse beyond it,
+    0 a wash (its interval holds 0); None without an interval (one seed)."""
+    if not d or d.get("ci95") is None:
+        return None
+    return 0 if not d.get("significant") else (1 if d["mean"] > 0 else -1)
+
+
+def delta_path(entry: dict[str, Any], baseline: dict[str, Any], fraction: float = LATE) -> list[dict[str, Any]]:
+    """The variant's difference from the baseline (paired by seed, as the final one) at every
+    evaluation in the last ``fraction`` of training: the steps from ``(1 - fraction) x`` the
+    final step on at which every run of both, on their common seeds, has a validation loss.
+    Each item: ``step`` and :func:`llmarch.training.stats.paired_difference`'s fields. Empty
+    when the runs carry no metrics or share no such step."""
+    from . import stats
+
+    mine = {r["seed"]: _val_by_step(r) for r in entry["runs"]}
+    base = {r["seed"]: _val_by_step(r) for r in baseline["runs"]}
+    seeds = sorted(s for s in mine if s in base and mine[s] and base[s])
+    if not seeds:
+        return []
+    steps = set.intersection(*(set(mine[s]) & set(base[s]) for s in seeds))
+    if not steps:
+        return []
+    end = max(steps)
+    path = []
+    for step in sorted(t for t in steps if t >= end * (1 - fraction)):
+        d = stats.paired_difference([mine[s][step] for s in seeds], [base[s][step] for s in seeds])
+        path.append({"step": step, **{k: v for k, v in d.items() if k != "differences"}})
+    return path
+
+
 def variant_stats(entry: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
     """Mean, spread and CI of one variant's final validation loss over its seeds; its difference
     from the baseline paired by seed (None for the baseline itself or without common seeds);
@@ -116,8 +154,9 @@ def variant_stats(entry: dict[str, Any], baseline: dict[str, Any] | None) -> dic
 
     runs = entry["runs"]
     vals = _values(runs, "final_val_loss")
-    delta = None
+    delta, path = None, []
     if baseline is not None and baseline is not entry:
+        path = delta_path(entry, baseline)
         base_vals = _values(baseline["runs"], "final_val_loss")
         common = [s for s in vals if s in base_vals]
         if common:
@@ -135,6 +174,7 @@ def variant_stats(entry: dict[str, Any], baseline: dict[str, Any] | None) -> dic
     tail = stats.summarize(drops) if drops else None
     val = stats.summarize(list(vals.values())) if vals else None
     spread = val["std"] if val and val["n"] > 1 else None
+    verdicts = {verdict(p) for p in path}
     return {
         "n_seeds": len(vals),
         "val_loss": val,
@@ -147,6 +187,9 @@ def variant_stats(entry: dict[str, Any], baseline: dict[str, Any] | None) -> dic
         "tail_drop": tail,
         # flattened: the last stretch of training moved validation loss less than the seeds do
         "flattened": (tail["mean"] < spread) if tail and spread is not None else None,
+        # the verdict against the baseline at each evaluation of the last quarter; stable: the same at all
+        "delta_path": path,
+        "verdict_stable": (len(verdicts) == 1) if len(path) > 1 and None not in verdicts else None,
     }
 
 
@@ -252,6 +295,39 @@ def tail_lines(results: dict[str, Any]) -> list[str]:
                 "The column \"val drop, last 1/8\" gives the same test per variant."]
 
 
+VERDICT_WORDS = {-1: "better", 0: "wash", 1: "worse"}
+
+
+def path_lines(results: dict[str, Any]) -> list[str]:
+    """The section on each variant's difference from the baseline over the last quarter of
+    training (:func:`delta_path`): a table, step by step, and whether the verdict held."""
+    paths = [(v["name"], v["stats"]) for v in results["variants"] if (v.get("stats") or {}).get("delta_path")]
+    if not paths:
+        return []
+    steps = sorted({p["step"] for _, s in paths for p in s["delta_path"]})
+    lines = ["", f"## Δ vs baseline over the last {LATE:.0%} of training", "",
+             f"Paired by seed at each evaluation from step {steps[0]:,} on: better / worse when the 95% interval "
+             "excludes 0, wash when it holds 0. A verdict that is the same at every step does not depend on where "
+             "training stopped.", "",
+             "| variant | " + " | ".join(f"step {t:,}" for t in steps) + " | same verdict at each step? |",
+             "|---|" + "---|" * (len(steps) + 1)]
+    for name, s in paths:
+        at = {p["step"]: p for p in s["delta_path"]}
+        cells = []
+        for t in steps:
+            p = at.get(t)
+            v = verdict(p)
+            cells.append("" if p is None else _signed(p["mean"]) + ("" if v is None else f" ({VERDICT_WORDS[v]})"))
+        stable = s.get("verdict_stable")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {DASH if stable is None else 'yes' if stable else 'no'} |")
+    known = [(n, s["verdict_stable"]) for n, s in paths if s.get("verdict_stable") is not None]
+    if known:
+        changed = [n for n, ok in known if not ok]
+        lines += ["", f"The verdict is the same at every one of these steps for {len(known) - len(changed)} of the "
+                      f"{len(known)} variants" + (f"; it changes for: {', '.join(changed)}." if changed else ".")]
+    return lines
+
+
 def _ngram_items(results: dict[str, Any]) -> list[tuple[str, float]]:
     ng = results.get("ngram") or {}
     return [(f"{k} (count model, no training)", ng[k]) for k in ("unigram", "bigram") if ng.get(k) is not None]
@@ -275,6 +351,7 @@ def csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         row.update({f"val_loss_{m}x_mean": (s["val_loss_ctx"].get(m) or {}).get("mean") for m in ctx})
         row["val_drop_last_eighth"] = (s.get("tail_drop") or {}).get("mean")
         row["flattened"] = s.get("flattened")
+        row["verdict_stable_last_quarter"] = s.get("verdict_stable")
         row.update({k: s.get(k) for k in ("loss_spikes", "max_grad_norm", "expert_load_cv", "tokens_per_s")})
         out.append(row)
     keys = list(out[0]) if out else ["variant", "val_loss_mean"]
@@ -328,6 +405,8 @@ def header_lines(results: dict[str, Any]) -> list[str]:
         f"launcher {results.get('launcher', 'local')}"
         + (f" x{results['nproc']}" if results.get("nproc", 1) != 1 else "") + f", jobs {results.get('jobs', 1)}",
         f"- date: {results.get('date', DASH)}",
+        *([f"- tables written again from these runs, training nothing: `{rep.get('command', DASH)}` at commit "
+           f"`{rep.get('commit', DASH)}`, {rep.get('date', DASH)}"] if isinstance(rep := results.get("report"), dict) else []),
         "",
     ]
 
@@ -347,6 +426,7 @@ def write_table(results: dict[str, Any], out_dir: Path) -> None:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
     lines += tail_lines(results)
+    lines += path_lines(results)
     sweep = sweep_lines(results)
     if sweep:
         lines += ["", *sweep]
@@ -558,5 +638,5 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
-__all__ = ["compute_stats", "csv_rows", "grad_norm_figure", "length_figure", "loss_figure", "lr_sweep_figure",
+__all__ = ["compute_stats", "csv_rows", "delta_path", "path_lines", "verdict", "grad_norm_figure", "length_figure", "loss_figure", "lr_sweep_figure",
            "plot", "table_rows", "variant_colours", "variant_stats", "write_all", "write_json", "write_table"]
