@@ -128,8 +128,8 @@ def load_all(alias: str, dtype: torch.dtype, threads: int, llama_bench: Path | N
 
     path = resolve_model(alias)
     runners = {"llmarch": (run_llmarch, load_model(open_checkpoint(path), dtype))}  # as load() does: CLI's --quant auto
-    # generate --fast-head (and chat): the int8 head's fbgemm kernel; packed before the rounds
-    runners["llmarch --fast-head"] = (run_llmarch, load_model(open_checkpoint(path), dtype, head_kernel=True))
+    # generate --fast-kernels (and chat): the int8 layers' fbgemm kernels; packed before the rounds
+    runners["llmarch --fast-kernels"] = (run_llmarch, load_model(open_checkpoint(path), dtype, fast=True))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     runners["transformers"] = (run_transformers, hf.eval())
     try:

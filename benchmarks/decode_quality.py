@@ -1,10 +1,10 @@
 """Quality of the decoding path: teacher-forced perplexity one token at a time, through the KV cache.
 
 ``llmarch perplexity`` scores windows in one forward each (many rows per product), so it never
-runs the one-row kernels that decoding uses: the weight-only int8/int4 kernels and the int8 output
-head's fbgemm kernel (``generate --fast-head``, ``chat``). This script feeds a text one token at a
-time, as decoding does, and scores each next token, for the same GGUF file loaded as
-float32 (``--quant none``), as the file is (``--quant auto``, bfloat16) and with the fast head.
+runs the one-row kernels that decoding uses: the weight-only int8/int4 kernels and the int8
+layers' fbgemm kernels (``generate --fast-kernels``, ``chat``). This script feeds a text one
+token at a time, as decoding does, and scores each next token, for the same GGUF file loaded as
+float32 (``--quant none``), as the file is (``--quant auto``, bfloat16) and with the fast kernels.
 
     PYTHONPATH=src python benchmarks/decode_quality.py                 # both packaged models, 400 tokens
     PYTHONPATH=src python benchmarks/decode_quality.py --tokens 1000 --models gemma-3-270m
@@ -52,7 +52,7 @@ def main() -> None:
         text = gzip.decompress(fh.read()).decode("utf-8")[args.start : args.start + 40 * args.tokens]
     variants = [("float32 (--quant none)", "none", torch.float32, False),
                 ("as the file (--quant auto)", "auto", torch.bfloat16, False),
-                ("auto + fast head", "auto", torch.bfloat16, True)]
+                ("auto + fast kernels", "auto", torch.bfloat16, True)]
     print(f"teacher-forced decoding, {args.tokens} tokens of Shakespeare from character {args.start}, "
           f"{args.threads} thread(s)")
     for alias in args.models:
@@ -60,7 +60,7 @@ def main() -> None:
         ids = Tokenizer.from_gguf(path).encode(text)[: args.tokens]
         base = None
         for label, quant, dtype, head in variants:
-            model = load_model(open_checkpoint(path), dtype, quant=quant, head_kernel=head)
+            model = load_model(open_checkpoint(path), dtype, quant=quant, fast=head)
             ppl, ms = decode_perplexity(model, ids, dtype)
             base = base or ppl
             print(f"{alias:<20} {label:<28} perplexity {ppl:8.3f} ({(ppl / base - 1) * 100:+.2f}% vs float32)  "

@@ -72,6 +72,26 @@ def timed(fn, x) -> float:
     return time.perf_counter() - t0
 
 
+def dense_ceiling(tokens: int, dtype: torch.dtype, reps: int) -> float:
+    """Tokens/s of the experts' multiply-adds done as two large dense GEMMs: all tokens x top-k
+    rows through one (hidden -> 2 x width) and one (width -> hidden) matrix. No routing, no
+    gathers, no small matrices: what this CPU's GEMM reaches on the same work, a ceiling for
+    any implementation of the layer (the router's product is left out; it is 1% of the work)."""
+    g = torch.Generator().manual_seed(1)
+    rows = tokens * TOP_K
+    x = torch.randn(rows, HIDDEN, generator=g).to(dtype)
+    up = torch.randn(HIDDEN, 2 * WIDTH, generator=g).to(dtype)
+    h = torch.randn(rows, WIDTH, generator=g).to(dtype)
+    down = torch.randn(WIDTH, HIDDEN, generator=g).to(dtype)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        torch.mm(x, up)
+        torch.mm(h, down)
+        times.append(time.perf_counter() - t0)
+    return tokens / statistics.median(times[1:])
+
+
 def bench(dtype: torch.dtype, args, base) -> None:
     ours, hf = (copy.deepcopy(m).to(dtype) for m in base)
     pack_linears(ours)  # llmarch's inference path (what llmarch.inference.generate.load does)
@@ -101,6 +121,12 @@ def bench(dtype: torch.dtype, args, base) -> None:
             diff = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
             print(f"{name:<9} {tokens:4d} tokens (tok/s):  {cols}   ratio to the faster HF {tps['llmarch'] / best_hf:5.2f}x"
                   f"   (max abs diff: {diff}; median of {reps})", flush=True)
+            if tokens > 1:
+                ceiling = dense_ceiling(tokens, dtype, max(3, reps))
+                print(f"{'':<9} {tokens:4d} tokens: the same multiply-adds as two dense GEMMs run at {ceiling:8.1f} tok/s; "
+                      f"llmarch reaches {tps['llmarch'] / ceiling:.0%} of that, the faster HF {best_hf / ceiling:.0%}: "
+                      f"no implementation of the layer can be more than {ceiling / best_hf:.2f}x the faster HF on this CPU",
+                      flush=True)
 
 
 def main() -> None:

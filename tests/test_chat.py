@@ -55,8 +55,8 @@ def test_chat_repl(tmp_path, tiny_reference):
     assert child.exitstatus == 0
 
 
-@pytest.mark.parametrize("flag, decoding", [([], True), (["--no-fast-head"], False)])
-def test_chat_packs_the_fast_head_unless_told_not_to(flag, decoding, monkeypatch, capsys):
+@pytest.mark.parametrize("flag, decoding", [([], True), (["--no-fast-kernels"], False), (["--no-fast-head"], False)])
+def test_chat_packs_the_fast_kernels_unless_told_not_to(flag, decoding, monkeypatch, capsys):
     from llmarch.cli import chat, main
     from llmarch.errors import GenerationError
 

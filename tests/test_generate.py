@@ -438,3 +438,20 @@ def test_cli_device_without_the_device_is_one_error_line(tiny, tmp_path, command
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == ["llmarch: error: --device cuda: no cuda device is available to this torch "
                                              "build; use --device cpu"]
+
+
+@pytest.mark.parametrize("flag, decoding", [([], False), (["--fast-kernels"], True), (["--fast-head"], True)])
+def test_generate_packs_the_fast_kernels_only_when_asked(flag, decoding, monkeypatch, capsys):
+    from llmarch.cli import generate as cli_generate
+    from llmarch.cli import main
+    from llmarch.errors import GenerationError
+
+    seen = []
+
+    def fake_load(args, name, device, dtype, decoding=False):
+        seen.append(decoding)
+        raise GenerationError("stop here")
+
+    monkeypatch.setattr(cli_generate, "load_on_device", fake_load)
+    assert main(["generate", "hello", *flag]) == 2
+    assert seen == [decoding] and "stop here" in capsys.readouterr().err

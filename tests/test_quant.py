@@ -266,7 +266,7 @@ def test_torch_dequantisation_equals_gguf(qtype):
         assert torch.equal(_dequantize_torch(data, qtype), ref)
 
 
-# ---- the output head's one-row int8 x int8 kernel (fast_head) -----------------------------------
+# ---- fbgemm's int8 x int8 kernel on exact two-level codes (fast_kernels) -----------------------
 def _head_model(vocab=1000, hidden=96, tied=False, seed=0):
     from llmarch.inference.quant import QuantEmbedding, QuantHead
 
@@ -281,50 +281,83 @@ def _head_model(vocab=1000, hidden=96, tied=False, seed=0):
     return m, table
 
 
+@pytest.fixture
+def any_size(monkeypatch):
+    """fast_kernels packs layers of every size (the tests' matrices are below FAST_MIN_WEIGHTS)."""
+    from llmarch.inference import quant
+
+    if not quant.dynamic_available():
+        pytest.skip("this torch build has no fbgemm (x86) quantized engine")
+    monkeypatch.setattr(quant, "FAST_MIN_WEIGHTS", 0)
+
+
 @pytest.mark.parametrize("tied", [False, True])
-def test_fast_head_one_row_within_per_token_int8_error(tied):
+def test_fast_kernels_few_rows_within_the_two_level_code_bound(tied, any_size):
     from concurrent.futures import Future
 
-    from llmarch.inference.quant import batch_invariant, dynamic_available, fast_head
+    from llmarch.inference.quant import batch_invariant, fast_kernels
 
-    if not dynamic_available():
-        pytest.skip("this torch build has no fbgemm (x86) quantized engine")
     model, table = _head_model(tied=tied)
     x = torch.randn(1, 1, 96, generator=torch.Generator().manual_seed(1)) * 3
-    x[..., 5] = 40.0  # an outlier sets the activation step
-    w = (table.weight_int8.double() * table.scales.double()[:, None])
+    x[..., 5] = 40.0  # an outlier sets the first level's step
+    w = table.weight_int8.double() * table.scales.double()[:, None]
     ref = x.double().reshape(1, -1) @ w.t()
     plain = table(x).double().reshape(1, -1)
-    fast_head(model)  # packed on a second thread
+    fast_kernels(model)  # packed on a second thread
     assert isinstance(table.dynamic, Future)
     y = model.lm_head(x).double().reshape(1, -1)
     assert not isinstance(table.dynamic, Future) and table.dynamic is not None
-    # per-token asymmetric uint8 activations: each off by at most half a step, step = range / 255
-    xf = x.double().reshape(-1)
-    step = (max(xf.max().item(), 0) - min(xf.min().item(), 0)) / 255
-    bound = w.abs().sum(1) * step / 2 + 1e-5 * ref.abs()[0] + 1e-6
+    # two levels of 7-bit codes: s1 = max|x| / 63, the rest within s1 / 2, s2 = max|rest| / 63, so
+    # each activation is off by at most s2 / 2 <= s1 / 252; the int32 sums are exact
+    step = x.abs().max().item() / 63 / 252
+    bound = w.abs().sum(1) * step + 1e-5 * ref.abs()[0] + 1e-6
     assert ((y - ref).abs()[0] <= bound).all()
-    assert not torch.equal(y, plain)  # another kernel: it was used
+    assert (y - ref).abs().max() < (plain - ref).abs().max() / 4  # nearer than bfloat16 activations (6x here)
     # packed in the background or not, the same numbers
-    sync_model, sync_table = _head_model(tied=tied)
-    fast_head(sync_model, background=False)
+    sync_model, _ = _head_model(tied=tied)
+    fast_kernels(sync_model, background=False)
     assert torch.equal(sync_model.lm_head(x), model.lm_head(x))
-    # two rows or more keep their own paths: the same as without the fast head
-    x2 = torch.randn(1, 2, 96, generator=torch.Generator().manual_seed(2))
+    # a few rows: each row is what it is alone (rows never mix)
+    x3 = torch.randn(1, 3, 96, generator=torch.Generator().manual_seed(2))
+    y3 = model.lm_head(x3)
+    for i in range(3):
+        assert torch.equal(y3[:, i], model.lm_head(x3[:, i : i + 1])[:, 0])
+    # from W8A8_MIN_ROWS rows on, the many-row path: the same as without the fast kernels
+    x8 = torch.randn(1, 8, 96, generator=torch.Generator().manual_seed(3))
     without, _ = _head_model(tied=tied)
-    assert torch.equal(model.lm_head(x2), without.lm_head(x2))
-    # a server's batch-invariant model drops it: one row is then one row of the batched product
+    assert torch.equal(model.lm_head(x8), without.lm_head(x8))
+    # a server's batch-invariant model drops it: every row count takes one product
     batch_invariant(model)
     assert table.dynamic is None
 
 
-def test_fast_head_leaves_other_heads_alone():
-    from llmarch.inference.quant import fast_head
+def test_fast_kernels_extreme_codes_do_not_saturate(any_size):
+    from llmarch.inference.quant import fast_kernels
+
+    # every code at +-63 against weights at +-127 of the same sign: the largest pair sums an
+    # int16-accumulating (non-VNNI) kernel would form; exact sums give 127 x 256 per row
+    weight = torch.full((64, 256), 127, dtype=torch.int8)
+    weight[1::2] = -127
+    layer = Int8Linear(weight, torch.ones(64))
+    fast_kernels(layer, background=False)
+    assert layer.dynamic is not None
+    for sign in (1.0, -1.0):
+        y = layer(torch.full((1, 256), sign))
+        expect = torch.tensor([127.0 * 256 * sign, -127.0 * 256 * sign] * 32)[None]
+        torch.testing.assert_close(y, expect, rtol=1e-6, atol=0)
+
+
+def test_fast_kernels_leave_small_and_other_layers_alone():
+    from llmarch.inference.quant import FAST_MIN_WEIGHTS, fast_kernels
 
     m = nn.Module()
     m.lm_head = nn.Linear(8, 16, bias=False)
-    assert fast_head(m) is m and not hasattr(m.lm_head, "dynamic")
+    assert fast_kernels(m) is m and not hasattr(m.lm_head, "dynamic")
     q = nn.Module()
     q.lm_head = Int4Linear.from_float(torch.randn(64, 64), None, 32)
-    fast_head(q)
+    fast_kernels(q)
     assert getattr(q.lm_head, "dynamic", None) is None
+    small, _ = _head_model()  # 96,000 weights, below FAST_MIN_WEIGHTS: faster without
+    assert small.lm_head.weight_int8.numel() < FAST_MIN_WEIGHTS
+    fast_kernels(small)
+    assert small.lm_head.dynamic is None

@@ -290,17 +290,21 @@ def test_an_unwritable_cache_only_means_no_caching(derived_cache, mixed_gguf, mo
     assert len(calls) == 2 * n
 
 
-def test_load_with_the_fast_head(mixed_gguf):
-    from llmarch.inference.quant import dynamic_available
+def test_load_with_the_fast_kernels(mixed_gguf, monkeypatch):
+    from llmarch.inference import quant
 
-    if not dynamic_available():
+    if not quant.dynamic_available():
         pytest.skip("this torch build has no fbgemm (x86) quantized engine")
+    monkeypatch.setattr(quant, "FAST_MIN_WEIGHTS", 0)  # this file's matrices are small
     plain = load_model(open_checkpoint(mixed_gguf))
-    fast = load_model(open_checkpoint(mixed_gguf), head_kernel=True)
+    fast = load_model(open_checkpoint(mixed_gguf), fast=True)
     table = fast.lm_head.embedding.table  # the tied Q8_0 table, int8
     assert table.dynamic is not None and plain.lm_head.embedding.table.dynamic is None
+    packed = [m for m in fast.modules() if isinstance(m, quant.Int8Linear)]
+    assert len(packed) > 1 and all(m.dynamic is not None for m in packed)  # every int8 layer, not only the head
     ids = torch.tensor([[3, 17, 42, 5]])
     with torch.no_grad():
-        a, b = plain(ids[:, -1:]), fast(ids[:, -1:])  # one row: the fast head's kernel
+        a, b = plain(ids[:, -1:]), fast(ids[:, -1:])  # one row: the packed kernels
         assert 0 < _rel(b, a) < 2e-2
-        assert torch.equal(plain(ids), fast(ids))  # a prefill's rows: the same path as before
+        long = torch.tensor([[3, 17, 42, 5, 9, 11, 2, 7, 1]])
+        assert torch.equal(plain(long), fast(long))  # a prefill of W8A8_MIN_ROWS rows or more: the same path

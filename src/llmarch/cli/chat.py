@@ -30,9 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     sp.add_argument("--top-p", type=float, default=1.0)
     sp.add_argument("--seed", type=int, default=None)
-    sp.add_argument("--no-fast-head", action="store_true",
-                    help="do not pack an int8 output head for fbgemm's int8 kernel (it costs 2-3 s of one core "
-                         "and the head's size in memory, while you type; replies decode about 1.3x faster with it)")
+    sp.add_argument("--no-fast-kernels", "--no-fast-head", dest="no_fast_kernels", action="store_true",
+                    help="do not pack the int8 layers for fbgemm's int8 kernel (it costs about 3 s of one core "
+                         "and the int8 weights' size in memory, while you type; replies decode about 1.2-1.3x faster with it)")
     add_runtime(sp)
     add_device(sp)
     sp.set_defaults(func=run, quick_exit=True)  # reads a model, writes nothing: see cli.entry
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
     except ImportError:
         pass
     GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p).validate()
-    model, tokenizer, name = load_chat_model(args, decoding=not args.no_fast_head)  # packed while the user types
+    model, tokenizer, name = load_chat_model(args, decoding=not args.no_fast_kernels)  # packed while the user types
     if tokenizer.chat_template is None:
         raise GenerationError(f"{name} has no chat template; chat needs an instruction-tuned model")
     context = model_context(model, GenerationConfig())

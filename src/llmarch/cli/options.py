@@ -109,11 +109,11 @@ def runtime_choice(args: argparse.Namespace):
 
 def load_on_device(args: argparse.Namespace, name: str | None, device: str, dtype, decoding: bool = False):
     """Model and tokenizer of ``name`` on ``device`` (see :func:`runtime_choice`); ``decoding``:
-    long one-token-at-a-time decoding (``chat``, ``generate --fast-head``), which an int8 head's
-    one-row kernel speeds up once packed (:func:`llmarch.inference.quant.fast_head`)."""
+    long one-token-at-a-time decoding (``chat``, ``generate --fast-kernels``), which int8
+    layers' packed kernels speed up (:func:`llmarch.inference.quant.fast_kernels`)."""
     from ..inference.generate import load
 
     if device == "cpu":
-        return load(name, dtype, quant=args.quant, group_size=args.group_size, head_kernel=decoding)
+        return load(name, dtype, quant=args.quant, group_size=args.group_size, fast=decoding)
     model, tokenizer = load(name, dtype, pack=False, quant="none")  # oneDNN packing and int kernels are for CPUs
     return model.to(device), tokenizer

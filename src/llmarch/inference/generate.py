@@ -507,7 +507,7 @@ def generate(
 
 
 def load_model(checkpoint, dtype: torch.dtype | None = torch.float32, pack: bool = True, quant: str = "auto",
-               group_size: int = 32, head_kernel: bool = False):
+               group_size: int = 32, fast: bool = False):
     """An opened checkpoint (:func:`llmarch.checkpoints.formats.open_checkpoint`) as a model for
     inference; the arguments as for :func:`load`."""
     from ..checkpoints.cache import DerivedTensors
@@ -515,7 +515,7 @@ def load_model(checkpoint, dtype: torch.dtype | None = torch.float32, pack: bool
     from ..checkpoints.hf import from_pretrained
     from .gguf_quant import assign_quantized, resolve_quant
     from .packed import pack_linears
-    from .quant import MODES, fast_head, quantize
+    from .quant import MODES, fast_kernels, quantize
 
     mode = resolve_quant(checkpoint, quant, group_size)  # refuses what cannot work before reading a tensor
     keep = store = None
@@ -531,8 +531,8 @@ def load_model(checkpoint, dtype: torch.dtype | None = torch.float32, pack: bool
         quantize(model, mode, group_size)  # the layers still in float
     if pack:
         pack_linears(model, release=True)
-        if head_kernel:
-            fast_head(model)
+        if fast:
+            fast_kernels(model)
     return model
 
 
@@ -542,7 +542,7 @@ def load(
     pack: bool = True,
     quant: str = "auto",
     group_size: int = 32,
-    head_kernel: bool = False,
+    fast: bool = False,
 ):
     """Model and tokenizer from an alias (``gemma-3-270m``, the default), a .gguf file or an
     HF checkpoint directory (with its tokenizer.json), for inference.
@@ -554,11 +554,12 @@ def load(
     the tensors are read. ``pack``: then pre-pack the layers left in float for fast CPU decoding
     and free their plain copies (:func:`llmarch.inference.packed.pack_linears` with ``release``),
     so the model holds its weights once; use :func:`llmarch.from_pretrained` for a model to
-    train or export. ``head_kernel`` (with ``pack``): an int8 output head gets a second copy
-    packed for fbgemm's int8 kernel, 1.3x faster decoding once packed; packing takes 2-3 s
-    (on a second thread, while the tokenizer is read; the first one-row product waits for it):
-    see :func:`llmarch.inference.quant.fast_head`. A server's batched steps and a
-    perplexity's many-row products do not use it."""
+    train or export. ``fast`` (with ``pack``): every int8 layer gets a second copy packed for
+    fbgemm's int8 kernel, used for products of a few rows (decoding), about 1.2-1.3x faster
+    decoding once packed; packing takes about 3 s for Gemma 3 270M (on a second thread, while
+    the tokenizer is read and the prompt prefilled; the first product of few rows waits for
+    it): see :func:`llmarch.inference.quant.fast_kernels`. A server's batch-invariant model and
+    a perplexity's many-row products do not use it."""
     from ..checkpoints.assets import resolve_model
     from ..checkpoints.formats import GGUFCheckpoint, open_checkpoint
     from ..checkpoints.tokenizer import Tokenizer
@@ -567,8 +568,8 @@ def load(
     checkpoint = open_checkpoint(resolve_model(name_or_path))  # a GGUF file's metadata is parsed once, here
     resolve_quant(checkpoint, quant, group_size)  # a --quant that cannot work is refused before anything is read
     model = None
-    if head_kernel:  # the weights first: the head is packed while the tokenizer is read
-        model = load_model(checkpoint, dtype, pack, quant, group_size, head_kernel)
+    if fast:  # the weights first: they are packed while the tokenizer is read
+        model = load_model(checkpoint, dtype, pack, quant, group_size, fast)
     if isinstance(checkpoint, GGUFCheckpoint):
         tokenizer = Tokenizer.from_gguf(checkpoint)
     else:

@@ -26,16 +26,22 @@ here; the two-level split costs nothing measurable). Rows never mix, so a row's 
 not depend on the others in its batch.
 
 The output head is the largest product of a decoding step (262k x 640 for Gemma 3 270M, 45% of
-the step) and ``_weight_int8pack_mm`` converts each int8 weight to float before its
-multiply-add, reading only about 10 GB/s. :func:`fast_head` gives the head's int8 table a
-copy packed for fbgemm's int8 x int8 GEMM (``torch.ops.quantized.linear_dynamic``, the x86
-engine: AVX512-VNNI where the CPU has it), used for one row: the row is quantised per token to
-uint8, asymmetric, as llama.cpp quantises its activations. 2.9x faster on that head (5.8 against
-17.2 ms, 2 threads); teacher-forced decoding of 400 Shakespeare tokens gives perplexity 32.08
-against 32.15 (weight-only kernel) and 31.84 (float32) on Gemma 3 270M, 61.29 against 61.32 and
-61.11 on Qwen2.5-0.5B. The same per-token activations in every layer cost Gemma 2.8%
-(outlier features in the residual stream), so only the head, whose input the final norm has
-just scaled, uses it.
+the step) and ``_weight_int8pack_mm`` converts each int8 weight to bfloat16 before its
+multiply-add, reading only about 10 GB/s. :func:`fast_kernels` gives the large int8 layers
+(``FAST_MIN_WEIGHTS``: the head's table, Qwen2.5-0.5B's MLP matrices) a copy packed for fbgemm's
+int8 x int8 GEMM (the x86 engine: AVX512-VNNI where the CPU has it), used for products of fewer
+than ``W8A8_MIN_ROWS`` rows: each row is written in two levels of 7-bit codes,
+``x ~= s1 * q1 + s2 * q2`` (:func:`exact_codes`; about 13 bits, finer than the bfloat16
+activations of the weight-only kernel), both levels go through the GEMM as rows with unit scale
+and zero point 64, so the int32 sums are exact, and ``s1 * acc1 + s2 * acc2`` gives the row.
+7 bits keep each input byte at most 127: on CPUs without VNNI fbgemm adds pairs of uint8 x int8
+products in int16 (``vpmaddubsw``), and 2 x 127 x 127 = 32,258 stays below int16's 32,767
+where 8-bit codes (2 x 255 x 127) would saturate. Rows never mix, so a row's result does not
+depend on the others in its product. Measured one row, 2 threads: Gemma's head 6.4 ms against
+the weight-only kernel's 12-16; the codes and the scaling of the sums cost about 40 us of small
+operations, so a layer below about 3M weights is faster without (2048 x 640: 90 against 53 us).
+Packing costs fbgemm about 2 s for Gemma's head, on a second thread (``chat`` packs while the
+user types), and the packed layers' int8 bytes once more in memory.
 
 :class:`QuantEmbedding` keeps the token table quantised (one of the layers above, read as a
 ``hidden -> vocab`` linear), gathers only the looked-up rows and dequantises them; a tied
@@ -122,13 +128,14 @@ def batch_invariant(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, Int8Linear):
             m.w8a8_min_rows = 1
-            m.dynamic = None  # never used at one row either (fast_head's kernel is another product)
+            m.dynamic = None  # one product for every row count (fast_kernels' is another)
     return model
 
 
 def dynamic_available() -> bool:
-    """Whether this torch has fbgemm's int8 linear (x86 builds; see :func:`fast_head`)."""
-    return "x86" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+    """Whether this torch has fbgemm's int8 linear (x86 builds; see :func:`fast_kernels`)."""
+    return "x86" in torch.backends.quantized.supported_engines and hasattr(
+        torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
 
 
 def _pack_dynamic(weight_int8: torch.Tensor, scales: torch.Tensor):
@@ -139,38 +146,72 @@ def _pack_dynamic(weight_int8: torch.Tensor, scales: torch.Tensor):
         return torch.ops.quantized.linear_prepack(weight, None)
 
 
-def fast_head(model: nn.Module, background: bool = True) -> nn.Module:
-    """Give ``model``'s int8 output head (its own, or the tied token table) fbgemm's packed copy
-    for one-row products (see the module docstring), in place; a no-op for other heads or where
-    fbgemm is missing. Costs the head's size in memory once more (the table stays for lookups).
+#: the largest code of each level of :func:`exact_codes` (7 bits: see the module docstring)
+CODE_MAX = 63
+#: :func:`fast_kernels` packs int8 layers of at least this many weights. The packed product costs
+#: about 40 us more in the activations' codes and the sums' scaling (12 small operations), so it
+#: gains only on large matrices; measured one row, 2 threads: 2048 x 640 53 us weight-only against
+#: 90 packed, 3072 x 1024 115 against 106, 4864 x 896 184-250 against 121-170, Gemma's head 12 ms
+#: against 6.4
+FAST_MIN_WEIGHTS = 1 << 22
 
-    Packing takes fbgemm 2-3 s for a 262k-token head (one core, without the GIL): with
+
+def exact_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two levels of 7-bit codes of the rows of x (m, k): float (2m, k) codes [q1; q2] in
+    [-63, 63] and scales s1, s2 (m, 1) with x ~= s1 * q1 + s2 * q2 (q2 codes what s1 * q1 missed)."""
+    xf = x.float()
+    tiny = torch.finfo(torch.float32).tiny
+    s1 = xf.abs().amax(-1, keepdim=True).clamp_(min=tiny).div_(CODE_MAX)
+    q1 = torch.round(xf / s1)
+    rest = xf - q1 * s1
+    s2 = rest.abs().amax(-1, keepdim=True).clamp_(min=tiny).div_(CODE_MAX)
+    return torch.cat([q1, torch.round(rest / s2)]), s1, s2
+
+
+def packed_mm(x: torch.Tensor, packed) -> torch.Tensor:
+    """x (m, k) times an fbgemm-packed int8 weight (n, k) with per-row scales: float32 (m, n),
+    on two-level 7-bit codes of x with exact int32 sums (see the module docstring)."""
+    codes, s1, s2 = exact_codes(x)
+    acc = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(codes, 1.0, CODE_MAX + 1, packed)
+    m = x.shape[0]
+    return acc[:m].mul_(s1).add_(acc[m:].mul_(s2))
+
+
+def fast_kernels(model: nn.Module, background: bool = True) -> nn.Module:
+    """Give every int8 layer of ``model`` with at least ``FAST_MIN_WEIGHTS`` weights (the output
+    head's table, the larger MLP matrices) fbgemm's packed copy for products of fewer than
+    ``W8A8_MIN_ROWS`` rows (see the module docstring), in place;
+    a no-op where fbgemm is missing or the weights are not on the CPU. Costs the int8 weights'
+    size in memory once more (the plain copies stay for lookups and many-row products).
+
+    Packing takes fbgemm about 2 s for Gemma 3 270M (its head only) (one core, without the GIL): with
     ``background`` it runs on a second thread while the caller goes on (reading the tokenizer,
-    the prefill), and the first one-row product waits for it, so that every token of a
-    generation comes from the same kernel whatever the timing."""
-    head = getattr(model, "lm_head", None)
-    table = head.embedding.table if isinstance(head, QuantHead) else head
-    if not isinstance(table, Int8Linear) or table.bias is not None or not dynamic_available():
-        return model
-    if table.weight_int8.device.type != "cpu":
+    the prefill, the user typing), and each layer's first packed product waits for it, so that
+    every token of a generation comes from the same kernels whatever the timing."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear) and m.weight_int8.device.type == "cpu"
+              and m.weight_int8.numel() >= FAST_MIN_WEIGHTS]
+    if not layers or not dynamic_available():
         return model
     torch.backends.quantized.engine = "x86"
     if not background:
-        table.dynamic = _pack_dynamic(table.weight_int8, table.scales)
+        for m in layers:
+            m.dynamic = _pack_dynamic(m.weight_int8, m.scales)
         return model
-    future: Future = Future()
+    futures = [Future() for _ in layers]
+    for m, f in zip(layers, futures):
+        m.dynamic = f
 
     def pack() -> None:
-        try:
-            future.set_result(_pack_dynamic(table.weight_int8, table.scales))
-        except BaseException as exc:  # noqa: BLE001 -- raised where the result is waited for
-            future.set_exception(exc)
+        for m, f in zip(layers, futures):
+            try:
+                f.set_result(_pack_dynamic(m.weight_int8, m.scales))
+            except BaseException as exc:  # noqa: BLE001 -- raised where the result is waited for
+                f.set_exception(exc)
 
     # A thread of its own that ends when done, not a pool's: a live thread keeps its OpenMP team,
     # and with more OpenMP threads than cores libgomp stops spinning between parallel regions
     # for every team, which cut decoding to 60% for as long as the pool lived (measured).
-    threading.Thread(target=pack, name="llmarch-pack-head", daemon=True).start()
-    table.dynamic = future
+    threading.Thread(target=pack, name="llmarch-pack-int8", daemon=True).start()
     return model
 
 
@@ -216,17 +257,17 @@ class Int8Linear(nn.Module):
         """Rows ``ids`` of the dequantised weight, float32 (len(ids), in)."""
         return self.weight_int8[ids].float() * self.scales[ids].float()[:, None]
 
-    #: fbgemm's packed copy for one-row products, or the Future of one being packed (:func:`fast_head`)
+    #: fbgemm's packed copy for products of few rows, or the Future of one being packed (:func:`fast_kernels`)
     dynamic = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= self.w8a8_min_rows and x2.device.type == "cpu":
             return _linear_out(self, x, w8a8_mm(x2, self.weight_int8, self.scales))
-        if self.dynamic is not None and x2.shape[0] == 1 and x2.device.type == "cpu":
+        if self.dynamic is not None and x2.device.type == "cpu":
             if isinstance(self.dynamic, Future):  # waited for, so a result never depends on timing
                 self.dynamic = self.dynamic.result()
-            return _linear_out(self, x, torch.ops.quantized.linear_dynamic(x2.float(), self.dynamic, False))
+            return _linear_out(self, x, packed_mm(x2, self.dynamic))
         x2 = x2.to(KERNEL_DTYPE)
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales.to(KERNEL_DTYPE))
         return _linear_out(self, x, y)
