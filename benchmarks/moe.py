@@ -14,7 +14,11 @@ The outputs are checked before timing: float32 within 1e-5; bfloat16 equal to th
 to transformers' eager path (grouped_mm sums the k expert outputs in float32, so it differs
 in the last bits; its difference is printed).
 
-    PYTHONPATH=src python benchmarks/moe.py [--reps 5] [--threads 2] [--dtypes float32 bfloat16]
+With ``--quant int8 int4`` (the default) it also times llmarch's layer with quantised experts
+(as ``--quant int8|int4`` loads a float checkpoint) against transformers in float32, printing
+the relative error of its output against the float32 layer.
+
+    PYTHONPATH=src python benchmarks/moe.py [--reps 5] [--threads 2] [--dtypes float32 bfloat16] [--quant int8 int4]
 """
 
 from __future__ import annotations
@@ -129,11 +133,42 @@ def bench(dtype: torch.dtype, args, base) -> None:
                       flush=True)
 
 
+def bench_quant(mode: str, args, base) -> None:
+    """llmarch's layer with int8 / int4 experts (``llmarch.inference.quant.quantize``, as
+    ``--quant int8|int4`` loads a float checkpoint) against transformers in float32; the
+    output's difference from the float32 layer is printed (quantisation error, not a bug)."""
+    from llmarch.inference.quant import quantize
+
+    ours, hf = (copy.deepcopy(m).float() for m in base)
+    exact = copy.deepcopy(ours)
+    quantize(ours, mode, group_size=32)
+    pack_linears(ours)  # what stays float (the router), as load() does
+    runners = {f"llmarch {mode}": ours} | {f"HF {impl}": hf_runner(hf, impl) for impl in HF_IMPLEMENTATIONS}
+    with torch.inference_mode():
+        for tokens in (1, 512):
+            x = torch.randn(1, tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
+            ref = exact(x)
+            err = ((ours(x) - ref).norm() / ref.norm()).item()
+            reps = args.reps * (20 if tokens == 1 else 1)
+            times: dict[str, list[float]] = {label: [] for label in runners}
+            for _ in range(reps):
+                for label, fn in runners.items():
+                    times[label].append(timed(fn, x))
+            tps = {label: tokens / statistics.median(t) for label, t in times.items()}
+            best_hf = max(v for k, v in tps.items() if not k.startswith("llmarch"))
+            cols = "   ".join(f"{label} {v:8.1f}" for label, v in tps.items())
+            print(f"{mode + ' exp.':<9} {tokens:4d} tokens (tok/s):  {cols}   ratio to the faster HF (float32) "
+                  f"{tps[f'llmarch {mode}'] / best_hf:5.2f}x   (relative error vs float32 {err:.1e}; median of {reps})",
+                  flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--quant", nargs="*", default=["int8", "int4"], choices=["int8", "int4"],
+                    help="also time llmarch with quantised experts against transformers in float32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -143,6 +178,8 @@ def main() -> None:
     base = build_pair()
     for name in args.dtypes:
         bench(getattr(torch, name), args, base)
+    for mode in args.quant:
+        bench_quant(mode, args, base)
 
 
 if __name__ == "__main__":
