@@ -104,11 +104,19 @@ def _bias_buffer(module: nn.Module, bias: torch.Tensor | None) -> None:
     module.register_buffer("bias", None if bias is None else bias.detach().clone())
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without a call into torch when it already is (decoding makes hundreds of
+    these calls a token, each a few microseconds of dispatch even when it does nothing)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _linear_out(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The kernel's (tokens, out) bfloat16 result back in x's dtype and shape, plus the bias."""
-    y = y[:, : module.out_features].to(x.dtype)
+    if y.shape[1] != module.out_features:  # padded to the kernel's row block
+        y = y[:, : module.out_features]
+    y = _as(y, x.dtype)
     if module.bias is not None:
-        y = y + module.bias.to(x.dtype)
+        y = y + _as(module.bias, x.dtype)
     return y.view(*x.shape[:-1], module.out_features)
 
 
@@ -268,8 +276,7 @@ class Int8Linear(nn.Module):
             if isinstance(self.dynamic, Future):  # waited for, so a result never depends on timing
                 self.dynamic = self.dynamic.result()
             return _linear_out(self, x, packed_mm(x2, self.dynamic))
-        x2 = x2.to(KERNEL_DTYPE)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales.to(KERNEL_DTYPE))
+        y = torch.ops.aten._weight_int8pack_mm(_as(x2, KERNEL_DTYPE), self.weight_int8, _as(self.scales, KERNEL_DTYPE))
         return _linear_out(self, x, y)
 
     def extra_repr(self) -> str:
@@ -341,9 +348,9 @@ class Int4Linear(nn.Module):
         return (w * sz[..., :1] + sz[..., 1:]).view(len(ids), k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
+        x2 = _as(x.reshape(-1, self.in_features), KERNEL_DTYPE)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2, self.weight_int4pack, self.group_size, self.scales_and_zeros.to(KERNEL_DTYPE)
+            x2, self.weight_int4pack, self.group_size, _as(self.scales_and_zeros, KERNEL_DTYPE)
         )
         return _linear_out(self, x, y)
 
