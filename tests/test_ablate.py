@@ -636,6 +636,9 @@ def test_report_rewrites_the_tables_from_the_runs_and_trains_nothing(capsys, tmp
     (out / "results.json").write_text("[1, 2]")
     rc, err = cli(capsys, "ablate", str(spec_path), "--report")
     one_error(rc, err, "results.json holds a JSON list, not an object")
+    (out / "results.json").write_text(json.dumps(dict(before, wall_time_s="an hour")))
+    rc, err = cli(capsys, "ablate", str(spec_path), "--report")
+    one_error(rc, err, "results.json: 'wall_time_s' is 'an hour', not what an ablation writes there")
     rc, err = cli(capsys, "ablate", str(spec_path), "--report", "--out", str(tmp_path / "nothing"))
     one_error(rc, err, "holds no ablation runs")
 

@@ -799,7 +799,13 @@ def _previous_provenance(out_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not readable JSON ({e}); rebuild it with --resume") from None
     if not isinstance(prev, dict):
         raise ConfigError(f"{path} holds a JSON {type(prev).__name__}, not an object; rebuild it with --resume")
-    return {k: prev[k] for k in TRAINING_PROVENANCE if k in prev}
+    kept = {k: prev[k] for k in TRAINING_PROVENANCE if k in prev}
+    for k, v in kept.items():  # the tables format these: a wrong type is refused here, not a crash there
+        want = {"machine": dict, "nproc": int, "jobs": int, "runs_trained_here": int, "runs_total": int,
+                "wall_time_s": (int, float)}.get(k, str)
+        if not isinstance(v, want) or isinstance(v, bool) or (want is dict and not all(isinstance(x, (str, int, type(None))) for x in v.values())):
+            raise ConfigError(f"{path}: {k!r} is {v!r}, not what an ablation writes there; rebuild it with --resume")
+    return kept
 
 
 def report_spec(path: str | Path, out: str | None = None, seeds: int | None = None, launcher: str = "local",
