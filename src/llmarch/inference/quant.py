@@ -31,7 +31,7 @@ multiply-add, reading only about 10 GB/s. :func:`fast_kernels` gives the large i
 (``FAST_MIN_WEIGHTS``: the head's table, Qwen2.5-0.5B's MLP matrices) a copy packed for fbgemm's
 int8 x int8 GEMM (the x86 engine: AVX512-VNNI where the CPU has it), used for products of fewer
 than ``W8A8_MIN_ROWS`` rows: each row is written in two levels of 7-bit codes,
-``x ~= s1 * q1 + s2 * q2`` (:func:`exact_codes`; about 13 bits, finer than the bfloat16
+``x ~= s1 * q1 + s2 * q2`` (:func:`two_level_codes`; about 13 bits, finer than the bfloat16
 activations of the weight-only kernel), both levels go through the GEMM as rows with unit scale
 and zero point 64, so the int32 sums are exact, and ``s1 * acc1 + s2 * acc2`` gives the row.
 7 bits keep each input byte at most 127: on CPUs without VNNI fbgemm adds pairs of uint8 x int8
@@ -70,6 +70,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..model.layers import as_dtype as _as
 from ..model.moe import Experts
 
 MODES = ("int8", "int4")
@@ -103,12 +104,6 @@ def _check_group(in_features: int, group_size: int) -> None:
 
 def _bias_buffer(module: nn.Module, bias: torch.Tensor | None) -> None:
     module.register_buffer("bias", None if bias is None else bias.detach().clone())
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)``, without a call into torch when it already is (decoding makes hundreds of
-    these calls a token, each a few microseconds of dispatch even when it does nothing)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _linear_out(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -155,7 +150,7 @@ def _pack_dynamic(weight_int8: torch.Tensor, scales: torch.Tensor):
         return torch.ops.quantized.linear_prepack(weight, None)
 
 
-#: the largest code of each level of :func:`exact_codes` (7 bits: see the module docstring)
+#: the largest code of each level of :func:`packed_mm`'s activation codes (7 bits: see the module docstring)
 CODE_MAX = 63
 #: :func:`fast_kernels` packs int8 layers of at least this many weights. The packed product costs
 #: about 40 us more in the activations' codes and the sums' scaling (12 small operations), so it
@@ -165,22 +160,10 @@ CODE_MAX = 63
 FAST_MIN_WEIGHTS = 1 << 22
 
 
-def exact_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two levels of 7-bit codes of the rows of x (m, k): float (2m, k) codes [q1; q2] in
-    [-63, 63] and scales s1, s2 (m, 1) with x ~= s1 * q1 + s2 * q2 (q2 codes what s1 * q1 missed)."""
-    xf = x.float()
-    tiny = torch.finfo(torch.float32).tiny
-    s1 = xf.abs().amax(-1, keepdim=True).clamp_(min=tiny).div_(CODE_MAX)
-    q1 = torch.round(xf / s1)
-    rest = xf - q1 * s1
-    s2 = rest.abs().amax(-1, keepdim=True).clamp_(min=tiny).div_(CODE_MAX)
-    return torch.cat([q1, torch.round(rest / s2)]), s1, s2
-
-
 def packed_mm(x: torch.Tensor, packed) -> torch.Tensor:
     """x (m, k) times an fbgemm-packed int8 weight (n, k) with per-row scales: float32 (m, n),
     on two-level 7-bit codes of x with exact int32 sums (see the module docstring)."""
-    codes, s1, s2 = exact_codes(x)
+    codes, s1, s2 = two_level_codes(x, CODE_MAX)
     acc = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(codes, 1.0, CODE_MAX + 1, packed)
     m = x.shape[0]
     return acc[:m].mul_(s1).add_(acc[m:].mul_(s2))
@@ -225,16 +208,24 @@ def fast_kernels(model: nn.Module, background: bool = True) -> nn.Module:
     return model
 
 
-def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two-level int8 codes of the rows of x (m, k): (2m, k) codes [q1; q2] and scales s1, s2
-    (m, 1) with x ~= s1 * q1 + s2 * q2 (q2 codes the rounding error of s1 * q1)."""
+def two_level_codes(x: torch.Tensor, code_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two levels of integer codes of the rows of x (m, k): float (2m, k) codes [q1; q2] in
+    [-code_max, code_max] and scales s1, s2 (m, 1) with x ~= s1 * q1 + s2 * q2 (q2 codes the
+    rounding error of s1 * q1)."""
     xf = x.float()
-    s1 = xf.abs().amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny).div_(127)
+    tiny = torch.finfo(torch.float32).tiny
+    s1 = xf.abs().amax(-1, keepdim=True).clamp_(min=tiny).div_(code_max)
     q1 = torch.round(xf / s1)
     rest = xf - q1 * s1
-    s2 = rest.abs().amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny).div_(127)
-    q2 = torch.round(rest / s2)
-    return torch.cat([q1, q2]).to(torch.int8), s1, s2
+    s2 = rest.abs().amax(-1, keepdim=True).clamp_(min=tiny).div_(code_max)
+    return torch.cat([q1, torch.round(rest / s2)]), s1, s2
+
+
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two-level int8 codes of the rows of x (m, k): (2m, k) int8 codes [q1; q2] and scales s1,
+    s2 (m, 1) with x ~= s1 * q1 + s2 * q2 (:func:`two_level_codes` with 127)."""
+    codes, s1, s2 = two_level_codes(x, 127)
+    return codes.to(torch.int8), s1, s2
 
 
 def w8a8_mm(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

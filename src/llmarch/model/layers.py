@@ -15,6 +15,12 @@ from .config import ModelConfig, RopeConfig
 # ----------------------------------------------------------------------------------------
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without a call into torch when it already is (decoding makes hundreds of
+    these calls a token, each a few microseconds of dispatch even when it does nothing)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32.
 
@@ -55,17 +61,13 @@ class RMSNorm(nn.Module):
         if not torch.is_grad_enabled() and scale.dtype == (h.dtype if self.weight_fp32 else dtype):
             # h is a temporary: scale it in place (same dtypes, so the same result); the casts
             # are skipped where there is nothing to cast (a few microseconds each, 100+ a token)
-            if self.weight_fp32:
-                h = h.mul_(scale)
-                return h if h.dtype == dtype else h.to(dtype)
-            return (h if h.dtype == dtype else h.to(dtype)).mul_(scale)
+            return as_dtype(h.mul_(scale), dtype) if self.weight_fp32 else as_dtype(h, dtype).mul_(scale)
         if self.weight_fp32:
             return (h * scale).to(dtype)
         return h.to(dtype) * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x if x.dtype == torch.float32 else x.float()
-        return self.rescale(F.rms_norm(xf, x.shape[-1:], eps=self.eps), x.dtype)  # x * rsqrt(mean(x^2) + eps)
+        return self.rescale(F.rms_norm(as_dtype(x, torch.float32), x.shape[-1:], eps=self.eps), x.dtype)  # x * rsqrt(mean(x^2) + eps)
 
 
 class L2Norm(nn.Module):
