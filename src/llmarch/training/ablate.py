@@ -430,6 +430,18 @@ def make_run(v: Variant, seed: int, lr: float, out_dir: Path, data_dir: str, pro
     return Run(v.name, seed, lr, fields, v.cfg, out_dir / "runs" / folder, key)
 
 
+def sweep_runs(variants: list[Variant], grid: list[float] | None, seed: int, out_dir: Path, data_dir: str,
+               procs: int) -> list[Run]:
+    """The LR sweep's runs of the swept ``variants``: each at every rate of its grid, at ``seed``."""
+    return [make_run(v, seed, lr, out_dir, data_dir, procs) for v in variants if v.swept for lr in v.lrs(grid)]
+
+
+def final_runs(variants: list[Variant], chosen: dict[str, float], seeds: list[int], out_dir: Path, data_dir: str,
+               procs: int) -> list[Run]:
+    """Every seed of each of ``variants`` that has a learning rate in ``chosen``, at that rate."""
+    return [make_run(v, s, chosen[v.name], out_dir, data_dir, procs) for v in variants if v.name in chosen for s in seeds]
+
+
 def choose_lr(losses: dict[float, float | None]) -> float | None:
     """The learning rate of the lowest final validation loss (a diverged run's NaN counts as
     infinite; ties go to the smaller LR); None when no run of the sweep finished."""
@@ -754,11 +766,10 @@ def run_spec(path: str | Path, out: str | None = None, only: list[str] | None = 
     sweep: list[Run] = []
     if grid:
         needed = {v.name for v in selected} | {v.lr_from for v in selected if v.lr_from}
-        sweep = [make_run(v, first, lr, out_dir, data_dir, nproc) for v in variants if v.swept and v.name in needed
-                 for lr in v.lrs(grid)]
+        sweep = sweep_runs([v for v in variants if v.name in needed], grid, first, out_dir, data_dir, nproc)
         run_stage(sweep, data_dir, launch, "LR sweep")
     chosen = chosen_lrs(variants, grid, first, out_dir, data_dir, nproc)
-    finals = [make_run(v, s, chosen[v.name], out_dir, data_dir, nproc) for v in selected if v.name in chosen for s in seed_list]
+    finals = final_runs(selected, chosen, seed_list, out_dir, data_dir, nproc)
     run_stage(finals, data_dir, launch, "runs")
     trained_now = set((out_dir / "runs").glob("*/" + SUMMARY)) - trained_before
 
@@ -830,11 +841,9 @@ def report_spec(path: str | Path, out: str | None = None, seeds: int | None = No
     variants = variants_of(spec, data.vocab_size)
     grid = spec.get("lr_sweep")
     first = seed_list[0]
-    needed = [make_run(v, first, lr, out_dir, data_dir, nproc) for v in variants if v.swept for lr in v.lrs(grid)]
     chosen = chosen_lrs(variants, grid, first, out_dir, data_dir, nproc)
-    needed += [make_run(v, s, chosen[v.name], out_dir, data_dir, nproc) for v in variants if v.name in chosen
-               for s in seed_list]
-    needed = list({r.dir: r for r in needed}.values())
+    needed = sweep_runs(variants, grid, first, out_dir, data_dir, nproc) if grid else []
+    needed = list({r.dir: r for r in needed + final_runs(variants, chosen, seed_list, out_dir, data_dir, nproc)}.values())
     missing = [r for r in needed if read_summary(r) is None]
     unchosen = [v.name for v in variants if v.name not in chosen]
     if missing or unchosen:
@@ -887,6 +896,6 @@ def gather(spec: dict[str, Any], variants: list, seeds: list[int], chosen: dict[
 
 __all__ = [
     "Launch", "Run", "Variant", "active_non_embedding", "baseline_name", "check_out_dir", "gather", "choose_lr", "chosen_lrs",
-    "load_spec", "make_run", "match_params", "prepare_run", "read_summary", "report_spec", "run_key", "run_pool", "run_spec",
+    "load_spec", "make_run", "match_params", "prepare_run", "read_summary", "report_spec", "run_key", "run_pool", "run_spec", "final_runs", "sweep_runs",
     "data_identity", "source_commit", "spec_seeds", "variant_configs", "variants_of",
 ]
