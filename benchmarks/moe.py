@@ -76,6 +76,16 @@ def timed(fn, x) -> float:
     return time.perf_counter() - t0
 
 
+def tokens_per_s(runners: dict, x: torch.Tensor, reps: int) -> dict[str, float]:
+    """Median tokens/s of each runner on x, over ``reps`` rounds that alternate the runners, so
+    all see the same machine state."""
+    times: dict[str, list[float]] = {label: [] for label in runners}
+    for _ in range(reps):
+        for label, fn in runners.items():
+            times[label].append(timed(fn, x))
+    return {label: x.shape[1] / statistics.median(t) for label, t in times.items()}
+
+
 def dense_ceiling(tokens: int, dtype: torch.dtype, reps: int) -> float:
     """Tokens/s of the experts' multiply-adds done as two large dense GEMMs: all tokens x top-k
     rows through one (hidden -> 2 x width) and one (width -> hidden) matrix. No routing, no
@@ -115,11 +125,7 @@ def bench(dtype: torch.dtype, args, base) -> None:
             else:
                 assert diffs["HF eager"] == 0.0, f"bfloat16 output differs from transformers' eager path: {diffs}"
             reps = args.reps * (20 if tokens == 1 else 1)
-            times: dict[str, list[float]] = {label: [] for label in runners}
-            for _ in range(reps):  # alternate so all see the same machine state
-                for label, fn in runners.items():
-                    times[label].append(timed(fn, x))
-            tps = {label: tokens / statistics.median(t) for label, t in times.items()}
+            tps = tokens_per_s(runners, x, reps)
             best_hf = max(v for k, v in tps.items() if k != "llmarch")
             cols = "   ".join(f"{label} {v:8.1f}" for label, v in tps.items())
             diff = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
@@ -150,11 +156,7 @@ def bench_quant(mode: str, args, base) -> None:
             ref = exact(x)
             err = ((ours(x) - ref).norm() / ref.norm()).item()
             reps = args.reps * (20 if tokens == 1 else 1)
-            times: dict[str, list[float]] = {label: [] for label in runners}
-            for _ in range(reps):
-                for label, fn in runners.items():
-                    times[label].append(timed(fn, x))
-            tps = {label: tokens / statistics.median(t) for label, t in times.items()}
+            tps = tokens_per_s(runners, x, reps)
             best_hf = max(v for k, v in tps.items() if not k.startswith("llmarch"))
             cols = "   ".join(f"{label} {v:8.1f}" for label, v in tps.items())
             print(f"{mode + ' exp.':<9} {tokens:4d} tokens (tok/s):  {cols}   ratio to the faster HF (float32) "
