@@ -20,15 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import zlib
 from pathlib import Path
-
-import torch
 
 from llmarch.model.config import ModelConfig
 from llmarch.training.ablate import SPEC_FILE, run_key
 from llmarch.training.data import TokenData
-from llmarch.training.loop import read_metrics
+from llmarch.training.loop import batch_crc, read_metrics
 
 
 def batches_match(run_dir: Path, data: TokenData) -> tuple[bool, str]:
@@ -38,7 +35,7 @@ def batches_match(run_dir: Path, data: TokenData) -> tuple[bool, str]:
         return False, "no metrics"
     for r in rows:
         x, _ = data.train_batch(cfg["seed"], r["step"] - 1, 0, 0, 1, cfg["batch_size"], cfg["grad_accum"], cfg["seq_len"])
-        if zlib.crc32(x.to(torch.int64).contiguous().numpy().tobytes()) != r["batch_crc"]:
+        if batch_crc(x) != r["batch_crc"]:
             return False, f"step {r['step']}: batch differs"
     return True, f"{len(rows)} batches equal"
 

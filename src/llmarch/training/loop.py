@@ -117,6 +117,12 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
+def batch_crc(x: torch.Tensor) -> int:
+    """The fingerprint of a batch of token ids recorded in each metrics row (``batch_crc``): the
+    CRC-32 of its ids as int64, so runs can be checked to have seen the same batches."""
+    return zlib.crc32(x.to(torch.int64).contiguous().numpy().tobytes())
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: torch.device, cfg: TrainConfig) -> float:
     """Mean cross-entropy (nats/token) over every target of ``batches`` (one device sync at the end)."""
@@ -318,7 +324,7 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
         for micro in range(cfg.grad_accum):
             x, y = data.train_batch(cfg.seed, step, micro, rank, world, cfg.batch_size, cfg.grad_accum, cfg.seq_len)
             if micro == 0:  # a fingerprint of the step's batch: variants of one seed see the same ones
-                batch_crc = zlib.crc32(x.to(torch.int64).contiguous().numpy().tobytes())
+                crc = batch_crc(x)
             sync = nullcontext()
             if isinstance(wrapped, nn.parallel.DistributedDataParallel) and micro < cfg.grad_accum - 1:
                 sync = wrapped.no_sync()
@@ -337,7 +343,7 @@ def train(cfg: TrainConfig, resume: str | None = None, device: str | None = None
         norm = distributed.full_norm(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
         opt.step()
         opt.zero_grad()
-        record: dict[str, Any] = dict(step=step + 1, tokens=(step + 1) * tokens_per_step, batch_crc=batch_crc)
+        record: dict[str, Any] = dict(step=step + 1, tokens=(step + 1) * tokens_per_step, batch_crc=crc)
         if routers:
             totals = load.totals()
             if cfg.bias_update:
@@ -434,6 +440,6 @@ def _summary(metrics_path: Path, cfg: TrainConfig, model_cfg: ModelConfig, count
 
 
 __all__ = [
-    "METRICS", "RUN_FILES", "SUMMARY", "evaluate", "expert_cv", "init_weights", "length_eval", "read_metrics",
+    "METRICS", "RUN_FILES", "SUMMARY", "batch_crc", "evaluate", "expert_cv", "init_weights", "length_eval", "read_metrics",
     "run_files", "seeded_model", "train", "usable_length_multiples",
 ]
