@@ -58,11 +58,16 @@ def run_entry(run, summary: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
+def _val_points(metrics: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(step, validation loss) of the metrics rows that carry an evaluation, in order."""
+    return [(int(m["step"]), float(m["val_loss"])) for m in metrics if m.get("val_loss") is not None and "step" in m]
+
+
 def tail_drop(metrics: list[dict[str, Any]], fraction: float = TAIL) -> dict[str, Any] | None:
     """How far validation loss fell over the last ``fraction`` of training: the final evaluation
     against the latest one at or before step ``(1 - fraction) x`` the final step (so the window is
     at least that long: ``from_step`` says where it starts). None without such an earlier one."""
-    pts = [(int(m["step"]), float(m["val_loss"])) for m in metrics if m.get("val_loss") is not None and "step" in m]
+    pts = _val_points(metrics)
     if len(pts) < 2:
         return None
     end, last = pts[-1]
@@ -109,8 +114,7 @@ def context_multiples(results: dict[str, Any]) -> list[str]:
 
 
 def _val_by_step(run: dict[str, Any]) -> dict[int, float]:
-    return {int(m["step"]): float(m["val_loss"]) for m in run.get("metrics") or []
-            if m.get("val_loss") is not None and "step" in m}
+    return dict(_val_points(run.get("metrics") or []))
 
 
 def verdict(d: dict[str, Any] | None) -> int | None:
