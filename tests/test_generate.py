@@ -455,3 +455,29 @@ def test_generate_packs_the_fast_kernels_only_when_asked(flag, decoding, monkeyp
     monkeypatch.setattr(cli_generate, "load_on_device", fake_load)
     assert main(["generate", "hello", *flag]) == 2
     assert seen == [decoding] and "stop here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["gemma3-270m", "llama3.2-1b"])
+def test_a_decoding_step_traces_as_one_graph(arch):
+    """A compiled decoding step (the way to remove its per-operation overhead) needs one graph:
+    no data-dependent Python in the decode path of the inference model as a GGUF file loads it
+    (int8 layers; the float layers' oneDNN-packed copies still check their source's data
+    pointer, which breaks a graph)."""
+    from llmarch.inference.packed import pack_linears
+    from llmarch.inference.quant import quantize
+    from llmarch.model.decoder import build_model
+    from llmarch.training.scale import resolve_model_config
+
+    torch._dynamo.reset()
+    cfg = resolve_model_config(arch, "tiny", {}, 256, 64)
+    model = build_model(cfg, device="cpu").eval()
+    quantize(model, "int8")
+    pack_linears(model)
+    ids = torch.tensor([[5, 17, 42, 9]])
+    with torch.inference_mode():
+        cache = model.new_cache(1, 32)
+        model(ids, positions=torch.arange(4)[None], cache=cache, last_only=True)
+        explained = torch._dynamo.explain(model)(torch.tensor([[7]]), positions=torch.tensor([[4]]), cache=cache,
+                                                 last_only=True)
+    assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_count == 1

@@ -361,3 +361,28 @@ def test_fast_kernels_leave_small_and_other_layers_alone():
     assert small.lm_head.weight_int8.numel() < FAST_MIN_WEIGHTS
     fast_kernels(small)
     assert small.lm_head.dynamic is None
+
+
+@pytest.mark.parametrize("k", [24, 100, 104, 96])
+def test_int8_linear_of_any_width_against_the_dequantised_product(k, monkeypatch):
+    """torch's int8 kernel segfaults or returns NaN for widths off a multiple of 16: the layer pads
+    them (96 needs no padding), at every row count and path, the lookups unpadded."""
+    from llmarch.inference import quant
+
+    g = torch.Generator().manual_seed(k)
+    layer = Int8Linear.from_float(torch.randn(40, k, generator=g) * 0.1, torch.randn(40, generator=g))
+    assert layer.in_features == k and layer.weight_int8.shape[1] % 16 == 0
+    w = layer.rows(torch.arange(40)).double()
+    assert w.shape == (40, k)
+    for rows in (1, 4, 9):  # the weight-only kernel, and int8 activations from 8 rows on
+        x = torch.randn(rows, k, generator=g)
+        ref = x.double() @ w.t() + layer.bias.double()
+        y = layer(x).double()
+        assert torch.isfinite(y).all()
+        assert (y - ref).abs().max() <= 2e-2 * ref.abs().max()
+    if quant.dynamic_available():  # and fbgemm's packed copy
+        monkeypatch.setattr(quant, "FAST_MIN_WEIGHTS", 0)
+        quant.fast_kernels(layer, background=False)
+        x = torch.randn(3, k, generator=g)
+        ref = x.double() @ w.t() + layer.bias.double()
+        assert (layer(x).double() - ref).abs().max() <= 1e-3 * ref.abs().max()

@@ -79,6 +79,8 @@ QUANT_CHOICES = ("auto", "none", *MODES)
 GROUP_SIZES = (32, 64, 128, 256)
 KERNEL_DTYPE = torch.bfloat16  # the only activation dtype the CPU kernels vectorise (see above)
 ROW_BLOCK = 64  # the int4 packing interleaves rows in blocks of up to 64: out_features is padded to it
+#: Int8Linear's inputs are padded to a multiple of this (see the class: torch's int8 kernel needs it)
+INT8_K_MULTIPLE = 16
 #: from this many rows on, Int8Linear multiplies int8 activations (see the module docstring);
 #: measured on Qwen2.5-0.5B's shapes: slower than the weight-only kernel below 4-8 rows, 2-7x faster at 16
 W8A8_MIN_ROWS = 8
@@ -238,7 +240,12 @@ def w8a8_mm(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) ->
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T + b with W = int8 (out, in) * a per-output-channel scale."""
+    """y = x W^T + b with W = int8 (out, in) * a per-output-channel scale.
+
+    ``aten._weight_int8pack_mm`` needs the inputs in multiples of ``INT8_K_MULTIPLE``: measured
+    with torch 2.13 on x86, K = 24, 40 or 104 segfaults at 4 rows and K = 100 returns NaN at one
+    row, while multiples of 16 (16 to 136) are right at 1 to 33 rows. A weight of another width is stored with zero columns up to the next multiple, and the
+    inputs are padded with zeros to match (the sums are unchanged)."""
 
     #: int8 activations from this many rows on (an instance may lower it: see :func:`batch_invariant`)
     w8a8_min_rows = W8A8_MIN_ROWS
@@ -246,6 +253,9 @@ class Int8Linear(nn.Module):
     def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight_int8.shape
+        self.pad = -self.in_features % INT8_K_MULTIPLE  # zero columns stored after the weight's own
+        if self.pad:
+            weight_int8 = torch.nn.functional.pad(weight_int8, (0, self.pad))
         self.register_buffer("weight_int8", weight_int8.contiguous())
         self.register_buffer("scales", scales.to(KERNEL_DTYPE).contiguous())
         _bias_buffer(self, bias)
@@ -256,13 +266,15 @@ class Int8Linear(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of the dequantised weight, float32 (len(ids), in)."""
-        return self.weight_int8[ids].float() * self.scales[ids].float()[:, None]
+        return self.weight_int8[ids, : self.in_features].float() * self.scales[ids].float()[:, None]
 
     #: fbgemm's packed copy for products of few rows, or the Future of one being packed (:func:`fast_kernels`)
     dynamic = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
+        if self.pad:
+            x2 = torch.nn.functional.pad(x2, (0, self.pad))
         if x2.shape[0] >= self.w8a8_min_rows and x2.device.type == "cpu":
             return _linear_out(self, x, w8a8_mm(x2, self.weight_int8, self.scales))
         if self.dynamic is not None and x2.device.type == "cpu":

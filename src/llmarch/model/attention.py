@@ -27,8 +27,8 @@ def attention_mask(
         allowed &= (q - k) < window
     if chunk is not None:
         allowed &= torch.div(q, chunk, rounding_mode="floor") == torch.div(k, chunk, rounding_mode="floor")
-    if q.shape[1] == 1 and bool(allowed.all()):
-        return None
+    if q.shape[1] == 1 and not torch.compiler.is_compiling() and bool(allowed.all()):
+        return None  # (a compiled graph keeps the mask: this test would read the tensor back)
     # a finite minimum (not -inf) keeps fully masked rows (padding queries) free of NaN
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)

@@ -152,7 +152,8 @@ class Decoder(nn.Module):
         return KVCache.for_model(self, batch, max_len, dtype, device)
 
     def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if input_ids.device.type == "cpu" and input_ids.numel():  # elsewhere the check would cost a sync
+        # elsewhere the check would cost a sync; a compiled graph checks its indices itself
+        if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
             check_token_ids(input_ids, self.config.vocab_size)
         x = self.embed(input_ids)
         if self.config.embed_scale is not None:

@@ -46,7 +46,7 @@ class RMSNorm(nn.Module):
         w = self.weight
         if not (self.unit_offset or self.weight_fp32):
             return w
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # a compiled graph computes it in place
             w = w.float() if self.weight_fp32 else w
             return 1.0 + w if self.unit_offset else w
         key = (w._version, w.data_ptr(), w.dtype)
