@@ -244,8 +244,9 @@ class Int8Linear(nn.Module):
 
     ``aten._weight_int8pack_mm`` needs the inputs in multiples of ``INT8_K_MULTIPLE``: measured
     with torch 2.13 on x86, K = 24, 40 or 104 segfaults at 4 rows and K = 100 returns NaN at one
-    row, while multiples of 16 (16 to 136) are right at 1 to 33 rows. A weight of another width is stored with zero columns up to the next multiple, and the
-    inputs are padded with zeros to match (the sums are unchanged)."""
+    row, while multiples of 16 (16 to 136) are right at 1 to 33 rows. A weight of another width
+    is stored with zero columns up to the next multiple, and the inputs are padded with zeros to
+    match (the sums are unchanged)."""
 
     #: int8 activations from this many rows on (an instance may lower it: see :func:`batch_invariant`)
     w8a8_min_rows = W8A8_MIN_ROWS

@@ -69,6 +69,7 @@ from typing import Any
 import yaml
 
 from ..analysis.params import count_params
+from ..checkpoints.assets import file_stamp
 from ..atomic import write_text
 from ..errors import ConfigError
 from ..model.config import ModelConfig
@@ -382,10 +383,10 @@ DATA_FILES = ("train.bin", "val.bin", "tokenizer.json")
 def data_identity(data_dir: str | Path) -> str:
     """A hash of what a prepared data folder holds, wherever it is: its ``meta.json`` without the
     corpus paths (absolute, so they name the checkout, not the text) and the bytes of its token
-    and tokenizer files. Cached per folder while the files' sizes and times stay the same."""
+    and tokenizer files. Cached per folder while the files' stamps (``file_stamp``: size, times,
+    inode) stay the same."""
     path = Path(data_dir)
-    stamp = tuple((f, st.st_size, st.st_mtime_ns) for f in ("meta.json", *DATA_FILES)
-                  if (st := _stat(path / f)) is not None)
+    stamp = tuple((f, file_stamp(st)) for f in ("meta.json", *DATA_FILES) if (st := _stat(path / f)) is not None)
     return _data_identity(str(path.resolve()), stamp)
 
 
@@ -410,6 +411,16 @@ def _data_identity(path: str, stamp: tuple) -> str:
                 while chunk := fh.read(1 << 20):
                     h.update(chunk)
     return h.hexdigest()
+
+
+def out_dir_of(spec: dict[str, Any], out: str | None) -> Path:
+    """The ablation's results folder: ``--out``, else the spec's ``out``, else ``ablations``."""
+    return Path(out or spec.get("out") or "ablations")
+
+
+def data_dir_of(spec: dict[str, Any]) -> str:
+    """The prepared data folder the spec's runs train and are scored on."""
+    return str(spec.get("data", "data/shakespeare"))
 
 
 def run_key(fields: dict[str, Any], cfg: ModelConfig, data_dir: str, procs: int = 1) -> str:
@@ -742,13 +753,13 @@ def run_spec(path: str | Path, out: str | None = None, only: list[str] | None = 
     variant (of ``only``), then write results.json/md/csv and the plots; return the results."""
     t0 = time.monotonic()
     spec = load_spec(path)
-    out_dir = Path(out or spec.get("out") or "ablations")
+    out_dir = out_dir_of(spec, out)
     launch = Launch(launcher, nproc, jobs if jobs is not None else int(spec.get("jobs", 1)))
     launch.check()
     check_out_dir(out_dir, resume, force)
     seed_list = spec_seeds(spec, seeds)
     commit = source_commit(exclude=out_dir)
-    data_dir = str(spec.get("data", "data/shakespeare"))
+    data_dir = data_dir_of(spec)
     if not (Path(data_dir) / "meta.json").is_file():
         prep = spec.get("prepare") or {}
         prepare(prep.get("corpus", "default"), data_dir, prep.get("tokenizer", "bpe"), int(prep.get("vocab_size", 8192)))
@@ -828,13 +839,13 @@ def report_spec(path: str | Path, out: str | None = None, seeds: int | None = No
     missing. The command, commit, date, machine and wall time of the invocation that trained the
     runs are kept from the previous results.json; this one is recorded under ``report``."""
     spec = load_spec(path)
-    out_dir = Path(out or spec.get("out") or "ablations")
+    out_dir = out_dir_of(spec, out)
     Launch(launcher, nproc, 1).check()
     if not (out_dir / "runs").is_dir():
         raise ConfigError(f"--report: {out_dir} holds no ablation runs; train them first (without --report)")
     prev = _previous_provenance(out_dir)
     seed_list = spec_seeds(spec, seeds)
-    data_dir = str(spec.get("data", "data/shakespeare"))
+    data_dir = data_dir_of(spec)
     if not (Path(data_dir) / "meta.json").is_file():
         raise ConfigError(f"--report: the spec's data folder {data_dir} is missing; the runs were scored on it")
     data = TokenData.open(data_dir)
