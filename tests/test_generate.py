@@ -93,6 +93,43 @@ def test_sliding_window_cache_holds_only_the_window(tiny):
         assert full == (cfg.num_layers - n_sliding) * (5 + new) * per_token
 
 
+def test_a_ring_not_yet_full_attends_over_its_written_slots_only():
+    """Decoding in a window larger than the context so far returns (and so attends over) only
+    the slots written, in order; from the first wrap on, the whole ring. A prefill after a few
+    tokens sees the written slots plus the new tokens."""
+    from llmarch.model.cache import RingCache
+
+    ring = RingCache(1, 1, 2, 2, size=4, dtype=torch.float32, device="cpu")
+    for i in range(6):
+        kv = torch.full((1, 1, 1, 2), float(i))
+        k, v, pos = ring.update(kv, kv, torch.tensor([[i]]))
+        n = min(i + 1, 4)
+        assert k.shape[2] == v.shape[2] == pos.shape[1] == n
+        assert sorted(pos[0].tolist()) == list(range(i + 1 - n, i + 1))
+        assert torch.equal(k[0, 0, :, 0], pos[0].float())
+    ring = RingCache(1, 1, 2, 2, size=8, dtype=torch.float32, device="cpu")
+    ring.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), torch.tensor([[0]]))
+    k, _, pos = ring.update(torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2), torch.tensor([[1, 2, 3]]))
+    assert pos[0].tolist() == [0, 1, 2, 3] and k.shape[2] == 4
+
+
+def test_decoding_in_a_window_longer_than_the_context_matches_the_uncached_forward(tiny):
+    """Sliding layers whose ring is not yet full (window 64, 20 tokens): the same logits, cached
+    token by token, as the whole sequence at once."""
+    from llmarch.model.cache import RingCache
+
+    model = tiny("gemma3_text")[0]
+    wide = llmarch.build_model(model.config.replace(sliding_window=64)).eval()
+    wide.load_state_dict(model.state_dict())
+    ids = torch.tensor([_prompt(20, seed=7)])
+    with torch.no_grad():
+        full = wide(ids)
+        cache = wide.new_cache(1, 128)
+        assert sum(isinstance(c, RingCache) and c.size == 64 for c in cache.layers) == model.config.layer_types.count("sliding")
+        steps = torch.cat([wide(ids[:, i : i + 1], positions=torch.tensor([[i]]), cache=cache) for i in range(20)], dim=1)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
+
+
 def test_one_mask_per_layer_kind_per_forward(tiny, monkeypatch):
     """Layers whose caches hold the same key positions share one mask per forward (the
     sliding layers one, the full layers another), and the shared masks give the same

@@ -81,6 +81,11 @@ class RingCache(LayerCache):
         self.written = 0  # tokens written so far (the next slot is written % size)
         self._returned = (0, 0)
 
+    def filled(self) -> int:
+        """Slots written so far: the ring fills slots 0, 1, ... in order before it wraps, so
+        until then the slots from here on are empty (masked) and attention can skip them."""
+        return min(self.written, self.size)
+
     def update(self, k, v, pos):
         t = k.shape[2]
         if t == 1:
@@ -91,14 +96,18 @@ class RingCache(LayerCache):
             self.v[:, :, slot] = v[:, :, 0]
             self.pos[:, slot] = pos[:, 0]
             self.written += 1
-            self._returned = (1, self.size)
+            n = self.filled()
+            self._returned = (1, n)
+            if n < self.size:  # a short context in a large window: only the slots written
+                return self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :n]
             return self.k, self.v, self.pos
         # prefill (possibly longer than the ring): attend over what the ring holds plus every
         # new token, then keep the last `size` of them
         if self.written:
-            k_all = torch.cat([self.k, k], dim=2)
-            v_all = torch.cat([self.v, v], dim=2)
-            p_all = torch.cat([self.pos, pos], dim=1)
+            n = self.filled()
+            k_all = torch.cat([self.k[:, :, :n], k], dim=2)
+            v_all = torch.cat([self.v[:, :, :n], v], dim=2)
+            p_all = torch.cat([self.pos[:, :n], pos], dim=1)
         else:
             k_all, v_all, p_all = k, v, pos
         keep = min(t, self.size)
