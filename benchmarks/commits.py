@@ -4,8 +4,10 @@
     git worktree add --detach /tmp/before <commit>
     python benchmarks/commits.py /tmp/before/src src --rounds 5
 
-Measures, for each tree, what ``llmarch generate`` does on the default model (Gemma 3 270M,
-bfloat16, linear layers packed for oneDNN, no weight-only quantisation): decode tokens/s of 64 greedy tokens; and one
+Measures, for each tree, what ``llmarch generate`` does on the default model (Gemma 3 270M, or
+``--model``; bfloat16, linear layers packed for oneDNN): decode tokens/s of 64 greedy tokens with
+float weights (``decode``, no weight-only quantisation) or the file's own quantised ones
+(``decode-gguf``, generate's default); and one
 Qwen3-30B-A3B-shaped MoE layer (128 experts, top 8, width 768, packed experts), forward
 tokens/s at 1 and 512 tokens in float32. The snippet finds the modules under either layout
 (``llmarch.inference.packed`` or the older ``llmarch.packed``), so trees from before and after
@@ -35,18 +37,23 @@ def mod(*names):
     raise ImportError(names)
 
 what = sys.argv[1]
+alias = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else None
 out = {}
-if what == "decode":
+if what in ("decode", "decode-gguf"):
     gen = mod("llmarch.inference.generate", "llmarch.generate")
-    try:  # the same float weights on both sides; trees with weight-only quantisation skip it
-        model, tok = gen.load(None, torch.bfloat16, quant="none")
-    except TypeError:
-        model, tok = gen.load(None, torch.bfloat16)
+    if what == "decode-gguf":  # as the file is (generate's --quant auto): the quantised kernels
+        model, tok = gen.load(alias, torch.bfloat16)
+    else:
+        try:  # the same float weights on both sides; trees with weight-only quantisation skip it
+            model, tok = gen.load(alias, torch.bfloat16, quant="none")
+        except TypeError:
+            model, tok = gen.load(alias, torch.bfloat16)
     ids = tok.encode("The history of the printing press begins in the fifteenth century, when")
     cfg = gen.GenerationConfig(max_new_tokens=64, ignore_eos=True)
     gen.generate(model, tok, ids, gen.GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
     res = gen.generate(model, tok, ids, cfg)
-    out = {"decode_tps": res.stats.decode_tps, "prefill_tps": res.stats.prefill_tps}
+    tag = "" if what == "decode" else "_gguf"
+    out = {f"decode{tag}_tps": res.stats.decode_tps, f"prefill{tag}_tps": res.stats.prefill_tps}
 else:
     config = mod("llmarch.model.config", "llmarch.config")
     moe = mod("llmarch.model.moe", "llmarch.moe")
@@ -74,9 +81,9 @@ print(json.dumps(out))
 """
 
 
-def run(src: str, what: str, threads: int) -> dict:
+def run(src: str, what: str, threads: int, model: str | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": src}
-    r = subprocess.run([sys.executable, "-c", SNIPPET, what, str(threads)], capture_output=True, text=True, env=env,
+    r = subprocess.run([sys.executable, "-c", SNIPPET, what, str(threads), model or "-"], capture_output=True, text=True, env=env,
                        timeout=900, check=False)
     if r.returncode:
         raise SystemExit(f"{src}: {r.stderr[-2000:]}")
@@ -89,14 +96,17 @@ def main() -> None:
     p.add_argument("after", help="src folder of the second tree")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--what", nargs="+", default=["decode", "moe"], choices=["decode", "moe"])
+    p.add_argument("--what", nargs="+", default=["decode", "moe"], choices=["decode", "decode-gguf", "moe"],
+                   help="decode: float bfloat16 weights (--quant none); decode-gguf: the GGUF file's own quantised "
+                        "weights (generate's default, --quant auto); moe: one MoE layer")
+    p.add_argument("--model", default=None, help="the decode measures' model alias or path (default: Gemma 3 270M)")
     args = p.parse_args()
     results: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}
     for r in range(args.rounds):
         for what in args.what:
             for name, src in (("before", args.before), ("after", args.after)) if r % 2 == 0 else (
                     ("after", args.after), ("before", args.before)):
-                for k, v in run(src, what, args.threads).items():
+                for k, v in run(src, what, args.threads, args.model).items():
                     results[name].setdefault(k, []).append(v)
         print(f"round {r + 1}/{args.rounds}: " + json.dumps({n: {k: round(v[-1], 1) for k, v in d.items()}
                                                                 for n, d in results.items()}), flush=True)

@@ -127,3 +127,20 @@ def test_interleaved_rope_equals_complex_rotation():
     # the halves layout applied to interleaved weights gives different scores
     halves = apply_rope(q, cos, sin) @ apply_rope(k, cos, sin).transpose(-1, -2)
     assert not torch.allclose(halves, ref_scores, atol=1e-3)
+
+
+def test_inference_rms_normalize_is_f_rms_norm_to_the_bit():
+    """The inference norm's four operations are F.rms_norm's own arithmetic (its CPU composite),
+    so decoding gives the bits training and the parity tests see."""
+    import torch.nn.functional as F
+
+    from llmarch.model.layers import rms_normalize
+
+    g = torch.Generator().manual_seed(0)
+    for shape, scale in [((1, 1, 640), 1.0), ((2, 5, 64), 1e-3), ((3, 4, 1, 256), 300.0), ((7, 96), 1.0)]:
+        x = torch.randn(shape, generator=g) * scale
+        ref = F.rms_norm(x, x.shape[-1:], eps=1e-6)
+        with torch.no_grad():
+            assert torch.equal(rms_normalize(x, 1e-6), ref)
+        with torch.enable_grad():  # the training path is F.rms_norm itself
+            assert torch.equal(rms_normalize(x, 1e-6), ref)

@@ -386,3 +386,82 @@ def test_int8_linear_of_any_width_against_the_dequantised_product(k, monkeypatch
         x = torch.randn(3, k, generator=g)
         ref = x.double() @ w.t() + layer.bias.double()
         assert (layer(x).double() - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
+# ---- fused int8 groups (q/k/v, gate/up) ------------------------------------------------------
+def _qkv_module(k=100, bias=(True, False, True), seed=0):
+    """A module with three int8 layers of one input width (off a multiple of 16: padded)."""
+    g = torch.Generator().manual_seed(seed)
+    m = nn.Module()
+    for name, n, b in zip(("q_proj", "k_proj", "v_proj"), (48, 16, 16), bias):
+        setattr(m, name, Int8Linear.from_float(torch.randn(n, k, generator=g) * 0.1,
+                                               torch.randn(n, generator=g) if b else None))
+    return m
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9])  # the weight-only kernel, and int8 activations from 8 rows on
+def test_fused_int8_layers_equal_the_layers_apart(rows):
+    from llmarch.inference.quant import FusedInt8
+
+    names = ("q_proj", "k_proj", "v_proj")
+    apart = _qkv_module()
+    m = _qkv_module()
+    fused = FusedInt8(m, names)
+    x = torch.randn(2, rows, 100, generator=torch.Generator().manual_seed(rows))
+    expect = torch.cat([getattr(apart, n)(x) for n in names], dim=-1)
+    assert fused.usable(x)
+    assert torch.equal(fused(x), expect)
+    # each layer still runs on its own, on views of the fused buffers (no second copy)
+    for n in names:
+        layer, ref = getattr(m, n), getattr(apart, n)
+        assert torch.equal(layer(x), ref(x))
+        assert layer.weight_int8.untyped_storage().data_ptr() == fused.layer.weight_int8.untyped_storage().data_ptr()
+        assert layer.scales.untyped_storage().data_ptr() == fused.layer.scales.untyped_storage().data_ptr()
+    assert m.k_proj.bias is None and torch.equal(fused.layer.bias[48:64], torch.zeros(16))
+    # a layer replaced, or a buffer converted since: the group is no longer used
+    m.k_proj = _qkv_module(seed=1).k_proj
+    assert not fused.usable(x)
+    m2 = _qkv_module()
+    f2 = FusedInt8(m2, names)
+    m2.to(torch.float32)  # casts the bfloat16 scales: new tensors
+    assert not f2.usable(x)
+
+
+def test_only_int8_layers_of_one_width_fuse():
+    from llmarch.inference.quant import FusedInt8
+
+    m = _qkv_module()
+    assert FusedInt8.fusable([m.q_proj, m.k_proj, m.v_proj])
+    assert not FusedInt8.fusable([m.q_proj])
+    assert not FusedInt8.fusable([m.q_proj, Int4Linear.from_float(torch.randn(64, 128), None, 32)])
+    assert not FusedInt8.fusable([m.q_proj, Int8Linear.from_float(torch.randn(8, 64))])  # another width
+    assert not FusedInt8.fusable([m.q_proj, nn.Linear(100, 8)])
+
+
+def test_packed_int8_model_fuses_and_keeps_its_logits(any_size):
+    """pack_linears fuses an int8 model's q/k/v and gate/up; logits and cached decoding are those
+    of the unfused model; fast_kernels and batch_invariant reach the fused layers, not their members."""
+    from llmarch.inference.packed import _fused, pack_linears
+    from llmarch.inference.quant import FusedInt8, batch_invariant, fast_kernels, int8_layers
+
+    ref = quantize(_model("dense_tied"), "int8")
+    model = pack_linears(quantize(_model("dense_tied"), "int8"), release=True)
+    groups = [f for m in model.modules() for f in _fused(m).values()]
+    assert len(groups) == 2 * len(model.layers) and all(isinstance(f, FusedInt8) for f in groups)
+    assert not any("fused" in k for k in model.state_dict())
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model(ids), ref(ids))
+        cache, ref_cache = model.new_cache(2, 16), ref.new_cache(2, 16)
+        for i in range(4):
+            assert torch.equal(model(ids[:, i : i + 1], cache=cache), ref(ids[:, i : i + 1], cache=ref_cache))
+    layers = int8_layers(model)
+    assert {id(f.layer) for f in groups} <= {id(m) for m in layers}
+    members = {id(getattr(f.module, n)) for f in groups for n in f.names}
+    assert not members & {id(m) for m in layers}
+    fast_kernels(model, background=False)
+    assert all(f.layer.dynamic is not None for f in groups)
+    assert all(getattr(f.module, n).dynamic is None for f in groups for n in f.names)
+    batch_invariant(model)
+    assert all(f.layer.dynamic is None and f.layer.w8a8_min_rows == 1 for f in groups)

@@ -39,8 +39,9 @@ from torch import nn
 
 from ..model.attention import Attention
 from ..model.ffn import GLU
-from ..model.layers import RMSNorm, apply_rope
+from ..model.layers import RMSNorm, apply_rope, rms_normalize
 from ..model.moe import Experts
+from .quant import FusedInt8
 
 PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -182,9 +183,14 @@ def release_parameter(module: nn.Module, name: str) -> None:
 
 def fuse(module: nn.Module, group: str, names: tuple[str, ...]) -> None:
     """Give ``module`` the fused group ``group`` of its layers ``names``, when all are packable
-    float layers (a layer quantised by :mod:`llmarch.inference.quant` runs on its own)."""
-    if all(type(getattr(module, n)) is PackedLinear for n in names):
+    float layers (:class:`FusedLinears`) or all int8 layers of one input width
+    (:class:`~llmarch.inference.quant.FusedInt8`); otherwise (an int4 layer among them, say)
+    each runs on its own."""
+    layers = [getattr(module, n) for n in names]
+    if all(type(m) is PackedLinear for m in layers):
         module.__dict__.setdefault("_fused", {})[group] = FusedLinears(module, names)
+    elif FusedInt8.fusable(layers):
+        module.__dict__.setdefault("_fused", {})[group] = FusedInt8(module, names)
 
 
 def _fused(module: nn.Module) -> dict[str, FusedLinears]:
@@ -202,7 +208,7 @@ def head_norms(qk: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm, n_q: int) -> 
     in one pass: the same numbers as the two norms apart (the norm is per head)."""
     d = qk.shape[-1]
     scale = torch.cat((q_norm.scale().expand(n_q, d), k_norm.scale().expand(qk.shape[1] - n_q, d)))[:, None]
-    return q_norm.rescale(F.rms_norm(qk.float(), (d,), eps=q_norm.eps), qk.dtype, scale)
+    return q_norm.rescale(rms_normalize(qk.float(), q_norm.eps), qk.dtype, scale)
 
 
 def single_query_attention(

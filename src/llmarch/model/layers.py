@@ -21,6 +21,16 @@ def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def rms_normalize(xf: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last axis of float32 x: ``F.rms_norm``'s arithmetic,
+    step for step (so the same bits), in four operations. Outside autograd and compilation,
+    where its CPU composite spends about a third more on its own dispatch (a decoding step runs
+    100+ norms); otherwise ``F.rms_norm`` itself."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return F.rms_norm(xf, xf.shape[-1:], eps=eps)
+    return xf * xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32.
 
@@ -67,7 +77,7 @@ class RMSNorm(nn.Module):
         return h.to(dtype) * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rescale(F.rms_norm(as_dtype(x, torch.float32), x.shape[-1:], eps=self.eps), x.dtype)  # x * rsqrt(mean(x^2) + eps)
+        return self.rescale(rms_normalize(as_dtype(x, torch.float32), self.eps), x.dtype)
 
 
 class L2Norm(nn.Module):
