@@ -3,6 +3,7 @@ float copy on the way or after), a float checkpoint quantises at load, and what 
 refused, before any tensor is read, as one ``llmarch: error:`` line."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,3 +309,42 @@ def test_load_with_the_fast_kernels(mixed_gguf, monkeypatch):
         assert 0 < _rel(b, a) < 2e-2
         long = torch.tensor([[3, 17, 42, 5, 9, 11, 2, 7, 1]])
         assert torch.equal(plain(long), fast(long))  # a prefill of W8A8_MIN_ROWS rows or more: the same path
+
+
+def _resident_kib(t: torch.Tensor) -> int:
+    """This process's resident KiB of the mapping that holds t (its Rss in /proc/self/smaps)."""
+    inside, addr = False, t.data_ptr()
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:  # a mapping's first line: start-end perms ...
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise AssertionError("no mapping holds the tensor")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs procfs and madvise (Linux)")
+def test_fusing_int8_layers_releases_the_entry_pages_it_copied(derived_cache, monkeypatch):
+    """Fused q/k/v (or gate/up) are a copy of int8 weights that a DerivedTensors entry serves as
+    views of its mapping: the pages read to make the copy are dropped (their bytes read back the
+    same), while a tensor in the process's own memory is never touched."""
+    from llmarch.checkpoints.assets import cache_dir
+    from llmarch.checkpoints.cache import DerivedTensors, release_mapped_pages
+
+    big = torch.randint(-127, 128, (256, 4096), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    entry = cache_dir() / "derived" / "source-key.safetensors"
+    store = DerivedTensors(entry, "source")
+    store.get("w", lambda: (big,))  # 1 MiB: whole pages inside
+    store.save()
+    (mapped,) = DerivedTensors(entry, "source").get("w", lambda: pytest.fail("not served from the entry"))
+    assert torch.equal(mapped, big)  # reads every page in
+    before = _resident_kib(mapped)
+    assert before >= 1000
+    released = release_mapped_pages([mapped])
+    assert released >= (1 << 20) - 2 * 4096
+    assert _resident_kib(mapped) <= before - released // 1024
+    assert torch.equal(mapped, big)  # faulted back in, unchanged
+    assert _resident_kib(mapped) >= before - 8
+    own = big.clone()
+    assert release_mapped_pages([own]) == 0 and torch.equal(own, big)

@@ -274,3 +274,53 @@ class DerivedTensors:
                     old.unlink(missing_ok=True)
         except Exception:  # noqa: BLE001 -- a full disk, a read-only directory: no caching this time
             pass
+
+
+def _entry_maps() -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of :class:`DerivedTensors` entries
+    (``/proc/self/maps``); empty where procfs is missing."""
+    root = str(cache_dir() / "derived") + "/"
+    spans = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                fields = line.split(maxsplit=5)  # address, perms, offset, device, inode, path
+                if len(fields) == 6 and fields[5].startswith(root):
+                    lo, hi = fields[0].split("-")
+                    spans.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return spans
+
+
+def release_mapped_pages(tensors: list[torch.Tensor]) -> int:
+    """Drop this process's resident pages of the tensors that are views of a memory-mapped
+    :class:`DerivedTensors` entry: ``madvise(MADV_DONTNEED)`` on the whole pages inside each
+    one's bytes. For tensors whose bytes were just copied elsewhere (the fused int8 layers of
+    ``llmarch.inference.quant.FusedInt8``): without it the copy and the pages read to make it
+    both count in the process's memory. Nothing is lost: the entry's pages are never written
+    (safetensors maps it copy-on-write; weights are not modified in place), so a later read
+    of such a page faults it back in, unchanged, from the file; pages shared with a neighbouring
+    tensor are kept. Tensors in any other memory are left alone (there the call would zero
+    them). Returns the bytes released; 0 where the platform lacks ``madvise`` or procfs."""
+    import ctypes
+    import mmap
+
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    spans = _entry_maps() if advice is not None else []
+    if not spans:
+        return 0
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page = mmap.PAGESIZE
+    released = 0
+    for t in tensors:
+        start = t.data_ptr()
+        lo, hi = -(-start // page) * page, (start + t.numel() * t.element_size()) // page * page
+        if hi > lo and t.device.type == "cpu" and any(s <= lo and hi <= e for s, e in spans):
+            if madvise(lo, hi - lo, advice) == 0:
+                released += hi - lo
+    return released

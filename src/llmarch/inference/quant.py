@@ -69,6 +69,7 @@ from concurrent.futures import Future
 import torch
 from torch import nn
 
+from ..checkpoints.cache import release_mapped_pages
 from ..errors import ConfigError
 from ..model.layers import as_dtype as _as
 from ..model.moe import Experts
@@ -312,6 +313,7 @@ class FusedInt8:
             torch.cat([m.weight_int8[:, : m.in_features] for m in layers]), torch.cat([m.scales for m in layers]), bias
         )
         fused.w8a8_min_rows = layers[0].w8a8_min_rows
+        sources = [t for m in layers for t in (m.weight_int8, m.scales, m.bias) if t is not None]
         start = 0
         for m in layers:
             end = start + m.out_features
@@ -320,6 +322,9 @@ class FusedInt8:
                 m.bias = fused.bias[start:end]
             start = end
         self._parts = [(m, m.weight_int8, m.scales, m.bias) for m in layers]
+        # the layers' old buffers are mapped from a DerivedTensors entry when it served them:
+        # their pages, read to make the copy, need not stay in this process's memory
+        release_mapped_pages(sources)
 
     @staticmethod
     def fusable(layers: list[nn.Module]) -> bool:
