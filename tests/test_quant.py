@@ -465,3 +465,35 @@ def test_packed_int8_model_fuses_and_keeps_its_logits(any_size):
     assert all(getattr(f.module, n).dynamic is None for f in groups for n in f.names)
     batch_invariant(model)
     assert all(f.layer.dynamic is None and f.layer.w8a8_min_rows == 1 for f in groups)
+
+
+def test_fused_int8_view_of_back_to_back_weights_in_another_order():
+    """Weights that lie back to back in memory (here v, q, k) are fused as a view, not copied; the
+    outputs come back in the group's order, and the view outlives the caller's buffer."""
+    import gc
+
+    from llmarch.inference.quant import FusedInt8
+
+    g = torch.Generator().manual_seed(5)
+    block = torch.randint(-127, 128, (80, 96), dtype=torch.int8, generator=g)
+    m, apart = nn.Module(), nn.Module()
+    for name, (a, b) in {"q_proj": (16, 64), "k_proj": (64, 80), "v_proj": (0, 16)}.items():
+        scales = torch.rand(b - a, generator=g) + 0.5
+        setattr(m, name, Int8Linear(block[a:b], scales))
+        setattr(apart, name, Int8Linear(block[a:b].clone(), scales))
+    fused = FusedInt8(m, ("q_proj", "k_proj", "v_proj"))
+    assert fused.order == [2, 0, 1] and fused.layer.weight_int8.data_ptr() == block.data_ptr()
+    del block
+    gc.collect()
+    for rows in (1, 9):
+        x = torch.randn(rows, 96, generator=g)
+        expect = torch.cat([apart.q_proj(x), apart.k_proj(x), apart.v_proj(x)], dim=-1)
+        assert torch.equal(fused(x), expect)
+    # not back to back (a gap), or of another width: copied as before
+    from llmarch.inference.quant import adjacent_order
+
+    gap = torch.zeros(100, 96, dtype=torch.int8)
+
+    assert adjacent_order([gap[0:16], gap[20:40]]) is None
+    assert adjacent_order([gap[16:40], gap[0:16]]) == [1, 0]
+    assert adjacent_order([gap[0:16], gap[16:40, :48]]) is None

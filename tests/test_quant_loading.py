@@ -348,3 +348,31 @@ def test_fusing_int8_layers_releases_the_entry_pages_it_copied(derived_cache, mo
     assert _resident_kib(mapped) >= before - 8
     own = big.clone()
     assert release_mapped_pages([own]) == 0 and torch.equal(own, big)
+
+
+def test_fused_int8_layers_read_a_mapped_entry_in_place(derived_cache, tmp_path):
+    """Served from a DerivedTensors entry, a layer's int8 q/k/v (and gate/up) lie back to back in
+    the mapping (in the order of their names): the fused product reads them there (no copy, no
+    page read at load), its outputs put back in q, k, v order; the logits equal those of the
+    first load, whose freshly computed weights were copied into one buffer."""
+    from llmarch.inference.packed import _fused
+
+    # int8 q, k, v, gate, up (Q8_0); the output projection int4 (Q4_0), as Gemma 3's file has it:
+    # an int8 o_proj would lie between k and q in the entry, and q/k/v would be copied
+    path = _write_llama_gguf(tmp_path / "q8.gguf", {"blk.0.attn_output.weight": QT.Q4_0})
+    first = load_model(open_checkpoint(path))
+    second = load_model(open_checkpoint(path))
+    copied = {g: f for m in first.modules() for g, f in _fused(m).items()}
+    viewed = {g: f for m in second.modules() for g, f in _fused(m).items()}
+    assert set(copied) == set(viewed) == {"qkv", "gate_up"}
+    assert not any(f.layer.keep_alive for f in copied.values())
+    assert all(f.layer.keep_alive for f in viewed.values())
+    assert viewed["qkv"].order == [1, 0, 2] and viewed["gate_up"].order is None  # k, q, v in the entry
+    for f in viewed.values():
+        assert f.layer.weight_int8.data_ptr() == min(getattr(f.module, n).weight_int8.data_ptr() for n in f.names)
+    assert torch.equal(_logits(first), _logits(second))
+    # with the output projection int8 too, it lies between k and q: q, k, v are copied, gate/up not
+    other = _write_llama_gguf(tmp_path / "all8.gguf", {})
+    load_model(open_checkpoint(other))
+    groups = {g: f for m in load_model(open_checkpoint(other)).modules() for g, f in _fused(m).items()}
+    assert not groups["qkv"].layer.keep_alive and groups["gate_up"].layer.keep_alive

@@ -270,6 +270,8 @@ class Int8Linear(nn.Module):
 
     #: fbgemm's packed copy for products of few rows, or the Future of one being packed (:func:`fast_kernels`)
     dynamic = None
+    #: tensors owning the memory a weight viewed in place reads (see :class:`FusedInt8`)
+    keep_alive: list = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -294,37 +296,53 @@ class FusedInt8:
     ones (measured one row, 2 threads: Gemma 3 270M's q, k, v 31 + 16 + 16 us, fused 43; Qwen2.5's
     gate and up 2 x 151, fused 280) and saves each call's dozen small operations.
 
-    Holds nothing twice: the fused layer owns the concatenated buffers and each layer's weight,
-    scales and bias become views of them, so the layers still run on their own (and ``state_dict``
-    is unchanged). Not an ``nn.Module``: stored beside the module (see
-    ``llmarch.inference.packed.fuse``); when a layer or one of its buffers was replaced since
-    (``.to()``, a new layer), :meth:`usable` says no and the module runs its layers apart."""
+    Holds no weight twice. Where the layers' int8 weights already lie back to back in memory
+    (a :class:`~llmarch.checkpoints.cache.DerivedTensors` entry stores a layer's matrices side by
+    side, in the order of their names: k, q, v; gate, up), the fused weight is a view over them
+    (nothing copied or read at load; the rows in that memory order, the outputs put back in the
+    group's order); otherwise the weights are copied into one buffer, each layer's weight, scales
+    and bias become views of it, and the pages of the old buffers that a mapped entry served are
+    released (:func:`~llmarch.checkpoints.cache.release_mapped_pages`). Either way the layers still
+    run on their own (and ``state_dict`` is unchanged). Not an ``nn.Module``: stored beside the
+    module (see ``llmarch.inference.packed.fuse``); when a layer or one of its buffers was
+    replaced since (``.to()``, a new layer), :meth:`usable` says no and the module runs its
+    layers apart."""
 
     def __init__(self, module: nn.Module, names: tuple[str, ...]):
         self.module = module
         self.names = names
         layers = [getattr(module, n) for n in names]
-        biases = [m.bias for m in layers]
+        order = adjacent_order([m.weight_int8 for m in layers]) if not layers[0].pad else None
+        self.order = None if order is None or order == list(range(len(layers))) else order
+        members = [layers[i] for i in order] if order is not None else layers
+        biases = [m.bias for m in members]
         bias = None
         if any(b is not None for b in biases):  # zeros for a layer without: adding 0 changes nothing
             dtype = next(b.dtype for b in biases if b is not None)
-            bias = torch.cat([b if b is not None else torch.zeros(m.out_features, dtype=dtype) for m, b in zip(layers, biases)])
-        self.layer = fused = Int8Linear(
-            torch.cat([m.weight_int8[:, : m.in_features] for m in layers]), torch.cat([m.scales for m in layers]), bias
-        )
+            bias = torch.cat([b if b is not None else torch.zeros(m.out_features, dtype=dtype) for m, b in zip(members, biases)])
+        scales = torch.cat([m.scales for m in members])
+        if order is not None:  # a view of the weights where they lie
+            rows = sum(m.out_features for m in members)
+            self.layer = fused = Int8Linear(_span(members[0].weight_int8, rows), scales, bias)
+            fused.keep_alive = [m.weight_int8 for m in members]  # the memory the view reads
+            # where each layer's outputs sit in the fused output (memory order), in the group's order
+            starts = torch.tensor([0] + [m.out_features for m in members]).cumsum(0).tolist()
+            self._slices = [(starts[order.index(i)], starts[order.index(i) + 1]) for i in range(len(layers))]
+        else:
+            self.layer = fused = Int8Linear(torch.cat([m.weight_int8[:, : m.in_features] for m in layers]), scales, bias)
+            sources = [t for m in layers for t in (m.weight_int8, m.scales, m.bias) if t is not None]
+            start = 0
+            for m in layers:
+                end = start + m.out_features
+                m.weight_int8, m.scales = fused.weight_int8[start:end], fused.scales[start:end]
+                if m.bias is not None:
+                    m.bias = fused.bias[start:end]
+                start = end
+            # the layers' old buffers are mapped from a DerivedTensors entry when it served them:
+            # their pages, read to make the copy, need not stay in this process's memory
+            release_mapped_pages(sources)
         fused.w8a8_min_rows = layers[0].w8a8_min_rows
-        sources = [t for m in layers for t in (m.weight_int8, m.scales, m.bias) if t is not None]
-        start = 0
-        for m in layers:
-            end = start + m.out_features
-            m.weight_int8, m.scales = fused.weight_int8[start:end], fused.scales[start:end]
-            if m.bias is not None:
-                m.bias = fused.bias[start:end]
-            start = end
         self._parts = [(m, m.weight_int8, m.scales, m.bias) for m in layers]
-        # the layers' old buffers are mapped from a DerivedTensors entry when it served them:
-        # their pages, read to make the copy, need not stay in this process's memory
-        release_mapped_pages(sources)
 
     @staticmethod
     def fusable(layers: list[nn.Module]) -> bool:
@@ -345,14 +363,45 @@ class FusedInt8:
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """All the layers' outputs side by side (..., sum of out_features)."""
-        return self.layer(x)
+        """All the layers' outputs side by side (..., sum of out_features), in the group's order."""
+        y = self.layer(x)
+        if self.order is None:
+            return y
+        return torch.cat([y[..., a:b] for a, b in self._slices], dim=-1)
 
     def pack_now(self) -> None:  # the interface of packed.FusedLinears: nothing to pack
         pass
 
     def sources_released(self) -> None:
         pass
+
+
+def adjacent_order(weights: list[torch.Tensor]) -> list[int] | None:
+    """The order (indices into ``weights``) in which these contiguous CPU matrices of one width
+    and dtype lie back to back in memory, each starting where the one before ends; None if they
+    do not."""
+    if any(not w.is_contiguous() or w.device.type != "cpu" or w.dtype != weights[0].dtype
+           or w.shape[1:] != weights[0].shape[1:] for w in weights):
+        return None
+    order = sorted(range(len(weights)), key=lambda i: weights[i].data_ptr())
+    for a, b in zip(order, order[1:]):
+        wa = weights[a]
+        if wa.data_ptr() + wa.numel() * wa.element_size() != weights[b].data_ptr():
+            return None
+    return order
+
+
+def _span(first: torch.Tensor, rows: int) -> torch.Tensor:
+    """A (rows, width) tensor over the memory that starts at ``first`` and runs on past it
+    (matrices that :func:`adjacent_order` found back to back). The caller keeps the tensors
+    that own that memory alive for as long as the view is used."""
+    import ctypes
+
+    width = first.shape[1]
+    raw = (ctypes.c_byte * (rows * width * first.element_size())).from_address(first.data_ptr())
+    with warnings.catch_warnings():  # the memory is writable; torch warns for read-only buffers only
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(raw, dtype=first.dtype).view(rows, width)
 
 
 def int8_layers(model: nn.Module) -> list[Int8Linear]:
