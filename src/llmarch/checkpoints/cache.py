@@ -279,7 +279,10 @@ class DerivedTensors:
 def _entry_maps() -> list[tuple[int, int]]:
     """(start, end) of this process's mappings of :class:`DerivedTensors` entries
     (``/proc/self/maps``); empty where procfs is missing."""
-    root = str(cache_dir() / "derived") + "/"
+    try:
+        root = str((cache_dir() / "derived").resolve()) + "/"  # the maps name files by their real path
+    except OSError:
+        return []
     spans = []
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:

@@ -44,6 +44,10 @@ Packing costs fbgemm 2.2 s for Gemma's head and 3.6 s for Qwen2.5-0.5B's 62 larg
 second thread (``chat`` packs while the user types), and the packed layers' int8 bytes once
 more in memory (168 and 534 MB).
 
+:class:`FusedInt8`: int8 layers that read the same input (q, k and v; gate and up) computed as
+one product, set up by ``llmarch.inference.packed.pack_linears`` (read in place where the
+weights lie back to back, as a derived-weights entry stores them).
+
 :class:`QuantEmbedding` keeps the token table quantised (one of the layers above, read as a
 ``hidden -> vocab`` linear), gathers only the looked-up rows and dequantises them; a tied
 output head (:class:`QuantHead`) multiplies by the same table, held once.

@@ -23,7 +23,7 @@ def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def rms_normalize(xf: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) over the last axis of float32 x: ``F.rms_norm``'s arithmetic,
-    step for step (so the same bits), in four operations. Outside autograd and compilation,
+    step for step (so the same bits), in five operations. Outside autograd and compilation,
     where its CPU composite spends about a third more on its own dispatch (a decoding step runs
     100+ norms); otherwise ``F.rms_norm`` itself."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
