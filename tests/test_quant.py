@@ -2,6 +2,8 @@
 against the float product within the error its format allows, GGUF blocks against gguf's own
 dequantisation, and whole quantised models against their float originals."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -305,8 +307,11 @@ def test_fast_kernels_few_rows_within_the_two_level_code_bound(tied, any_size):
     plain = table(x).double().reshape(1, -1)
     fast_kernels(model)  # packed on a second thread
     assert isinstance(table.dynamic, Future)
+    early = model.lm_head(x)  # packed or not yet: never waits, the same bits either way
+    table.dynamic.result()
     y = model.lm_head(x).double().reshape(1, -1)
     assert not isinstance(table.dynamic, Future) and table.dynamic is not None
+    assert torch.equal(early.double().reshape(1, -1), y)
     # two levels of 7-bit codes: s1 = max|x| / 63, the rest within s1 / 2, s2 = max|rest| / 63, so
     # each activation is off by at most s2 / 2 <= s1 / 252; the int32 sums are exact
     step = x.abs().max().item() / 63 / 252
@@ -497,3 +502,32 @@ def test_fused_int8_view_of_back_to_back_weights_in_another_order():
     assert adjacent_order([gap[0:16], gap[20:40]]) is None
     assert adjacent_order([gap[16:40], gap[0:16]]) == [1, 0]
     assert adjacent_order([gap[0:16], gap[16:40, :48]]) is None
+
+
+@pytest.mark.parametrize("k, rows", [(96, 1), (100, 3), (640, 1), (2048, 7)])
+def test_products_while_packing_are_the_packed_products_to_the_bit(k, rows, any_size):
+    """Until a layer's fbgemm copy is packed, its few-row products go through torch._int_mm on the
+    same codes: no wait (a packing that never ends does not block), and the very bits the packed
+    copy gives afterwards."""
+    from concurrent.futures import Future
+
+    from llmarch.inference.quant import _pack_dynamic, int_mm_codes, packed_mm
+
+    g = torch.Generator().manual_seed(k)
+    layer = Int8Linear.from_float(torch.randn(300, k, generator=g) * 0.05, torch.randn(300, generator=g))
+    pending = Future()
+    layer.dynamic = pending  # as fast_kernels leaves it while its thread packs
+    x = torch.randn(2, rows, k, generator=g).bfloat16()[:1]
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(layer(x)), daemon=True)
+    worker.start()
+    worker.join(60)  # a product that waited for the packing would never return
+    assert done, "the product waited for a packing that had not finished"
+    before = done[0]
+    assert layer.dynamic is pending
+    pending.set_result(_pack_dynamic(layer.weight_int8, layer.scales))
+    after = layer(x)
+    assert layer.dynamic is not pending
+    assert torch.equal(before, after)
+    x2 = torch.nn.functional.pad(x.reshape(-1, k), (0, layer.pad))
+    assert torch.equal(int_mm_codes(x2, layer.weight_int8, layer.scales), packed_mm(x2, layer.dynamic))

@@ -301,7 +301,7 @@ def test_load_with_the_fast_kernels(mixed_gguf, monkeypatch):
     fast = load_model(open_checkpoint(mixed_gguf), fast=True)
     table = fast.lm_head.embedding.table  # the tied Q8_0 table, int8
     assert table.dynamic is not None and plain.lm_head.embedding.table.dynamic is None
-    packed = [m for m in fast.modules() if isinstance(m, quant.Int8Linear)]
+    packed = quant.int8_layers(fast)  # the fused groups' layers in place of their members
     assert len(packed) > 1 and all(m.dynamic is not None for m in packed)  # every int8 layer, not only the head
     ids = torch.tensor([[3, 17, 42, 5]])
     with torch.no_grad():

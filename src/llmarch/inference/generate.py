@@ -557,8 +557,8 @@ def load(
     train or export. ``fast`` (with ``pack``): the large int8 layers get a second copy packed for
     fbgemm's int8 kernel, used for products of a few rows (decoding), about 1.2-1.3x faster
     decoding once packed; packing takes 2.2 s for Gemma 3 270M, 3.6 s for Qwen2.5-0.5B (on a second thread, while
-    the tokenizer is read and the prompt prefilled; the first product of few rows waits for
-    it): see :func:`llmarch.inference.quant.fast_kernels`. A server's batch-invariant model and
+    the tokenizer is read and the prompt prefilled; until then the same products, to the bit,
+    run unpacked): see :func:`llmarch.inference.quant.fast_kernels`. A server's batch-invariant model and
     a perplexity's many-row products do not use it."""
     from ..checkpoints.assets import resolve_model
     from ..checkpoints.formats import GGUFCheckpoint, open_checkpoint

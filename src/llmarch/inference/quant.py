@@ -175,6 +175,18 @@ def packed_mm(x: torch.Tensor, packed) -> torch.Tensor:
     return acc[:m].mul_(s1).add_(acc[m:].mul_(s2))
 
 
+def int_mm_codes(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """What :func:`packed_mm` computes, without the packed copy: the same two-level codes of x
+    (m, k) through ``torch._int_mm`` against the plain int8 weight (n, k), the same exact int32
+    sums, scaled in the same order: the same float32 (m, n), to the bit (tested). Slower for the
+    head (it reads the weight as ``_int_mm`` lays it out); for the products a layer computes
+    while its packed copy is still being made (see :func:`fast_kernels`)."""
+    codes, s1, s2 = two_level_codes(x, CODE_MAX)
+    m = x.shape[0]
+    acc = torch._int_mm(codes.to(torch.int8), weight_int8.t()).float().mul_(scales.float())
+    return acc[:m].mul_(s1).add_(acc[m:].mul_(s2))
+
+
 def fast_kernels(model: nn.Module, background: bool = True) -> nn.Module:
     """Give every int8 layer of ``model`` with at least ``FAST_MIN_WEIGHTS`` weights (the output
     head's table, the larger MLP matrices) fbgemm's packed copy for products of fewer than
@@ -185,8 +197,9 @@ def fast_kernels(model: nn.Module, background: bool = True) -> nn.Module:
     Packing takes fbgemm 2.2 s for Gemma 3 270M (its head only: 168M weights) and 3.6 s for
     Qwen2.5-0.5B (62 layers, 534M weights; as much memory again), on one core without the GIL: with
     ``background`` it runs on a second thread while the caller goes on (reading the tokenizer,
-    the prefill, the user typing), and each layer's first packed product waits for it, so that
-    every token of a generation comes from the same kernels whatever the timing."""
+    the prefill, the user typing); until a layer's copy is ready its products of few rows go
+    through :func:`int_mm_codes`, which gives the packed product's very bits, so no token waits
+    for the packing and none depends on its timing."""
     layers = [m for m in int8_layers(model) if m.weight_int8.device.type == "cpu" and m.weight_int8.numel() >= FAST_MIN_WEIGHTS]
     if not layers or not dynamic_available():
         return model
@@ -284,7 +297,9 @@ class Int8Linear(nn.Module):
         if x2.shape[0] >= self.w8a8_min_rows and x2.device.type == "cpu":
             return _linear_out(self, x, w8a8_mm(x2, self.weight_int8, self.scales))
         if self.dynamic is not None and x2.device.type == "cpu":
-            if isinstance(self.dynamic, Future):  # waited for, so a result never depends on timing
+            if isinstance(self.dynamic, Future):
+                if not self.dynamic.done():  # still being packed: the same bits without the packed copy
+                    return _linear_out(self, x, int_mm_codes(x2, self.weight_int8, self.scales))
                 self.dynamic = self.dynamic.result()
             return _linear_out(self, x, packed_mm(x2, self.dynamic))
         y = torch.ops.aten._weight_int8pack_mm(_as(x2, KERNEL_DTYPE), self.weight_int8, _as(self.scales, KERNEL_DTYPE))
