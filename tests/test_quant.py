@@ -306,9 +306,10 @@ def test_fast_kernels_few_rows_within_the_two_level_code_bound(tied, any_size):
     ref = x.double().reshape(1, -1) @ w.t()
     plain = table(x).double().reshape(1, -1)
     fast_kernels(model)  # packed on a second thread
-    assert isinstance(table.dynamic, Future)
+    pending = table.dynamic
+    assert isinstance(pending, Future)
     early = model.lm_head(x)  # packed or not yet: never waits, the same bits either way
-    table.dynamic.result()
+    pending.result()  # the packing done
     y = model.lm_head(x).double().reshape(1, -1)
     assert not isinstance(table.dynamic, Future) and table.dynamic is not None
     assert torch.equal(early.double().reshape(1, -1), y)
