@@ -65,6 +65,7 @@ match (:mod:`llmarch.inference.gguf_quant`).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 import warnings
@@ -166,13 +167,21 @@ CODE_MAX = 63
 FAST_MIN_WEIGHTS = 1 << 22
 
 
+def _two_level_product(x: torch.Tensor, product) -> torch.Tensor:
+    """x (m, k) as two levels of 7-bit codes (2m, k), ``product`` of the codes (float32 (2m, n):
+    the exact int32 sums times the weight's per-row scales), and the two levels' rows combined:
+    float32 (m, n). The one arithmetic of :func:`packed_mm` and :func:`int_mm_codes`."""
+    codes, s1, s2 = two_level_codes(x, CODE_MAX)
+    acc = product(codes)
+    m = x.shape[0]
+    return acc[:m].mul_(s1).add_(acc[m:].mul_(s2))
+
+
 def packed_mm(x: torch.Tensor, packed) -> torch.Tensor:
     """x (m, k) times an fbgemm-packed int8 weight (n, k) with per-row scales: float32 (m, n),
     on two-level 7-bit codes of x with exact int32 sums (see the module docstring)."""
-    codes, s1, s2 = two_level_codes(x, CODE_MAX)
-    acc = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(codes, 1.0, CODE_MAX + 1, packed)
-    m = x.shape[0]
-    return acc[:m].mul_(s1).add_(acc[m:].mul_(s2))
+    op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+    return _two_level_product(x, lambda codes: op(codes, 1.0, CODE_MAX + 1, packed))
 
 
 def int_mm_codes(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -181,10 +190,8 @@ def int_mm_codes(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tenso
     sums, scaled in the same order: the same float32 (m, n), to the bit (tested). Slower for the
     head (it reads the weight as ``_int_mm`` lays it out); for the products a layer computes
     while its packed copy is still being made (see :func:`fast_kernels`)."""
-    codes, s1, s2 = two_level_codes(x, CODE_MAX)
-    m = x.shape[0]
-    acc = torch._int_mm(codes.to(torch.int8), weight_int8.t()).float().mul_(scales.float())
-    return acc[:m].mul_(s1).add_(acc[m:].mul_(s2))
+    return _two_level_product(
+        x, lambda codes: torch._int_mm(codes.to(torch.int8), weight_int8.t()).float().mul_(scales.float()))
 
 
 def fast_kernels(model: nn.Module, background: bool = True) -> nn.Module:
@@ -345,7 +352,7 @@ class FusedInt8:
             self.layer = fused = Int8Linear(_span(members[0].weight_int8, rows), scales, bias)
             fused.keep_alive = [m.weight_int8 for m in members]  # the memory the view reads
             # where each layer's outputs sit in the fused output (memory order), in the group's order
-            starts = torch.tensor([0] + [m.out_features for m in members]).cumsum(0).tolist()
+            starts = list(itertools.accumulate((m.out_features for m in members), initial=0))
             self._slices = [(starts[order.index(i)], starts[order.index(i) + 1]) for i in range(len(layers))]
         else:
             self.layer = fused = Int8Linear(torch.cat([m.weight_int8[:, : m.in_features] for m in layers]), scales, bias)

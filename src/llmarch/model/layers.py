@@ -88,7 +88,7 @@ class L2Norm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x)
+        return rms_normalize(x.float(), self.eps).type_as(x)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:

@@ -807,6 +807,9 @@ def run_spec(path: str | Path, out: str | None = None, only: list[str] | None = 
 #: what results.json records about the invocation that trained the runs, kept by :func:`report_spec`
 TRAINING_PROVENANCE = ("command", "commit", "date", "machine", "launcher", "nproc", "jobs", "runs_trained_here",
                        "runs_total", "wall_time_s")
+#: the type each of those holds as an ablation writes it (str where not listed)
+_PROVENANCE_TYPES = {"machine": dict, "nproc": int, "jobs": int, "runs_trained_here": int, "runs_total": int,
+                     "wall_time_s": (int, float)}
 
 
 def _previous_provenance(out_dir: Path) -> dict[str, Any]:
@@ -823,8 +826,7 @@ def _previous_provenance(out_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} holds a JSON {type(prev).__name__}, not an object; rebuild it with --resume")
     kept = {k: prev[k] for k in TRAINING_PROVENANCE if k in prev}
     for k, v in kept.items():  # the tables format these: a wrong type is refused here, not a crash there
-        want = {"machine": dict, "nproc": int, "jobs": int, "runs_trained_here": int, "runs_total": int,
-                "wall_time_s": (int, float)}.get(k, str)
+        want = _PROVENANCE_TYPES.get(k, str)
         if not isinstance(v, want) or isinstance(v, bool) or (want is dict and not all(isinstance(x, (str, int, type(None))) for x in v.values())):
             raise ConfigError(f"{path}: {k!r} is {v!r}, not what an ablation writes there; rebuild it with --resume")
     return kept
