@@ -36,6 +36,7 @@ import torch
 from llmarch.checkpoints.assets import resolve_model
 from llmarch.checkpoints.formats import open_checkpoint
 from llmarch.checkpoints.tokenizer import Tokenizer
+from llmarch.inference import native
 from llmarch.inference.generate import GenerationConfig, generate, load_model
 
 PROMPT = (
@@ -60,6 +61,11 @@ class Run:
 def run_llmarch(model, ids: list[int], new_tokens: int) -> Run:
     res = generate(model, None, ids, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
     return Run(res.stats.prefill_tps, res.stats.decode_tps, res.token_ids[0])
+
+
+def run_llmarch_torch_kernels(model, ids: list[int], new_tokens: int) -> Run:
+    with native.disabled():
+        return run_llmarch(model, ids, new_tokens)
 
 
 class _Clock:
@@ -138,8 +144,10 @@ def load_all(alias: str, dtype: torch.dtype, threads: int, llama_bench: Path | N
 
     path = resolve_model(alias)
     runners = {"llmarch": (run_llmarch, load_model(open_checkpoint(path), dtype))}  # as load() does: CLI's --quant auto
-    # generate --fast-kernels (and chat): the int8 layers' fbgemm kernels; packed before the rounds
-    runners["llmarch --fast-kernels"] = (run_llmarch, load_model(open_checkpoint(path), dtype, fast=True))
+    if native.library() is not None:  # the same model on torch's int8 kernel, for the native kernels' share
+        runners["llmarch torch-int8"] = (run_llmarch_torch_kernels, runners["llmarch"][1])
+    else:  # where they are not built: generate --fast-kernels (and chat), fbgemm's; packed before the rounds
+        runners["llmarch --fast-kernels"] = (run_llmarch, load_model(open_checkpoint(path), dtype, fast=True))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     runners["transformers"] = (run_transformers, hf.eval())
     try:

@@ -2,9 +2,11 @@
 
 ``llmarch perplexity`` scores windows in one forward each (many rows per product), so it never
 runs the one-row kernels that decoding uses: the weight-only int8/int4 kernels and the int8
-layers' fbgemm kernels (``generate --fast-kernels``, ``chat``). This script feeds a text one
-token at a time, as decoding does, and scores each next token, for the same GGUF file loaded as
-float32 (``--quant none``), as the file is (``--quant auto``, bfloat16) and with the fast kernels.
+layers' native kernel (llmarch.inference.native) or torch's, and fbgemm's (``--fast-kernels``,
+where the native kernels are not built). This script feeds a text one token at a time, as
+decoding does, and scores each next token, for the same GGUF file loaded as float32 (``--quant
+none``), as the file is (``--quant auto``, bfloat16; the native int8 kernel), and as the file is
+on torch's int8 kernels, without and with the fast kernels.
 
     PYTHONPATH=src python benchmarks/decode_quality.py                 # both packaged models, 400 tokens
     PYTHONPATH=src python benchmarks/decode_quality.py --tokens 1000 --models gemma-3-270m
@@ -13,6 +15,7 @@ float32 (``--quant none``), as the file is (``--quant auto``, bfloat16) and with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import math
 import time
@@ -23,6 +26,7 @@ import torch
 from llmarch.checkpoints.assets import resolve_model
 from llmarch.checkpoints.formats import open_checkpoint
 from llmarch.checkpoints.tokenizer import Tokenizer
+from llmarch.inference import native
 from llmarch.inference.generate import load_model
 
 
@@ -50,18 +54,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with resources.files("llmarch.data").joinpath("shakespeare.txt.gz").open("rb") as fh:
         text = gzip.decompress(fh.read()).decode("utf-8")[args.start : args.start + 40 * args.tokens]
-    variants = [("float32 (--quant none)", "none", torch.float32, False),
-                ("as the file (--quant auto)", "auto", torch.bfloat16, False),
-                ("auto + fast kernels", "auto", torch.bfloat16, True)]
+    variants = [("float32 (--quant none)", "none", torch.float32, False, True),
+                ("as the file (--quant auto)", "auto", torch.bfloat16, False, True),
+                ("auto, torch's int8 kernel", "auto", torch.bfloat16, False, False),
+                ("auto, torch's + fast kernels", "auto", torch.bfloat16, True, False)]
+    print(f"int8 kernels: {native.status()}")
     print(f"teacher-forced decoding, {args.tokens} tokens of Shakespeare from character {args.start}, "
           f"{args.threads} thread(s)")
     for alias in args.models:
         path = resolve_model(alias)
         ids = Tokenizer.from_gguf(path).encode(text)[: args.tokens]
         base = None
-        for label, quant, dtype, head in variants:
-            model = load_model(open_checkpoint(path), dtype, quant=quant, fast=head)
-            ppl, ms = decode_perplexity(model, ids, dtype)
+        for label, quant, dtype, head, own in variants:
+            with contextlib.nullcontext() if own else native.disabled():
+                model = load_model(open_checkpoint(path), dtype, quant=quant, fast=head)
+                ppl, ms = decode_perplexity(model, ids, dtype)
             base = base or ppl
             print(f"{alias:<20} {label:<28} perplexity {ppl:8.3f} ({(ppl / base - 1) * 100:+.2f}% vs float32)  "
                   f"{ms:6.1f} ms/token", flush=True)

@@ -89,3 +89,20 @@ def token_data(tmp_path_factory):
 
     return get
 
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """Int8 layers on torch's kernels only: llmarch's native kernels reported unavailable."""
+    from llmarch.inference import native
+
+    monkeypatch.setattr(native, "library", lambda: None)
+
+
+@pytest.fixture
+def native_kernels():
+    """llmarch's native kernels, built (skips where this machine cannot compile them)."""
+    from llmarch.inference import native
+
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.status()}")

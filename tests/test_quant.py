@@ -106,17 +106,19 @@ def test_int8_with_many_rows_multiplies_int8_activations_within_their_error(rows
     assert (one - x[0].double()).abs().max() > 100 * dx[0, 0]
 
 
-@pytest.mark.parametrize("mode, group", CASES)
-def test_embedding_rows_are_the_kernel_weights(mode, group):
+@pytest.mark.parametrize("mode, group, kernel", [(m, g, "torch") for m, g in CASES] + [("int8", 32, "native")])
+def test_embedding_rows_are_the_kernel_weights(mode, group, kernel, request):
     """The rows a lookup dequantises are exactly the matrix the kernel multiplies (read off the
     kernel with an identity input), so the tied head and the embedding agree."""
+    request.getfixturevalue(f"{kernel}_kernels")
     w = torch.randn(200, 256, generator=torch.Generator().manual_seed(1))
     emb = QuantEmbedding.from_float(w, mode, group)
     eye = torch.eye(256)
     step = W8A8_MIN_ROWS - 1  # the weight-only kernel: fewer rows at a time than W8A8_MIN_ROWS
-    kernel_w = torch.cat([emb.table(eye[i : i + step]) for i in range(0, 256, step)]).T  # rounded to bfloat16
+    kernel_w = torch.cat([emb.table(eye[i : i + step]) for i in range(0, 256, step)]).T
     rows = emb.table.rows(torch.arange(200))
-    assert torch.equal(rows.to(torch.bfloat16).float(), kernel_w.float())
+    # torch's kernels round their results to bfloat16; the native one returns x's float32 (q * scale: exact)
+    assert torch.equal(rows if kernel == "native" else rows.to(torch.bfloat16).float(), kernel_w.float())
     if mode == "int8":  # all 256 rows at once: int8 activations, float32 results
         assert torch.allclose(emb.table(eye).T, rows, rtol=1e-6, atol=0)
     ids = torch.tensor([[5, 199, 64], [0, 63, 5]])
@@ -284,8 +286,9 @@ def _head_model(vocab=1000, hidden=96, tied=False, seed=0):
 
 
 @pytest.fixture
-def any_size(monkeypatch):
-    """fast_kernels packs layers of every size (the tests' matrices are below FAST_MIN_WEIGHTS)."""
+def any_size(monkeypatch, torch_kernels):
+    """fast_kernels packs layers of every size (the tests' matrices are below FAST_MIN_WEIGHTS),
+    on torch's kernels (with llmarch's native kernels built, fast_kernels leaves the model be)."""
     from llmarch.inference import quant
 
     if not quant.dynamic_available():

@@ -291,7 +291,7 @@ def test_an_unwritable_cache_only_means_no_caching(derived_cache, mixed_gguf, mo
     assert len(calls) == 2 * n
 
 
-def test_load_with_the_fast_kernels(mixed_gguf, monkeypatch):
+def test_load_with_the_fast_kernels(mixed_gguf, monkeypatch, torch_kernels):
     from llmarch.inference import quant
 
     if not quant.dynamic_available():

@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--top-p", type=float, default=1.0)
     sp.add_argument("--seed", type=int, default=None)
     sp.add_argument("--no-fast-kernels", "--no-fast-head", dest="no_fast_kernels", action="store_true",
-                    help="do not pack the large int8 layers for fbgemm's int8 kernel (it costs 2-4 s of one core "
-                         "and their size in memory again, while you type; replies decode about 1.2-1.3x faster with it)")
+                    help="where llmarch's native int8 kernel is not built (no C compiler): do not pack the large int8 "
+                         "layers for fbgemm's int8 kernel (it costs 2-4 s of one core and their size in memory again, "
+                         "while you type; replies decode about 1.2-1.3x faster with it)")
     add_runtime(sp)
     add_device(sp)
     sp.set_defaults(func=run, quick_exit=True)  # reads a model, writes nothing: see cli.entry

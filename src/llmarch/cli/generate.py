@@ -38,9 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--no-stream", action="store_true", help="print the text at the end")
     sp.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS: exactly --max-new-tokens (benchmarks)")
     sp.add_argument("--fast-kernels", "--fast-head", dest="fast_kernels", action="store_true",
-                    help="large int8 layers get a copy packed for fbgemm's int8 kernel: about 1.2-1.3x faster decoding, "
-                         "2-4 s of packing before the second token and their size in memory again (worth it from "
-                         "a few hundred tokens; chat always does it)")
+                    help="where llmarch's native int8 kernel is not built (no C compiler; the load line says): large "
+                         "int8 layers get a copy packed for fbgemm's int8 kernel, about 1.2-1.3x faster decoding for "
+                         "their size in memory again (chat always does it)")
     add_runtime(sp)
     add_device(sp)
     sp.set_defaults(func=run, quick_exit=True)  # reads a model, writes nothing: see cli.entry

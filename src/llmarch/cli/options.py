@@ -104,6 +104,10 @@ def runtime_choice(args: argparse.Namespace):
         if args.dtype == "auto":
             dtype = torch.bfloat16
             why = why.replace(why.split(";")[0], f"bfloat16 on {device}", 1)
+    if device == "cpu" and args.quant != "none":
+        from ..inference import native
+
+        why = f"{why}; int8 kernels {native.status()}"
     return device, dtype, f"{why}; {device}"
 
 

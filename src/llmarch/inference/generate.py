@@ -554,9 +554,10 @@ def load(
     the tensors are read. ``pack``: then pre-pack the layers left in float for fast CPU decoding
     and free their plain copies (:func:`llmarch.inference.packed.pack_linears` with ``release``),
     so the model holds its weights once; use :func:`llmarch.from_pretrained` for a model to
-    train or export. ``fast`` (with ``pack``): the large int8 layers get a second copy packed for
-    fbgemm's int8 kernel, used for products of a few rows (decoding), about 1.2-1.3x faster
-    decoding once packed; packing takes 2.2 s for Gemma 3 270M, 3.6 s for Qwen2.5-0.5B (on a second thread, while
+    train or export. ``fast`` (with ``pack``), where llmarch's native kernels are not built
+    (:mod:`llmarch.inference.native`; with them it changes nothing): the large int8 layers get a
+    second copy packed for fbgemm's int8 kernel, used for products of a few rows (decoding), about
+    1.2-1.3x faster decoding once packed; packing takes 2.2 s for Gemma 3 270M, 3.6 s for Qwen2.5-0.5B (on a second thread, while
     the tokenizer is read and the prompt prefilled; until then the same products, to the bit,
     run unpacked): see :func:`llmarch.inference.quant.fast_kernels`. A server's batch-invariant model and
     a perplexity's many-row products do not use it."""

@@ -1,0 +1,189 @@
+"""llmarch's native CPU kernels (``kernels.c`` beside this file), compiled on first use.
+
+A few loops that PyTorch's CPU kernels leave slow for decoding (each measured against the torch
+kernel it replaces; see ``kernels.c``) are compiled with the machine's C compiler (``$CC``, else
+``cc``) as ``-O3 -march=native -fopenmp`` into ``$LLMARCH_CACHE/native/<key>/`` and loaded with
+``ctypes``; the key hashes the source, the flags, the compiler (path, size, mtime) and the CPU's
+feature flags, so a changed source, compiler or CPU gets its own build. The library is written
+to a temporary name and renamed into place (a killed compile leaves nothing half-written), and
+one that fails to load or reports another ABI version is rebuilt once.
+
+Where nothing can be built (no compiler, a compile error, a read-only cache) or
+``LLMARCH_NATIVE=0`` is set, :func:`library` returns None and callers use the torch kernels
+(:func:`status` says why): the native kernels make decoding faster, never different in kind.
+
+OpenMP: the library links ``libgomp.so.1`` by soname; torch has loaded its own copy under that
+soname by the time this runs, so the kernels share torch's thread team and thread count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+ABI_VERSION = 1
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+LIBRARY_NAME = "libllmarch_kernels.so"
+COMPILE_TIMEOUT = 300.0  # seconds
+
+# dtype codes of kernels.c
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+_lib: ctypes.CDLL | None = None
+_status: str | None = None  # None: not tried yet
+_disabled = 0  # depth of disabled() blocks
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc)
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _key(cc: str, flags: tuple[str, ...]) -> str:
+    st = os.stat(cc)
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), repr(flags).encode(), os.path.realpath(cc).encode(),
+                 f"{st.st_size}:{st.st_mtime_ns}".encode(), platform.machine().encode(), _cpu_flags().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def _build(cc: str, flags: tuple[str, ...], target: Path) -> str | None:
+    """Compile SOURCE to ``target`` (atomically); None, or why it failed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
+                              timeout=COMPILE_TIMEOUT)
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            return f"{os.path.basename(cc)} failed: {lines[0] if lines else f'exit {proc.returncode}'}"
+        os.replace(tmp, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"could not compile: {exc}"
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _open(path: Path) -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(str(path))
+        if lib.llmarch_abi_version() != ABI_VERSION:
+            return None
+    except (OSError, AttributeError):
+        return None
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.llmarch_q8_linear.argtypes = [P, I, I64, I64, I64, P, I64, I64, P, P, I, P, I]
+    lib.llmarch_q8_linear.restype = I
+    return lib
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("LLMARCH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "torch's (LLMARCH_NATIVE=0)"
+    if sys.platform == "win32":
+        return None, "torch's (native ones not built on Windows)"
+    cc = _compiler()
+    if cc is None:
+        return None, "torch's (no C compiler: set CC)"
+    from ..checkpoints.assets import cache_dir
+
+    flag_sets = [FLAGS, tuple(f for f in FLAGS if f != "-fopenmp")]  # a compiler without OpenMP: one thread
+    why = ""
+    for flags in flag_sets:
+        try:
+            target = cache_dir() / "native" / _key(cc, flags) / LIBRARY_NAME
+        except OSError as exc:
+            return None, f"torch's (no cache folder: {exc})"
+        if target.exists():
+            lib = _open(target)
+            if lib is not None:
+                return lib, _describe(lib, flags)
+        why = _build(cc, flags, target) or ""
+        if not why:
+            lib = _open(target)
+            if lib is not None:
+                return lib, _describe(lib, flags)
+            why = "the native library did not load"
+    return None, f"torch's ({why})"
+
+
+def _describe(lib: ctypes.CDLL, flags: tuple[str, ...]) -> str:
+    simd = "AVX-512" if lib.llmarch_avx512() else "portable loops"
+    return f"native ({simd}{'' if '-fopenmp' in flags else ', one thread'})"
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built first if needed; None where they cannot be (see :func:`status`)."""
+    global _lib, _status
+    if _disabled:
+        return None
+    if _status is None:
+        _lib, _status = _load()
+    return _lib
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block :func:`library` is None: torch's kernels, to compare the two."""
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
+
+
+def status() -> str:
+    """What :func:`library` found: ``native (...)``, or ``torch's (why)``."""
+    library()
+    return _status or ""
+
+
+def q8_linear(x: torch.Tensor, weight: torch.Tensor, in_features: int, scales: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x (m, k) float32/bfloat16 times int8 ``weight`` (n, >= k) with bfloat16 per-row ``scales``,
+    plus ``bias``: (m, n) in x's dtype, or None where the native kernel does not apply (no
+    library, other dtypes or devices, non-contiguous operands)."""
+    lib = library()
+    if lib is None:
+        return None
+    xd = _DTYPES.get(x.dtype)
+    if (xd is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1 or weight.stride(1) != 1
+            or scales.dtype != torch.bfloat16 or not scales.is_contiguous()):
+        return None
+    bd = 0
+    if bias is not None:
+        bd = _DTYPES.get(bias.dtype)
+        if bd is None or not bias.is_contiguous():
+            return None
+    m, n = x.shape[0], weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype)
+    rc = lib.llmarch_q8_linear(x.data_ptr(), xd, x.stride(0), m, in_features, weight.data_ptr(), weight.stride(0), n,
+                               scales.data_ptr(), bias.data_ptr() if bias is not None else None, bd, y.data_ptr(), xd)
+    if rc != 0:
+        raise MemoryError("llmarch_q8_linear: could not allocate the activations' float32 copy")
+    return y
