@@ -162,3 +162,123 @@ def test_switched_off_or_unbuildable_means_torch_kernels(fresh, monkeypatch, tmp
     x = torch.randn(1, 64)
     ref = x.double() @ (layer.weight_int8[:, :64].double() * layer.scales.double()[:, None]).T
     assert (layer(x).double() - ref).abs().max() <= 4 * BF16 * ref.abs().max()
+
+
+# ---- RMSNorm ----------------------------------------------------------------------------------
+
+
+def _norm_case(rows, dim, dtype, mode, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, dim, generator=g) * torch.rand(rows, 1, generator=g) * 5).to(dtype)
+    scale = None
+    if mode == "fp32":
+        scale = 1.0 + torch.randn(dim, generator=g) * 0.3
+    elif mode == "dtype":
+        scale = (torch.randn(dim, generator=g) * 0.3 + 1).to(dtype)
+    elif mode == "per-row":
+        scale = (torch.randn(rows, dim, generator=g) * 0.3 + 1).to(dtype)
+    return x, scale
+
+
+@pytest.mark.parametrize("rows, dim", [(1, 16), (3, 17), (2, 640), (5, 259), (300, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["none", "fp32", "dtype", "per-row"])
+def test_rms_norm_within_its_roundings(rows, dim, dtype, mode, native_kernels):
+    """Against float64: the float32 normalisation (a sum of dim squares) plus the roundings to
+    the output dtype (two where the scale multiplies in that dtype)."""
+    x, scale = _norm_case(rows, dim, dtype, mode)
+    y = native.rms_norm(x, scale, mode == "fp32", 1e-6)
+    xd = x.double()
+    h = xd / (xd.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    ref = h if scale is None else h * scale.double()
+    unit = BF16 if dtype == torch.bfloat16 else EPS32
+    roundings = 1 if mode in ("none", "fp32") else 2
+    tol = ((dim + 8) * EPS32 + roundings * unit * 1.01) * ref.abs() + 1e-30
+    assert y.dtype == dtype and y.shape == x.shape
+    assert ((y.double() - ref).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("unit_offset, weight_fp32", [(True, True), (False, False), (True, False)])
+def test_packed_rms_norm_is_the_model_norm(dtype, unit_offset, weight_fp32, native_kernels):
+    """PackedRMSNorm (native) against RMSNorm's own torch operations: the same numbers up to the
+    order of the sum of squares (one unit of the output's last place, rarely)."""
+    from llmarch.inference.packed import PackedRMSNorm
+    from llmarch.model.layers import RMSNorm
+
+    norm = RMSNorm(640, 1e-6, unit_offset, weight_fp32).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(640) * 0.2 + (0 if unit_offset else 1))
+    x = (torch.randn(2, 3, 640) * 3).to(dtype)
+    with torch.inference_mode():
+        ref = norm(x)
+        norm.__class__ = PackedRMSNorm
+        calls = []
+        real = native.rms_norm
+        native.rms_norm = lambda *a, **k: calls.append(1) or real(*a, **k)
+        try:
+            y = norm(x)
+        finally:
+            native.rms_norm = real
+    assert calls and y.dtype == ref.dtype == dtype and y.shape == ref.shape
+    unit = BF16 if dtype == torch.bfloat16 else 4 * EPS32
+    assert ((y.float() - ref.float()).abs() <= unit * ref.float().abs() + 1e-30).all()
+    # under autograd it is the model's norm: gradients flow
+    x = x.float().requires_grad_(True)
+    norm.float()(x).sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+
+
+# ---- one-query attention ----------------------------------------------------------------------
+
+
+def _attention_case(b, h, kv, s, d, dtype, masked, seed=0):
+    """q (b, h, 1, d) and k, v views of the first s slots of a larger cache (as a cache not yet
+    full returns them), an additive mask in dtype hiding about a third of the keys (never all)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, 1, d, generator=g).to(dtype)
+    cache_k = torch.randn(b, kv, s + 5, d, generator=g).to(dtype)
+    cache_v = torch.randn(b, kv, s + 5, d, generator=g).to(dtype)
+    mask = None
+    if masked:
+        hide = torch.rand(b, s, generator=g) < 0.35
+        hide[:, 0] = False
+        mask = torch.zeros(b, s, dtype=dtype).masked_fill_(hide, torch.finfo(dtype).min)[:, None, None]
+    return q, cache_k[:, :, :s], cache_v[:, :, :s], mask
+
+
+@pytest.mark.parametrize("b, h, kv", [(1, 4, 1), (2, 8, 2), (1, 4, 4)])
+@pytest.mark.parametrize("s, d", [(1, 16), (7, 100), (300, 64), (40, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attend_one_against_float64(b, h, kv, s, d, dtype, masked, native_kernels):
+    from llmarch.inference.packed import single_query_attention
+
+    q, k, v, mask = _attention_case(b, h, kv, s, d, dtype, masked)
+    out = native.attend_one(q, k, v, mask, d**-0.5)
+    g = h // kv
+    qd = q.double().reshape(b, kv, g, d)
+    scores = qd @ k.double().transpose(-1, -2) * d**-0.5
+    if mask is not None:
+        scores = scores + mask.double()
+    p = scores.softmax(-1)
+    ref = (p @ v.double()).reshape(b, h, 1, d)
+    assert out.dtype == dtype and out.shape == (b, h, 1, d)
+    # float32 scores of d terms and a weighted sum of s values, plus the rounding to the output
+    vmax = v.double().abs().amax(dim=(2, 3), keepdim=True).repeat_interleave(g, 1)
+    unit = BF16 if dtype == torch.bfloat16 else EPS32
+    tol = unit * ref.abs() + (2 * d + s + 20) * EPS32 * 8 * vmax
+    assert ((out.double() - ref).abs() <= tol).all()
+    # the torch operations it stands in for: the same numbers within their roundings
+    with native.disabled():
+        torch_out = single_query_attention(q, k, v, mask, d**-0.5)
+    assert ((out.double() - torch_out.double()).abs() <= 2 * tol).all()
+
+
+def test_attend_one_declines_what_it_does_not_take(native_kernels):
+    q, k, v, mask = _attention_case(1, 4, 2, 9, 32, torch.float32, True)
+    assert native.attend_one(q.expand(1, 4, 2, 32), k, v, mask, 1.0) is None  # two queries
+    assert native.attend_one(q, k, v.bfloat16(), mask, 1.0) is None  # k and v of two dtypes
+    assert native.attend_one(q[:, :3], k, v, mask, 1.0) is None  # 3 heads over 2 KV heads
+    assert native.attend_one(q, k, v, mask.double(), 1.0) is None
+    assert native.attend_one(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, mask, 1.0) is None

@@ -9,6 +9,13 @@
  *                       weight to bfloat16 and rounds the sums to bfloat16; it reads Gemma 3
  *                       270M's 262k x 640 head at about 10 GB/s on 2 cores of AVX-512, this loop
  *                       at 30-35 GB/s (the memory's rate), with float32 activations and sums.
+ *   llmarch_rms_norm    x * rsqrt(mean(x^2) + eps), times a scale, in one pass over each row:
+ *                       torch's inference RMSNorm is nine operations (casts, pow, mean, add,
+ *                       rsqrt, two multiplies) of a few microseconds each, and a decoding step
+ *                       runs one per norm: 91 for Gemma 3 270M.
+ *   llmarch_attend_one  softmax(q k^T * scale + mask) v for one query per sequence (decoding),
+ *                       query heads grouped over their KV head, in float32: the dozen torch
+ *                       operations of llmarch.inference.packed.single_query_attention in one.
  *
  * Threads: OpenMP, linked by soname against the libgomp that torch itself loaded, so the kernels
  * run on torch's own thread team (torch.set_num_threads applies) and never add a second one.
@@ -18,6 +25,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -27,7 +35,7 @@
 enum { F32 = 0, BF16 = 1 };
 
 /* bumped whenever a signature changes: native.py refuses a library of another version */
-int llmarch_abi_version(void) { return 1; }
+int llmarch_abi_version(void) { return 3; }
 
 /* 1 when this build's kernels use AVX-512 (reported by native.py) */
 int llmarch_avx512(void) {
@@ -120,5 +128,150 @@ int llmarch_q8_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_
         }
     }
     free(xf);
+    return 0;
+}
+
+static inline void store_value(void *p, int dtype, int64_t i, float v) {
+    if (dtype == BF16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* the value as stored in dtype, read back as float32 (bfloat16: rounded) */
+static inline float as_stored(int dtype, float v) { return dtype == BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+/* y = rms_normalize(x) * scale per row, as llmarch.model.layers.RMSNorm computes it:
+ *   h = x * rsqrt(sum(x^2) / dim + eps), float32;
+ *   scale_f32 (Gemma, OLMo 2: the scale in float32): y = h * scale, rounded once to y_dtype;
+ *   otherwise (Llama, Qwen): h rounded to y_dtype first, then times the scale (read from
+ *   scale_dtype), rounded again, as torch multiplies two tensors of y_dtype;
+ *   scale NULL: y = h rounded to y_dtype (a weightless norm).
+ * x rows ldx apart, scale rows ld_scale apart (0: one scale for every row), y rows ldy apart. */
+void llmarch_rms_norm(const void *x, int x_dtype, int64_t ldx, int64_t rows, int64_t dim, const void *scale,
+                      int scale_dtype, int64_t ld_scale, int scale_f32, float eps, void *y, int y_dtype, int64_t ldy) {
+#pragma omp parallel for schedule(static) if (rows * dim >= (1 << 16))
+    for (int64_t r = 0; r < rows; r++) {
+        float ss = 0.f;
+        int64_t k = 0;
+        if (x_dtype == F32) {
+            const float *xr = (const float *)x + r * ldx;
+#ifdef LLMARCH_AVX512
+            __m512 a = _mm512_setzero_ps();
+            for (; k + 16 <= dim; k += 16) {
+                __m512 v = _mm512_loadu_ps(xr + k);
+                a = _mm512_fmadd_ps(v, v, a);
+            }
+            ss = _mm512_reduce_add_ps(a);
+#endif
+            for (; k < dim; k++) ss += xr[k] * xr[k];
+        } else {
+            const uint16_t *xr = (const uint16_t *)x + r * ldx;
+#ifdef LLMARCH_AVX512
+            __m512 a = _mm512_setzero_ps();
+            for (; k + 16 <= dim; k += 16) {
+                __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xr + k))), 16));
+                a = _mm512_fmadd_ps(v, v, a);
+            }
+            ss = _mm512_reduce_add_ps(a);
+#endif
+            for (; k < dim; k++) {
+                float v = bf16_to_f32(xr[k]);
+                ss += v * v;
+            }
+        }
+        float mean = ss / (float)dim + eps;
+        float inv = 1.0f / sqrtf(mean);
+        const void *sr = scale;
+        int64_t off = r * ld_scale;
+        for (int64_t j = 0; j < dim; j++) {
+            float h = load_value(x, x_dtype, r * ldx + j) * inv;
+            float v;
+            if (!sr)
+                v = h;
+            else if (scale_f32)
+                v = h * load_value(sr, scale_dtype, off + j);
+            else
+                v = as_stored(y_dtype, h) * load_value(sr, scale_dtype, off + j);
+            store_value(y, y_dtype, r * ldy + j, v);
+        }
+    }
+}
+
+/* out[b, h] = sum_s p[s] v[b, h / g, s] with p = softmax_s(scale * q[b, h] . k[b, h / g, s] + mask[b, s]),
+ * g = heads / kv_heads, all in float32. q: (B, H, D) of q_dtype with strides (qsb, qsh, 1); k, v:
+ * (B, KV, S, D) of kv_dtype with strides (ksb, ksh, kss, 1) and (vsb, vsh, vss, 1); mask: NULL or
+ * additive (B, S) of mask_dtype with row stride msb; out: (B, H, D) of q_dtype, contiguous. Returns 0, or -1
+ * when the scores' buffer cannot be allocated. */
+int llmarch_attend_one(const void *q, int q_dtype, int64_t qsb, int64_t qsh, const void *k, const void *v,
+                       int kv_dtype, int64_t ksb, int64_t ksh, int64_t kss, int64_t vsb, int64_t vsh, int64_t vss,
+                       const void *mask, int mask_dtype, int64_t msb, int64_t B, int64_t H, int64_t KV, int64_t S, int64_t D,
+                       float scale, void *out) {
+    int64_t g = H / KV;
+    float *buf = (float *)malloc((size_t)(B * H * (S + 2 * D) + 1) * sizeof(float));
+    if (!buf) return -1;
+#pragma omp parallel for schedule(static) if (B * H * S * D >= (1 << 16))
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        int64_t b = bh / H, h = bh % H, kh = h / g;
+        float *p = buf + bh * (S + 2 * D), *qf = p + S, *acc = qf + D;
+        for (int64_t d = 0; d < D; d++) qf[d] = load_value(q, q_dtype, b * qsb + h * qsh + d);
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < S; s++) {
+            int64_t ko = b * ksb + kh * ksh + s * kss;
+            float dot = 0.f;
+            int64_t d = 0;
+#ifdef LLMARCH_AVX512
+            __m512 a = _mm512_setzero_ps();
+            if (kv_dtype == BF16) {
+                const uint16_t *kr = (const uint16_t *)k + ko;
+                for (; d + 16 <= D; d += 16) {
+                    __m512 kv = _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(kr + d))), 16));
+                    a = _mm512_fmadd_ps(kv, _mm512_loadu_ps(qf + d), a);
+                }
+            } else {
+                const float *kr = (const float *)k + ko;
+                for (; d + 16 <= D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(kr + d), _mm512_loadu_ps(qf + d), a);
+            }
+            dot = _mm512_reduce_add_ps(a);
+#endif
+            for (; d < D; d++) dot += qf[d] * load_value(k, kv_dtype, ko + d);
+            float sc = dot * scale + (mask ? load_value(mask, mask_dtype, b * msb + s) : 0.f);
+            p[s] = sc;
+            if (sc > mx) mx = sc;
+        }
+        float sum = 0.f;
+        for (int64_t s = 0; s < S; s++) {
+            float e = expf(p[s] - mx);
+            p[s] = e;
+            sum += e;
+        }
+        for (int64_t d = 0; d < D; d++) acc[d] = 0.f;
+        for (int64_t s = 0; s < S; s++) {
+            float w = p[s];
+            int64_t vo = b * vsb + kh * vsh + s * vss;
+            int64_t d = 0;
+#ifdef LLMARCH_AVX512
+            __m512 wv = _mm512_set1_ps(w);
+            if (kv_dtype == BF16) {
+                const uint16_t *vr = (const uint16_t *)v + vo;
+                for (; d + 16 <= D; d += 16) {
+                    __m512 vv = _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vr + d))), 16));
+                    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(wv, vv, _mm512_loadu_ps(acc + d)));
+                }
+            } else {
+                const float *vr = (const float *)v + vo;
+                for (; d + 16 <= D; d += 16)
+                    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(wv, _mm512_loadu_ps(vr + d), _mm512_loadu_ps(acc + d)));
+            }
+#endif
+            for (; d < D; d++) acc[d] += w * load_value(v, kv_dtype, vo + d);
+        }
+        float inv = 1.0f / sum;
+        for (int64_t d = 0; d < D; d++) store_value(out, q_dtype, bh * D + d, acc[d] * inv);
+    }
+    free(buf);
     return 0;
 }

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ABI_VERSION = 1
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+ABI_VERSION = 3
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11")
+LIBS = ("-lm",)
 LIBRARY_NAME = "libllmarch_kernels.so"
 COMPILE_TIMEOUT = 300.0  # seconds
 
@@ -75,7 +76,7 @@ def _build(cc: str, flags: tuple[str, ...], target: Path) -> str | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp), *LIBS], capture_output=True, text=True,
                               timeout=COMPILE_TIMEOUT)
         if proc.returncode != 0:
             lines = (proc.stderr or proc.stdout).strip().splitlines()
@@ -98,6 +99,10 @@ def _open(path: Path) -> ctypes.CDLL | None:
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.llmarch_q8_linear.argtypes = [P, I, I64, I64, I64, P, I64, I64, P, P, I, P, I]
     lib.llmarch_q8_linear.restype = I
+    lib.llmarch_rms_norm.argtypes = [P, I, I64, I64, I64, P, I, I64, I, ctypes.c_float, P, I, I64]
+    lib.llmarch_rms_norm.restype = None
+    lib.llmarch_attend_one.argtypes = [P, I, I64, I64, P, P, I, *[I64] * 6, P, I, I64, *[I64] * 5, ctypes.c_float, P]
+    lib.llmarch_attend_one.restype = I
     return lib
 
 
@@ -187,3 +192,68 @@ def q8_linear(x: torch.Tensor, weight: torch.Tensor, in_features: int, scales: t
     if rc != 0:
         raise MemoryError("llmarch_q8_linear: could not allocate the activations' float32 copy")
     return y
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor | None, scale_f32: bool, eps: float,
+             out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """RMSNorm of the rows of x (rows, dim) as ``llmarch.model.layers.RMSNorm`` computes it (see
+    ``llmarch_rms_norm`` in kernels.c): ``scale`` (dim,) for every row, (rows, dim) one per row,
+    or None (weightless); ``scale_f32``: multiply in float32 and round once, else round the
+    normalised row to x's dtype first. Into ``out`` (rows, dim) when given, else a new tensor of
+    x's dtype; None where the kernel does not apply."""
+    lib = library()
+    if lib is None:
+        return None
+    xd = _DTYPES.get(x.dtype)
+    if xd is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1:
+        return None
+    rows, dim = x.shape
+    sd, ld_scale = 0, 0
+    if scale is not None:
+        sd = _DTYPES.get(scale.dtype)
+        if sd is None or scale.stride(-1) != 1 or scale.shape[-1] != dim:
+            return None
+        if scale.dim() == 2:
+            if scale.shape[0] != rows:
+                return None
+            ld_scale = scale.stride(0)
+        elif scale.dim() != 1:
+            return None
+    if out is None:
+        out = torch.empty(rows, dim, dtype=x.dtype)
+    elif out.shape != x.shape or out.stride(1) != 1 or _DTYPES.get(out.dtype) is None:
+        return None
+    lib.llmarch_rms_norm(x.data_ptr(), xd, x.stride(0), rows, dim, None if scale is None else scale.data_ptr(), sd,
+                         ld_scale, int(scale_f32), eps, out.data_ptr(), _DTYPES[out.dtype], out.stride(0))
+    return out
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> torch.Tensor | None:
+    """Attention of one query per sequence (decoding): q (B, H, 1, D), k and v (B, KV, S, D)
+    with H a multiple of KV, ``mask`` None or additive (B, 1, 1, S); softmax(q k^T * scale +
+    mask) v in float32, (B, H, 1, D) in q's dtype (see ``llmarch_attend_one`` in kernels.c).
+    None where the kernel does not apply."""
+    lib = library()
+    if lib is None:
+        return None
+    b, h, t, d = q.shape
+    qd, kd = _DTYPES.get(q.dtype), _DTYPES.get(k.dtype)
+    if (t != 1 or qd is None or kd is None or v.dtype != k.dtype or q.device.type != "cpu" or k.dim() != 4
+            or k.shape[0] != b or k.shape[3] != d or v.shape != k.shape or h % k.shape[1]
+            or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1):
+        return None
+    kv, s = k.shape[1], k.shape[2]
+    msb, md = 0, 0
+    if mask is not None:
+        md = _DTYPES.get(mask.dtype)
+        if md is None or mask.shape != (b, 1, 1, s) or mask.stride(3) != 1:
+            return None
+        msb = mask.stride(0)
+    out = torch.empty(b, h, 1, d, dtype=q.dtype)
+    rc = lib.llmarch_attend_one(q.data_ptr(), qd, q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), kd,
+                                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                                None if mask is None else mask.data_ptr(), md, msb, b, h, kv, s, d, scale, out.data_ptr())
+    if rc != 0:
+        raise MemoryError("llmarch_attend_one: could not allocate the scores")
+    return out

@@ -25,7 +25,9 @@ inference versions that override the model's seams, keeping every parameter (and
   faster, Qwen2.5 0.5B: up to 5%), queries and keys normed and rotated in one pass, and a
   decoding step's attention by :func:`single_query_attention`;
 * ``GLU`` -> :class:`PackedGLU`: gate and up as one packed product;
-* MoE ``Experts`` -> :class:`PackedExperts`: every expert's matrices pre-packed.
+* MoE ``Experts`` -> :class:`PackedExperts`: every expert's matrices pre-packed;
+* ``RMSNorm`` -> :class:`PackedRMSNorm`: one native call per norm (``llmarch.inference.native``)
+  where the kernels are built (a decoding step of Gemma 3 270M runs 91 norms).
 
 The separate layers of a fused group stay unpacked (they are packed lazily, on first use),
 so the fused copy replaces their packed copies rather than adding to them.
@@ -41,6 +43,7 @@ from ..model.attention import Attention
 from ..model.ffn import GLU
 from ..model.layers import RMSNorm, apply_rope, rms_normalize
 from ..model.moe import Experts
+from . import native
 from .quant import FusedInt8
 
 PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
@@ -205,10 +208,44 @@ def _fused(module: nn.Module) -> dict[str, FusedLinears]:
 
 def head_norms(qk: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm, n_q: int) -> torch.Tensor:
     """``q_norm`` on the first ``n_q`` heads of qk (B, heads, T, D) and ``k_norm`` on the rest,
-    in one pass: the same numbers as the two norms apart (the norm is per head)."""
-    d = qk.shape[-1]
-    scale = torch.cat((q_norm.scale().expand(n_q, d), k_norm.scale().expand(qk.shape[1] - n_q, d)))[:, None]
-    return q_norm.rescale(rms_normalize(qk.float(), q_norm.eps), qk.dtype, scale)
+    in one pass: the same numbers as the two norms apart (the norm is per head). One token of
+    one sequence (decoding) in one native call where the kernels are built."""
+    b, heads, t, d = qk.shape
+    qs, ks = q_norm.scale(), k_norm.scale()
+    memo = q_norm.__dict__.get("_head_table")
+    if memo is None or memo[0] is not qs or memo[1] is not ks or memo[2].shape[0] != heads:
+        memo = (qs, ks, torch.cat((qs.expand(n_q, d), ks.expand(heads - n_q, d))))
+        q_norm.__dict__["_head_table"] = memo  # (not a buffer: outside the state_dict)
+    table = memo[2]
+    if b * t == 1 and _native_norm(q_norm, qk.dtype, table):
+        y = native.rms_norm(qk.view(heads, d), table, q_norm.weight_fp32, q_norm.eps)
+        if y is not None:
+            return y.view(b, heads, t, d)
+    return q_norm.rescale(rms_normalize(qk.float(), q_norm.eps), qk.dtype, table[:, None])
+
+
+def _native_norm(norm: RMSNorm, dtype: torch.dtype, scale: torch.Tensor) -> bool:
+    """Whether ``norm`` with this scale runs in the native kernel for activations of ``dtype``:
+    outside autograd and compilation, the scale in float32 (``weight_fp32``) or in the
+    activations' dtype (the product ``RMSNorm.rescale`` computes)."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and scale.dtype == (torch.float32 if norm.weight_fp32 else dtype))
+
+
+class PackedRMSNorm(RMSNorm):
+    """:class:`RMSNorm` for CPU inference: one native call (:func:`llmarch.inference.native.rms_norm`)
+    instead of nine torch operations, where the kernels are built; the same parameters."""
+
+    def prepare_packing(self) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale()
+        if x.device.type == "cpu" and _native_norm(self, x.dtype, scale):
+            y = native.rms_norm(x.reshape(-1, x.shape[-1]), scale, self.weight_fp32, self.eps)
+            if y is not None:
+                return y.view(x.shape)
+        return super().forward(x)
 
 
 def single_query_attention(
@@ -220,6 +257,10 @@ def single_query_attention(
     On CPU this is several times faster than SDPA's kernels for a single query, above all in
     bfloat16, and it is as precise as SDPA (scores and softmax in float32).
     """
+    if not torch.compiler.is_compiling():
+        out = native.attend_one(q, k, v, mask, scale)  # one call where the native kernels are built
+        if out is not None:
+            return out
     b, h, _, d = q.shape
     kv = k.shape[1]
     scores = q.float().reshape(b, kv, h // kv, d) @ k.float().transpose(-1, -2) * scale  # (B, KV, H/KV, S)
@@ -344,7 +385,7 @@ class PackedExperts(Experts):
 
 # the model's modules and their inference versions (subclasses: the same parameters)
 PACKED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
-    Attention: PackedAttention, GLU: PackedGLU, Experts: PackedExperts,
+    Attention: PackedAttention, GLU: PackedGLU, Experts: PackedExperts, RMSNorm: PackedRMSNorm,
 }
 
 
