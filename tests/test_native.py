@@ -25,15 +25,17 @@ def _operands(m, k, n, x_dtype, bias_dtype, pad=0, seed=0):
 
 
 def _check(y, x, w, k, scales, bias):
-    """|y - x W^T scale - b| within float32 sums of k terms (plus the output's rounding)."""
+    """|y - x W^T scale - b| within the activations' 16-bit codes (half a step, max |x| / 65534,
+    per input), the final float32 products and the output's rounding."""
     wd = w[:, :k].double() * scales.double()[:, None]
     ref = x.double() @ wd.T
+    codes = x.double().abs().amax(1, keepdim=True) / 65534 @ wd.abs().sum(1, keepdim=True).T
     mag = x.double().abs() @ wd.abs().T
     if bias is not None:
         ref = ref + bias.double()
         mag = mag + bias.double().abs()
     out = BF16 if y.dtype == torch.bfloat16 else EPS32
-    tol = (k + 2) * EPS32 * mag * 1.01 + out * ref.abs() + 1e-30
+    tol = codes * 1.001 + 4 * EPS32 * mag + out * ref.abs() + 1e-30
     assert y.dtype == x.dtype and y.shape == ref.shape
     err = (y.double() - ref).abs()
     assert (err <= tol).all(), float((err / tol).max())
@@ -100,7 +102,35 @@ def test_the_portable_build_computes_the_same_products(tmp_path, native_kernels)
     assert lib is not None and lib.llmarch_avx512() == 0 and native.library().llmarch_avx512() == 1
     for m, k, n, pad in SHAPES:
         x, w, scales, bias = _operands(m, k, n, torch.bfloat16, torch.float32, pad)
-        _check(_run(lib, x, w, k, scales, bias), x, w, k, scales, bias)
+        y = _run(lib, x, w, k, scales, bias)
+        _check(y, x, w, k, scales, bias)
+        # exact integer sums: the same bits as the AVX-512 build
+        assert torch.equal(y, native.q8_linear(x, w, k, scales, bias))
+
+
+def test_q8_linear_zero_and_non_finite_rows(native_kernels):
+    """A zero row gives the bias; a row holding inf or NaN gives NaN (never a finite number);
+    the other rows are untouched by them."""
+    x, w, scales, bias = _operands(3, 200, 50, torch.float32, torch.float32)
+    x[0] = 0
+    x[1, 7] = float("inf")
+    y = native.q8_linear(x, w, 200, scales, bias)
+    assert torch.equal(y[0], bias) and y[1].isnan().all()
+    assert torch.equal(y[2:], native.q8_linear(x[2:], w, 200, scales, bias))
+    x[1, 7] = float("nan")
+    assert native.q8_linear(x, w, 200, scales, bias)[1].isnan().all()
+
+
+def test_q8_linear_long_rows_sum_exactly(native_kernels):
+    """Rows longer than one int32 chunk (4096 inputs) at the extremes of both codes: the integer
+    sum is exact, so the result is the float64 product of the codes, rounded once."""
+    k = 3 * 4096 + 77
+    x = torch.full((1, k), 5.0)
+    w = torch.full((2, k), -128, dtype=torch.int8)
+    w[1] = 127
+    scales = torch.ones(2, dtype=torch.bfloat16)
+    y = native.q8_linear(x, w, k, scales, None)
+    assert torch.equal(y, torch.tensor([[5.0 * -128 * k, 5.0 * 127 * k]]))
 
 
 def test_int8_linear_takes_the_native_kernel_for_few_rows(native_kernels, monkeypatch):
@@ -158,8 +188,8 @@ def test_switched_off_or_unbuildable_means_torch_kernels(fresh, monkeypatch, tmp
     monkeypatch.setattr(native, "_status", None)
     assert native.library() is None and "this compiler refuses" in native.status()
     # and an int8 layer still computes, on torch's kernel
-    layer = Int8Linear.from_float(torch.randn(40, 64))
-    x = torch.randn(1, 64)
+    layer = Int8Linear.from_float(torch.randn(40, 64, generator=torch.Generator().manual_seed(9)))
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(10))
     ref = x.double() @ (layer.weight_int8[:, :64].double() * layer.scales.double()[:, None]).T
     assert (layer(x).double() - ref).abs().max() <= 4 * BF16 * ref.abs().max()
 
@@ -202,14 +232,16 @@ def test_rms_norm_within_its_roundings(rows, dim, dtype, mode, native_kernels):
 @pytest.mark.parametrize("unit_offset, weight_fp32", [(True, True), (False, False), (True, False)])
 def test_packed_rms_norm_is_the_model_norm(dtype, unit_offset, weight_fp32, native_kernels):
     """PackedRMSNorm (native) against RMSNorm's own torch operations: the same numbers up to the
-    order of the sum of squares (one unit of the output's last place, rarely)."""
+    order of the sum of squares (a float32 result a few units of its last place; a bfloat16 one
+    at most one unit, 2^-7 relative, where the two land on either side of a rounding boundary)."""
     from llmarch.inference.packed import PackedRMSNorm
     from llmarch.model.layers import RMSNorm
 
+    g = torch.Generator().manual_seed(5)
     norm = RMSNorm(640, 1e-6, unit_offset, weight_fp32).to(dtype)
     with torch.no_grad():
-        norm.weight.copy_(torch.randn(640) * 0.2 + (0 if unit_offset else 1))
-    x = (torch.randn(2, 3, 640) * 3).to(dtype)
+        norm.weight.copy_(torch.randn(640, generator=g) * 0.2 + (0 if unit_offset else 1))
+    x = (torch.randn(2, 3, 640, generator=g) * 3).to(dtype)
     with torch.inference_mode():
         ref = norm(x)
         norm.__class__ = PackedRMSNorm
@@ -221,8 +253,8 @@ def test_packed_rms_norm_is_the_model_norm(dtype, unit_offset, weight_fp32, nati
         finally:
             native.rms_norm = real
     assert calls and y.dtype == ref.dtype == dtype and y.shape == ref.shape
-    unit = BF16 if dtype == torch.bfloat16 else 4 * EPS32
-    assert ((y.float() - ref.float()).abs() <= unit * ref.float().abs() + 1e-30).all()
+    tol = (2 * BF16 + 648 * EPS32) if dtype == torch.bfloat16 else 648 * EPS32
+    assert ((y.float() - ref.float()).abs() <= tol * ref.float().abs() + 1e-30).all()
     # under autograd it is the model's norm: gradients flow
     x = x.float().requires_grad_(True)
     norm.float()(x).sum().backward()
