@@ -314,3 +314,30 @@ def test_attend_one_declines_what_it_does_not_take(native_kernels):
     assert native.attend_one(q[:, :3], k, v, mask, 1.0) is None  # 3 heads over 2 KV heads
     assert native.attend_one(q, k, v, mask.double(), 1.0) is None
     assert native.attend_one(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, mask, 1.0) is None
+
+
+# ---- RoPE after the norm -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [16, 64, 256])
+def test_rope_is_apply_rope_to_the_bit(dtype, dim, native_kernels):
+    """RoPE in the kernel rounds where llmarch.model.layers.apply_rope's three operations do:
+    alone (normalize=False) it gives apply_rope's very bits; after the norm, apply_rope of the
+    kernel's own norm."""
+    from llmarch.model.config import RopeConfig
+    from llmarch.model.layers import Rotary, apply_rope
+
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(5, dim, generator=g) * 3).to(dtype)
+    cos, sin = Rotary(RopeConfig(theta=10_000.0), dim, 4096)(torch.tensor([[1234]]), dtype)
+    cs = (cos.reshape(dim), sin.reshape(dim))
+    ref = apply_rope(x[None, :, None], cos, sin)[0, :, 0]
+    assert torch.equal(native.rms_norm(x, None, False, 0.0, rope=cs, normalize=False), ref)
+    for scale, fp32 in ((None, False), (torch.rand(dim, generator=g) + 0.5, True), ((torch.rand(5, dim, generator=g) + 0.5).to(dtype), False)):
+        normed = native.rms_norm(x, scale, fp32, 1e-6)
+        both = native.rms_norm(x, scale, fp32, 1e-6, rope=cs)
+        assert torch.equal(both, apply_rope(normed[None, :, None], cos, sin)[0, :, 0])
+    # what it does not take: an odd width, tables of another dtype or length
+    assert native.rms_norm(x, None, False, 0.0, rope=(cs[0].double(), cs[1]), normalize=False) is None
+    assert native.rms_norm(x[:, :-1], None, False, 0.0, rope=(cs[0][:-1], cs[1][:-1]), normalize=False) is None

@@ -10,10 +10,10 @@
  *                       270M's 262k x 640 head at about 10 GB/s on 2 cores of AVX-512, this loop
  *                       at 30-35 GB/s (the memory's rate), on 16-bit activation codes with
  *                       exact integer sums.
- *   llmarch_rms_norm    x * rsqrt(mean(x^2) + eps), times a scale, in one pass over each row:
- *                       torch's inference RMSNorm is nine operations (casts, pow, mean, add,
- *                       rsqrt, two multiplies) of a few microseconds each, and a decoding step
- *                       runs one per norm: 91 for Gemma 3 270M.
+ *   llmarch_rms_norm    x * rsqrt(mean(x^2) + eps), times a scale, then optionally RoPE, in one
+ *                       pass over each row: torch's inference RMSNorm is nine operations (casts,
+ *                       pow, mean, add, rsqrt, two multiplies) of a few microseconds each, RoPE
+ *                       five more, and a decoding step runs one norm per norm: 91 for Gemma 3 270M.
  *   llmarch_attend_one  softmax(q k^T * scale + mask) v for one query per sequence (decoding),
  *                       query heads grouped over their KV head, in float32: the dozen torch
  *                       operations of llmarch.inference.packed.single_query_attention in one.
@@ -36,7 +36,7 @@
 enum { F32 = 0, BF16 = 1 };
 
 /* bumped whenever a signature changes: native.py refuses a library of another version */
-int llmarch_abi_version(void) { return 4; }
+int llmarch_abi_version(void) { return 5; }
 
 /* 1 when this build's kernels use AVX-512 (reported by native.py) */
 int llmarch_avx512(void) {
@@ -184,62 +184,84 @@ static inline void store_value(void *p, int dtype, int64_t i, float v) {
 /* the value as stored in dtype, read back as float32 (bfloat16: rounded) */
 static inline float as_stored(int dtype, float v) { return dtype == BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
-/* y = rms_normalize(x) * scale per row, as llmarch.model.layers.RMSNorm computes it:
- *   h = x * rsqrt(sum(x^2) / dim + eps), float32;
- *   scale_f32 (Gemma, OLMo 2: the scale in float32): y = h * scale, rounded once to y_dtype;
+/* y = rms_normalize(x) * scale per row, then RoPE, as llmarch computes them in torch:
+ *   normalize: h = x * rsqrt(sum(x^2) / dim + eps) in float32 (else h = x: RoPE alone);
+ *   scale_f32 (Gemma, OLMo 2: the scale in float32): v = h * scale, rounded once to y_dtype;
  *   otherwise (Llama, Qwen): h rounded to y_dtype first, then times the scale (read from
  *   scale_dtype), rounded again, as torch multiplies two tensors of y_dtype;
- *   scale NULL: y = h rounded to y_dtype (a weightless norm).
- * x rows ldx apart, scale rows ld_scale apart (0: one scale for every row), y rows ldy apart. */
-void llmarch_rms_norm(const void *x, int x_dtype, int64_t ldx, int64_t rows, int64_t dim, const void *scale,
-                      int scale_dtype, int64_t ld_scale, int scale_f32, float eps, void *y, int y_dtype, int64_t ldy) {
+ *   scale NULL: v = h rounded to y_dtype (a weightless norm);
+ *   cos, sin (dim,) of y_dtype, NULL for none: y_j = r(r(v_j cos_j) + r(v_{(j + dim/2) mod dim} sin_j)),
+ *   r() the rounding to y_dtype: llmarch.model.layers.apply_rope's three operations (sin with
+ *   its first half negated, as llmarch.model.layers.Rotary makes it), the same roundings.
+ * x rows ldx apart, scale rows ld_scale apart (0: one scale for every row), y rows ldy apart.
+ * Returns 0, or -1 for a row longer than the RoPE buffer (8192). */
+#define ROPE_MAX 8192
+int llmarch_rms_norm(const void *x, int x_dtype, int64_t ldx, int64_t rows, int64_t dim, int normalize,
+                     const void *scale, int scale_dtype, int64_t ld_scale, int scale_f32, float eps,
+                     const void *cos, const void *sin, void *y, int y_dtype, int64_t ldy) {
+    if (cos && (dim > ROPE_MAX || dim % 2)) return -1;
 #pragma omp parallel for schedule(static) if (rows * dim >= (1 << 16))
     for (int64_t r = 0; r < rows; r++) {
-        float ss = 0.f;
-        int64_t k = 0;
-        if (x_dtype == F32) {
-            const float *xr = (const float *)x + r * ldx;
+        float inv = 1.f;
+        if (normalize) {
+            float ss = 0.f;
+            int64_t k = 0;
+            if (x_dtype == F32) {
+                const float *xr = (const float *)x + r * ldx;
 #ifdef LLMARCH_AVX512
-            __m512 a = _mm512_setzero_ps();
-            for (; k + 16 <= dim; k += 16) {
-                __m512 v = _mm512_loadu_ps(xr + k);
-                a = _mm512_fmadd_ps(v, v, a);
-            }
-            ss = _mm512_reduce_add_ps(a);
+                __m512 a = _mm512_setzero_ps();
+                for (; k + 16 <= dim; k += 16) {
+                    __m512 v = _mm512_loadu_ps(xr + k);
+                    a = _mm512_fmadd_ps(v, v, a);
+                }
+                ss = _mm512_reduce_add_ps(a);
 #endif
-            for (; k < dim; k++) ss += xr[k] * xr[k];
-        } else {
-            const uint16_t *xr = (const uint16_t *)x + r * ldx;
+                for (; k < dim; k++) ss += xr[k] * xr[k];
+            } else {
+                const uint16_t *xr = (const uint16_t *)x + r * ldx;
 #ifdef LLMARCH_AVX512
-            __m512 a = _mm512_setzero_ps();
-            for (; k + 16 <= dim; k += 16) {
-                __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xr + k))), 16));
-                a = _mm512_fmadd_ps(v, v, a);
-            }
-            ss = _mm512_reduce_add_ps(a);
+                __m512 a = _mm512_setzero_ps();
+                for (; k + 16 <= dim; k += 16) {
+                    __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xr + k))), 16));
+                    a = _mm512_fmadd_ps(v, v, a);
+                }
+                ss = _mm512_reduce_add_ps(a);
 #endif
-            for (; k < dim; k++) {
-                float v = bf16_to_f32(xr[k]);
-                ss += v * v;
+                for (; k < dim; k++) {
+                    float v = bf16_to_f32(xr[k]);
+                    ss += v * v;
+                }
             }
+            float mean = ss / (float)dim + eps;
+            inv = 1.0f / sqrtf(mean);
         }
-        float mean = ss / (float)dim + eps;
-        float inv = 1.0f / sqrtf(mean);
-        const void *sr = scale;
         int64_t off = r * ld_scale;
+        float rot[cos ? dim : 1]; /* the row before RoPE, as stored in y_dtype */
         for (int64_t j = 0; j < dim; j++) {
-            float h = load_value(x, x_dtype, r * ldx + j) * inv;
+            float h = normalize ? load_value(x, x_dtype, r * ldx + j) * inv : load_value(x, x_dtype, r * ldx + j);
             float v;
-            if (!sr)
+            if (!scale)
                 v = h;
             else if (scale_f32)
-                v = h * load_value(sr, scale_dtype, off + j);
+                v = h * load_value(scale, scale_dtype, off + j);
             else
-                v = as_stored(y_dtype, h) * load_value(sr, scale_dtype, off + j);
-            store_value(y, y_dtype, r * ldy + j, v);
+                v = as_stored(y_dtype, h) * load_value(scale, scale_dtype, off + j);
+            if (cos)
+                rot[j] = as_stored(y_dtype, v);
+            else
+                store_value(y, y_dtype, r * ldy + j, v);
+        }
+        if (cos) {
+            int64_t half = dim / 2;
+            for (int64_t j = 0; j < dim; j++) {
+                float a = as_stored(y_dtype, rot[j] * load_value(cos, y_dtype, j));
+                float b = as_stored(y_dtype, rot[(j + half) % dim] * load_value(sin, y_dtype, j));
+                store_value(y, y_dtype, r * ldy + j, a + b);
+            }
         }
     }
+    return 0;
 }
 
 /* out[b, h] = sum_s p[s] v[b, h / g, s] with p = softmax_s(scale * q[b, h] . k[b, h / g, s] + mask[b, s]),

@@ -31,8 +31,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ABI_VERSION = 4
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11")
+ABI_VERSION = 5
+# -ffp-contract=off: a * b + c rounds twice, as torch's separate operations do (the kernels'
+# explicit fused multiply-adds are unaffected)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11")
 LIBS = ("-lm",)
 LIBRARY_NAME = "libllmarch_kernels.so"
 COMPILE_TIMEOUT = 300.0  # seconds
@@ -99,8 +101,8 @@ def _open(path: Path) -> ctypes.CDLL | None:
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.llmarch_q8_linear.argtypes = [P, I, I64, I64, I64, P, I64, I64, P, P, I, P, I]
     lib.llmarch_q8_linear.restype = I
-    lib.llmarch_rms_norm.argtypes = [P, I, I64, I64, I64, P, I, I64, I, ctypes.c_float, P, I, I64]
-    lib.llmarch_rms_norm.restype = None
+    lib.llmarch_rms_norm.argtypes = [P, I, I64, I64, I64, I, P, I, I64, I, ctypes.c_float, P, P, P, I, I64]
+    lib.llmarch_rms_norm.restype = I
     lib.llmarch_attend_one.argtypes = [P, I, I64, I64, P, P, I, *[I64] * 6, P, I, I64, *[I64] * 5, ctypes.c_float, P]
     lib.llmarch_attend_one.restype = I
     return lib
@@ -195,12 +197,13 @@ def q8_linear(x: torch.Tensor, weight: torch.Tensor, in_features: int, scales: t
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor | None, scale_f32: bool, eps: float,
-             out: torch.Tensor | None = None) -> torch.Tensor | None:
+             rope: tuple[torch.Tensor, torch.Tensor] | None = None, normalize: bool = True) -> torch.Tensor | None:
     """RMSNorm of the rows of x (rows, dim) as ``llmarch.model.layers.RMSNorm`` computes it (see
     ``llmarch_rms_norm`` in kernels.c): ``scale`` (dim,) for every row, (rows, dim) one per row,
     or None (weightless); ``scale_f32``: multiply in float32 and round once, else round the
-    normalised row to x's dtype first. Into ``out`` (rows, dim) when given, else a new tensor of
-    x's dtype; None where the kernel does not apply."""
+    normalised row to x's dtype first. ``rope``: then (cos, sin), each (dim,) in x's dtype, as
+    ``llmarch.model.layers.apply_rope`` applies them (halves layout); ``normalize=False``: RoPE
+    alone. A new (rows, dim) tensor of x's dtype; None where the kernel does not apply."""
     lib = library()
     if lib is None:
         return None
@@ -219,12 +222,17 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor | None, scale_f32: bool, eps: 
             ld_scale = scale.stride(0)
         elif scale.dim() != 1:
             return None
-    if out is None:
-        out = torch.empty(rows, dim, dtype=x.dtype)
-    elif out.shape != x.shape or out.stride(1) != 1 or _DTYPES.get(out.dtype) is None:
-        return None
-    lib.llmarch_rms_norm(x.data_ptr(), xd, x.stride(0), rows, dim, None if scale is None else scale.data_ptr(), sd,
-                         ld_scale, int(scale_f32), eps, out.data_ptr(), _DTYPES[out.dtype], out.stride(0))
+    cos = sin = None
+    if rope is not None:
+        cos, sin = rope
+        if (cos.dtype != x.dtype or sin.dtype != x.dtype or cos.shape != (dim,) or sin.shape != (dim,)
+                or cos.stride(0) != 1 or sin.stride(0) != 1 or dim % 2 or dim > 8192):
+            return None
+    out = torch.empty(rows, dim, dtype=x.dtype)
+    lib.llmarch_rms_norm(x.data_ptr(), xd, x.stride(0), rows, dim, int(normalize),
+                         None if scale is None else scale.data_ptr(), sd, ld_scale, int(scale_f32), eps,
+                         None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
+                         out.data_ptr(), xd, dim)
     return out
 
 

@@ -208,20 +208,21 @@ def _fused(module: nn.Module) -> dict[str, FusedLinears]:
 
 def head_norms(qk: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm, n_q: int) -> torch.Tensor:
     """``q_norm`` on the first ``n_q`` heads of qk (B, heads, T, D) and ``k_norm`` on the rest,
-    in one pass: the same numbers as the two norms apart (the norm is per head). One token of
-    one sequence (decoding) in one native call where the kernels are built."""
-    b, heads, t, d = qk.shape
+    in one pass: the same numbers as the two norms apart (the norm is per head)."""
+    table = _head_table(q_norm, k_norm, n_q, qk.shape[1])
+    return q_norm.rescale(rms_normalize(qk.float(), q_norm.eps), qk.dtype, table[:, None])
+
+
+def _head_table(q_norm: RMSNorm, k_norm: RMSNorm, n_q: int, heads: int) -> torch.Tensor:
+    """(heads, D): ``q_norm``'s scale on the first ``n_q`` rows, ``k_norm``'s on the rest; kept
+    on ``q_norm`` (outside its state_dict) while both scales stay the same tensors."""
     qs, ks = q_norm.scale(), k_norm.scale()
     memo = q_norm.__dict__.get("_head_table")
     if memo is None or memo[0] is not qs or memo[1] is not ks or memo[2].shape[0] != heads:
+        d = qs.shape[-1]
         memo = (qs, ks, torch.cat((qs.expand(n_q, d), ks.expand(heads - n_q, d))))
-        q_norm.__dict__["_head_table"] = memo  # (not a buffer: outside the state_dict)
-    table = memo[2]
-    if b * t == 1 and _native_norm(q_norm, qk.dtype, table):
-        y = native.rms_norm(qk.view(heads, d), table, q_norm.weight_fp32, q_norm.eps)
-        if y is not None:
-            return y.view(b, heads, t, d)
-    return q_norm.rescale(rms_normalize(qk.float(), q_norm.eps), qk.dtype, table[:, None])
+        q_norm.__dict__["_head_table"] = memo
+    return memo[2]
 
 
 def _native_norm(norm: RMSNorm, dtype: torch.dtype, scale: torch.Tensor) -> bool:
@@ -292,12 +293,41 @@ class PackedAttention(Attention):
         h, kv = self.num_heads, self.num_kv_heads
         qk, v = y.split(((h + kv) * self.head_dim, kv * self.head_dim), dim=-1)
         qk = self.split_heads(qk)
-        if self.qk_norm == "head":
-            qk = head_norms(qk, self.q_norm, self.k_norm, h)
-        if self.use_rope:
-            qk = apply_rope(qk, *rope, self.rope_interleaved)
+        done = self._native_norm_rope(qk, rope)
+        if done is not None:
+            qk = done
+        else:
+            if self.qk_norm == "head":
+                qk = head_norms(qk, self.q_norm, self.k_norm, h)
+            if self.use_rope:
+                qk = apply_rope(qk, *rope, self.rope_interleaved)
         q, k = qk.split((h, kv), dim=1)
         return q, k, self.values(v)
+
+    def _native_norm_rope(self, qk: torch.Tensor, rope) -> torch.Tensor | None:
+        """The head norms and RoPE of one token's queries and keys qk (1, heads, 1, D) in one
+        native call (``llmarch_rms_norm`` with RoPE), or None: several tokens, nothing to do, the
+        interleaved RoPE layout, or no native kernels."""
+        b, heads, t, d = qk.shape
+        norm = self.qk_norm == "head"
+        if b * t != 1 or not (norm or self.use_rope) or (self.use_rope and self.rope_interleaved):
+            return None
+        table, scale_f32, eps = None, False, 0.0
+        if norm:
+            table = _head_table(self.q_norm, self.k_norm, self.num_heads, heads)
+            if not _native_norm(self.q_norm, qk.dtype, table):
+                return None
+            scale_f32, eps = self.q_norm.weight_fp32, self.q_norm.eps
+        elif torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        cs = None
+        if self.use_rope:
+            cos, sin = rope
+            if cos.numel() != d:
+                return None
+            cs = (cos.reshape(d), sin.reshape(d))
+        y = native.rms_norm(qk.view(heads, d), table, scale_f32, eps, rope=cs, normalize=norm)
+        return None if y is None else y.view(b, heads, t, d)
 
     def attend(self, q, k, v, mask, causal) -> torch.Tensor:
         if q.shape[2] == 1 and self.logit_softcap is None:
