@@ -106,6 +106,17 @@ def test_the_portable_build_computes_the_same_products(tmp_path, native_kernels)
         _check(y, x, w, k, scales, bias)
         # exact integer sums: the same bits as the AVX-512 build
         assert torch.equal(y, native.q8_linear(x, w, k, scales, bias))
+    if native.int4_layout_matches():  # int4 on torch's packing: float32 sums in another order
+        from llmarch.inference.quant import Int4Linear
+
+        g = torch.Generator().manual_seed(8)
+        layer = Int4Linear.from_float(torch.randn(100, 256, generator=g), torch.randn(100, generator=g), 64)
+        x = torch.randn(3, 256, generator=g)
+        y = torch.empty(3, 100)
+        assert lib.llmarch_q4_linear(x.data_ptr(), 0, 256, 3, 256, layer.weight_int4pack.data_ptr(), 100, 128,
+                                     layer.scales_and_zeros.data_ptr(), 64, layer.bias.data_ptr(), 0, y.data_ptr(), 0) == 0
+        ref = native.q4_linear(x, layer.weight_int4pack, 256, 100, layer.scales_and_zeros, 64, layer.bias)
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4)
 
 
 def test_q8_linear_zero_and_non_finite_rows(native_kernels):
@@ -341,3 +352,46 @@ def test_rope_is_apply_rope_to_the_bit(dtype, dim, native_kernels):
     # what it does not take: an odd width, tables of another dtype or length
     assert native.rms_norm(x, None, False, 0.0, rope=(cs[0].double(), cs[1]), normalize=False) is None
     assert native.rms_norm(x[:, :-1], None, False, 0.0, rope=(cs[0][:-1], cs[1][:-1]), normalize=False) is None
+
+
+# ---- int4 in torch's packed layout ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m, n, k, group", [(1, 64, 64, 32), (3, 100, 256, 64), (7, 130, 512, 128), (2, 640, 1024, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_q4_linear_reads_the_packed_codes(m, n, k, group, dtype, with_bias, native_kernels):
+    """Against the float64 product of the dequantised weight (Int4Linear.rows: read off torch's
+    packing), rows that are not a multiple of the 64-row block included; within float32 sums
+    and the output's rounding; and Int4Linear takes this kernel for few rows."""
+    from llmarch.inference.quant import Int4Linear
+
+    if not native.int4_layout_matches():
+        pytest.skip("this torch packs int4 in another layout")
+    g = torch.Generator().manual_seed(4)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    layer = Int4Linear.from_float(torch.randn(n, k, generator=g), bias, group)
+    x = (torch.randn(m, k, generator=g) * 2).to(dtype)
+    y = native.q4_linear(x, layer.weight_int4pack, k, n, layer.scales_and_zeros, group, layer.bias)
+    wd = layer.rows(torch.arange(n)).double()
+    ref = x.double() @ wd.T + (bias.double() if bias is not None else 0)
+    mag = x.double().abs() @ (wd.abs() + 8 * layer.scales_and_zeros[..., 0].double().abs().repeat_interleave(group, 0)[:, :n].T).T
+    unit = BF16 if dtype == torch.bfloat16 else EPS32
+    tol = 4 * (group + k // group + 4) * EPS32 * (mag + ref.abs()) + unit * ref.abs() + 1e-6
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert ((y.double() - ref).abs() <= tol).all()
+    assert torch.equal(layer(x), y)  # Int4Linear's few-row product is this kernel's
+    with native.disabled():  # torch's kernel: the same numbers within its bfloat16 rounding
+        theirs = layer(x)
+    assert ((theirs.double() - y.double()).abs() <= 4 * BF16 * (ref.abs() + mag * 2**-7) + tol).all()
+
+
+def test_q4_linear_declines_what_it_does_not_take(native_kernels):
+    from llmarch.inference.quant import Int4Linear
+
+    layer = Int4Linear.from_float(torch.randn(64, 128, generator=torch.Generator().manual_seed(2)), None, 32)
+    x = torch.randn(2, 128)
+    assert native.q4_linear(x, layer.weight_int4pack, 128, 64, layer.scales_and_zeros, 64, None) is None  # group
+    assert native.q4_linear(x[:, :64], layer.weight_int4pack, 128, 64, layer.scales_and_zeros, 32, None) is None
+    assert native.q4_linear(x, layer.weight_int4pack, 128, 65, layer.scales_and_zeros, 32, None) is None
+    assert native.q4_linear(x, layer.weight_int4pack, 128, 64, layer.scales_and_zeros.float(), 32, None) is None

@@ -10,6 +10,10 @@
  *                       270M's 262k x 640 head at about 10 GB/s on 2 cores of AVX-512, this loop
  *                       at 30-35 GB/s (the memory's rate), on 16-bit activation codes with
  *                       exact integer sums.
+ *   llmarch_q4_linear   the same for torch's packed int4 CPU layout (4-bit codes, a bfloat16 scale
+ *                       and zero per group of inputs), read in place: torch's
+ *                       _weight_int4pack_mm_for_cpu takes 61 us for Gemma 3 270M's 640 x 1024
+ *                       output projection, 200 for Qwen2.5-0.5B's 896 x 4864 down projection.
  *   llmarch_rms_norm    x * rsqrt(mean(x^2) + eps), times a scale, then optionally RoPE, in one
  *                       pass over each row: torch's inference RMSNorm is nine operations (casts,
  *                       pow, mean, add, rsqrt, two multiplies) of a few microseconds each, RoPE
@@ -36,7 +40,7 @@
 enum { F32 = 0, BF16 = 1 };
 
 /* bumped whenever a signature changes: native.py refuses a library of another version */
-int llmarch_abi_version(void) { return 5; }
+int llmarch_abi_version(void) { return 6; }
 
 /* 1 when this build's kernels use AVX-512 (reported by native.py) */
 int llmarch_avx512(void) {
@@ -338,5 +342,100 @@ int llmarch_attend_one(const void *q, int q_dtype, int64_t qsb, int64_t qsh, con
         for (int64_t d = 0; d < D; d++) store_value(out, q_dtype, bh * D + d, acc[d] * inv);
     }
     free(buf);
+    return 0;
+}
+
+/* y (M, N) = x (M, K) W^T + bias for W in torch's int4 CPU packing (as the AVX-512 build of
+ * torch._convert_weight_to_int4pack_for_cpu lays it out; llmarch.inference.native checks that
+ * the running torch does): rows in blocks of 64, each block K * 32 bytes, column k's 32 bytes at
+ * k * 32, byte j holding row j's code (low nibble) and row j + 32's (high); w = (code - 8) *
+ * scale + zero, (scale, zero) bfloat16 pairs at sz[(g * npad + row) * 2], g = k / group.
+ * Per row and group, float32: y += scale * sum_k x_k code_k + (zero - 8 scale) * sum_k x_k.
+ * x rows ldx apart (x_dtype); y (M, N) of y_dtype, N <= npad the rows kept. Returns 0, or -1 when
+ * the activations' buffer cannot be allocated. */
+int llmarch_q4_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
+                      int64_t N, int64_t npad, const uint16_t *sz, int64_t group, const void *bias,
+                      int bias_dtype, void *y, int y_dtype) {
+    int64_t G = K / group, blocks = npad / 64;
+    float *xf = (float *)malloc((size_t)(M * K + M * G + 1) * sizeof(float));
+    if (!xf) return -1;
+    float *xs = xf + M * K; /* per row of x and group: sum of its inputs */
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            float t = 0.f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) {
+                float v = load_value(x, x_dtype, m * ldx + k);
+                xf[m * K + k] = v;
+                t += v;
+            }
+            xs[m * G + g] = t;
+        }
+#pragma omp parallel for schedule(static) if (npad * K >= (1 << 18))
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *wb = w + b * 32 * K;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = xf + m * K;
+            float out[64];
+#ifdef LLMARCH_AVX512
+            __m512 y0 = _mm512_setzero_ps(), y1 = y0, y2 = y0, y3 = y0;
+            const __m256i low4 = _mm256_set1_epi8(0x0f);
+            const __m512i zmask = _mm512_set1_epi32((int)0xffff0000u);
+            for (int64_t g = 0; g < G; g++) {
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t k = g * group; k < (g + 1) * group; k++) {
+                    __m256i bytes = _mm256_loadu_si256((const __m256i *)(wb + k * 32));
+                    __m256i lo = _mm256_and_si256(bytes, low4);
+                    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+                    __m512 xk = _mm512_set1_ps(xm[k]);
+                    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo))), xk, a0);
+                    a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1))), xk, a1);
+                    a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi))), xk, a2);
+                    a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1))), xk, a3);
+                }
+                const uint16_t *p = sz + (g * npad + b * 64) * 2;
+                __m512 xg = _mm512_set1_ps(xs[m * G + g]), eight = _mm512_set1_ps(8.f);
+                __m512i v;
+#define LLMARCH_Q4_GROUP(acc, yv, off)                                                             \
+    v = _mm512_loadu_si512((const void *)(p + (off) * 2));                                        \
+    {                                                                                             \
+        __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));                                \
+        __m512 zz = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_and_si512(v, zmask)), _mm512_mul_ps(eight, sc)); \
+        yv = _mm512_add_ps(yv, _mm512_add_ps(_mm512_mul_ps(sc, acc), _mm512_mul_ps(zz, xg)));     \
+    }
+                LLMARCH_Q4_GROUP(a0, y0, 0)
+                LLMARCH_Q4_GROUP(a1, y1, 16)
+                LLMARCH_Q4_GROUP(a2, y2, 32)
+                LLMARCH_Q4_GROUP(a3, y3, 48)
+#undef LLMARCH_Q4_GROUP
+            }
+            _mm512_storeu_ps(out, y0);
+            _mm512_storeu_ps(out + 16, y1);
+            _mm512_storeu_ps(out + 32, y2);
+            _mm512_storeu_ps(out + 48, y3);
+#else
+            for (int r = 0; r < 64; r++) out[r] = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                float a[64] = {0};
+                for (int64_t k = g * group; k < (g + 1) * group; k++)
+                    for (int j = 0; j < 32; j++) {
+                        uint8_t byte = wb[k * 32 + j];
+                        a[j] += (float)(byte & 15) * xm[k];
+                        a[j + 32] += (float)(byte >> 4) * xm[k];
+                    }
+                for (int r = 0; r < 64; r++) {
+                    const uint16_t *p = sz + (g * npad + b * 64 + r) * 2;
+                    float sc = bf16_to_f32(p[0]), zz = bf16_to_f32(p[1]) - 8.f * sc;
+                    out[r] = out[r] + (sc * a[r] + zz * xs[m * G + g]);
+                }
+            }
+#endif
+            for (int r = 0; r < 64 && b * 64 + r < N; r++) {
+                int64_t n = b * 64 + r;
+                float vv = out[r] + (bias ? load_value(bias, bias_dtype, n) : 0.f);
+                store_value(y, y_dtype, m * N + n, vv);
+            }
+        }
+    }
+    free(xf);
     return 0;
 }

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ABI_VERSION = 5
+ABI_VERSION = 6
 # -ffp-contract=off: a * b + c rounds twice, as torch's separate operations do (the kernels'
 # explicit fused multiply-adds are unaffected)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11")
@@ -101,6 +102,8 @@ def _open(path: Path) -> ctypes.CDLL | None:
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.llmarch_q8_linear.argtypes = [P, I, I64, I64, I64, P, I64, I64, P, P, I, P, I]
     lib.llmarch_q8_linear.restype = I
+    lib.llmarch_q4_linear.argtypes = [P, I, I64, I64, I64, P, I64, I64, P, I64, P, I, P, I]
+    lib.llmarch_q4_linear.restype = I
     lib.llmarch_rms_norm.argtypes = [P, I, I64, I64, I64, I, P, I, I64, I, ctypes.c_float, P, P, P, I, I64]
     lib.llmarch_rms_norm.restype = I
     lib.llmarch_attend_one.argtypes = [P, I, I64, I64, P, P, I, *[I64] * 6, P, I, I64, *[I64] * 5, ctypes.c_float, P]
@@ -193,6 +196,53 @@ def q8_linear(x: torch.Tensor, weight: torch.Tensor, in_features: int, scales: t
                                scales.data_ptr(), bias.data_ptr() if bias is not None else None, bd, y.data_ptr(), xd)
     if rc != 0:
         raise MemoryError("llmarch_q8_linear: could not allocate the activations' float32 copy")
+    return y
+
+
+@functools.cache
+def int4_layout_matches() -> bool:
+    """Whether this torch packs int4 weights as ``llmarch_q4_linear`` reads them (its AVX-512
+    layout; other builds lay rows out otherwise): a probe matrix packed by torch, against the
+    layout's formula."""
+    codes = ((torch.arange(128)[:, None] * 7 + torch.arange(64)[None] * 3) % 16).to(torch.int32)
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    except (RuntimeError, AttributeError):
+        return False
+    blocks = codes.view(2, 2, 32, 64)  # (block, high, row j, column k)
+    expect = (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).reshape(128, 32)  # k * 32 + j in each block
+    return packed.dtype == torch.uint8 and packed.shape == (128, 32) and torch.equal(packed.int(), expect)
+
+
+def q4_linear(x: torch.Tensor, packed: torch.Tensor, in_features: int, out_features: int,
+              scales_and_zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x (m, k) float32/bfloat16 times an int4 weight in torch's packed CPU layout (``packed``
+    (npad, k / 2) uint8, ``scales_and_zeros`` (k / group, npad, 2) bfloat16: ``w = (code - 8) *
+    scale + zero``), plus ``bias``: (m, out_features) in x's dtype, or None where the native
+    kernel does not apply (no library, another packing layout, other dtypes or shapes)."""
+    lib = library()
+    if lib is None:
+        return None
+    xd = _DTYPES.get(x.dtype)
+    npad = packed.shape[0]
+    if (xd is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != in_features
+            or packed.dtype != torch.uint8 or not packed.is_contiguous() or npad % 64 or packed.shape[1] * 2 != in_features
+            or in_features % group_size or scales_and_zeros.dtype != torch.bfloat16 or not scales_and_zeros.is_contiguous()
+            or scales_and_zeros.shape != (in_features // group_size, npad, 2) or out_features > npad
+            or not int4_layout_matches()):
+        return None
+    bd = 0
+    if bias is not None:
+        bd = _DTYPES.get(bias.dtype)
+        if bd is None or not bias.is_contiguous():
+            return None
+    m = x.shape[0]
+    y = torch.empty(m, out_features, dtype=x.dtype)
+    rc = lib.llmarch_q4_linear(x.data_ptr(), xd, x.stride(0), m, in_features, packed.data_ptr(), out_features, npad,
+                               scales_and_zeros.data_ptr(), group_size, bias.data_ptr() if bias is not None else None,
+                               bd, y.data_ptr(), xd)
+    if rc != 0:
+        raise MemoryError("llmarch_q4_linear: could not allocate the activations' float32 copy")
     return y
 
 

@@ -522,7 +522,14 @@ class Int4Linear(nn.Module):
         return (w * sz[..., :1] + sz[..., 1:]).view(len(ids), k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = _as(x.reshape(-1, self.in_features), KERNEL_DTYPE)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] < W8A8_MIN_ROWS and not torch.compiler.is_compiling():
+            # few rows: llmarch's own kernel on the same packed codes, where it is built
+            y = native.q4_linear(x2, self.weight_int4pack, self.in_features, self.out_features,
+                                 self.scales_and_zeros, self.group_size, self.bias)
+            if y is not None:
+                return y.view(*x.shape[:-1], self.out_features)
+        x2 = _as(x2, KERNEL_DTYPE)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2, self.weight_int4pack, self.group_size, _as(self.scales_and_zeros, KERNEL_DTYPE)
         )
