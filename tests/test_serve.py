@@ -462,3 +462,24 @@ def test_the_scheduler_makes_int8_layers_batch_invariant(tiny):
     prompts = [_prompt(n, 40 + n) for n in (5, 9, 3, 7)]
     alone = [run_all(Scheduler(model, None, slots=4, context=40), [(p, config)])[0] for p in prompts]
     assert run_all(Scheduler(model, None, slots=4, context=40), [(p, config) for p in prompts]) == alone
+
+
+def test_the_scheduler_keeps_int4_layers_on_one_kernel(tiny):
+    """int4 layers likewise: the native kernel serves few rows and torch's many, so the
+    scheduler keeps them on torch's at every row count; a row alone and among 16 are then
+    bit-identical, and greedy decoding of a request alone equals it among others."""
+    import copy
+
+    from llmarch.inference.quant import Int4Linear, quantize
+
+    model = quantize(copy.deepcopy(tiny("llama")[0]), "int4", group_size=32)
+    layer = next(m for m in model.modules() if isinstance(m, Int4Linear))
+    x = torch.randn(16, layer.in_features, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        Scheduler(model, None, slots=4, context=40)
+        assert not layer.native
+        assert torch.equal(layer(x[:1]), layer(x)[:1])
+    config = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    prompts = [_prompt(n, 40 + n) for n in (5, 9, 3, 7)]
+    alone = [run_all(Scheduler(model, None, slots=4, context=40), [(p, config)])[0] for p in prompts]
+    assert run_all(Scheduler(model, None, slots=4, context=40), [(p, config) for p in prompts]) == alone

@@ -143,12 +143,16 @@ def int8_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def batch_invariant(model: nn.Module) -> nn.Module:
-    """Make every int8 layer of ``model`` use int8 activations at any number of rows, so that a
-    row's result never depends on how many rows share its product (a server's request gives the
-    same tokens alone and in a batch). Costs single-row decoding about 8% (Qwen2.5-0.5B)."""
+    """Make every int8 layer of ``model`` use int8 activations at any number of rows, and every
+    int4 layer torch's kernel, so that a row's result never depends on how many rows share its
+    product (a server's request gives the same tokens alone and in a batch). Costs single-row
+    decoding about 8% (Qwen2.5-0.5B, before the native kernels)."""
     for m in int8_layers(model):
         m.w8a8_min_rows = 1
         m.dynamic = None  # one product for every row count (fast_kernels' is another)
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            m.native = False  # torch's kernel at every row count (the native one serves few rows)
     return model
 
 
@@ -521,9 +525,12 @@ class Int4Linear(nn.Module):
         w = (codes.float() - 8).view(len(ids), -1, self.group_size)
         return (w * sz[..., :1] + sz[..., 1:]).view(len(ids), k)
 
+    #: products of fewer than ``W8A8_MIN_ROWS`` rows through :func:`llmarch.inference.native.q4_linear` where it is built
+    native = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] < W8A8_MIN_ROWS and not torch.compiler.is_compiling():
+        if self.native and x2.shape[0] < W8A8_MIN_ROWS and not torch.compiler.is_compiling():
             # few rows: llmarch's own kernel on the same packed codes, where it is built
             y = native.q4_linear(x2, self.weight_int4pack, self.in_features, self.out_features,
                                  self.scales_and_zeros, self.group_size, self.bias)
