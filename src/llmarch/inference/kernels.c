@@ -268,6 +268,26 @@ int llmarch_rms_norm(const void *x, int x_dtype, int64_t ldx, int64_t rows, int6
     return 0;
 }
 
+#ifdef LLMARCH_AVX512
+/* e^x for 16 floats (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n),
+ * within 2 units of the last place; 0 below -104 (where float32's e^x underflows), as expf */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+#endif
+
 /* out[b, h] = sum_s p[s] v[b, h / g, s] with p = softmax_s(scale * q[b, h] . k[b, h / g, s] + mask[b, s]),
  * g = heads / kv_heads, all in float32. q: (B, H, D) of q_dtype with strides (qsb, qsh, 1); k, v:
  * (B, KV, S, D) of kv_dtype with strides (ksb, ksh, kss, 1) and (vsb, vsh, vss, 1); mask: NULL or
@@ -311,7 +331,17 @@ int llmarch_attend_one(const void *q, int q_dtype, int64_t qsb, int64_t qsh, con
             if (sc > mx) mx = sc;
         }
         float sum = 0.f;
-        for (int64_t s = 0; s < S; s++) {
+        int64_t s0 = 0;
+#ifdef LLMARCH_AVX512
+        __m512 vmx = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
+        for (; s0 + 16 <= S; s0 += 16) {
+            __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + s0), vmx));
+            _mm512_storeu_ps(p + s0, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        sum = _mm512_reduce_add_ps(vsum);
+#endif
+        for (int64_t s = s0; s < S; s++) {
             float e = expf(p[s] - mx);
             p[s] = e;
             sum += e;
