@@ -83,7 +83,14 @@ def test_q8_linear_rows_and_threads_do_not_change_a_result(native_kernels):
 
 
 def test_q8_linear_declines_what_it_does_not_take(native_kernels):
+    """Anything but the shapes and dtypes it reads: None (the caller's torch path), never a read
+    past a buffer."""
     x, w, scales, bias = _operands(2, 64, 32, torch.float32, None)
+    assert native.q8_linear(x[:, :48], w, 64, scales, bias) is None  # inputs narrower than the layer
+    assert native.q8_linear(x, w[:, :48], 64, scales, bias) is None  # a weight narrower than its inputs
+    assert native.q8_linear(x, w.float(), 64, scales, bias) is None
+    assert native.q8_linear(x, w, 64, scales[:31], bias) is None
+    assert native.q8_linear(x, w, 64, scales, torch.zeros(31)) is None
     assert native.q8_linear(x.double(), w, 64, scales, bias) is None
     assert native.q8_linear(x.t().contiguous().t(), w, 64, scales, bias) is None  # columns not contiguous
     assert native.q8_linear(x, w, 64, scales.float(), bias) is None
@@ -395,3 +402,13 @@ def test_q4_linear_declines_what_it_does_not_take(native_kernels):
     assert native.q4_linear(x[:, :64], layer.weight_int4pack, 128, 64, layer.scales_and_zeros, 32, None) is None
     assert native.q4_linear(x, layer.weight_int4pack, 128, 65, layer.scales_and_zeros, 32, None) is None
     assert native.q4_linear(x, layer.weight_int4pack, 128, 64, layer.scales_and_zeros.float(), 32, None) is None
+    assert native.q4_linear(x, layer.weight_int4pack, 128, 64, layer.scales_and_zeros, 32, torch.zeros(63)) is None
+
+
+def test_an_unwritable_cache_means_torch_kernels(fresh, monkeypatch, tmp_path):
+    """A cache folder that cannot be written (a file where the folder should be): no build, no
+    crash, torch's kernels, and the reason in the status."""
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("LLMARCH_CACHE", str(blocked))
+    assert native.library() is None and native.status().startswith("torch's (could not compile")

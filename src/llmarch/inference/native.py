@@ -76,9 +76,9 @@ def _key(cc: str, flags: tuple[str, ...]) -> str:
 
 def _build(cc: str, flags: tuple[str, ...], target: Path) -> str | None:
     """Compile SOURCE to ``target`` (atomically); None, or why it failed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp), *LIBS], capture_output=True, text=True,
                               timeout=COMPILE_TIMEOUT)
         if proc.returncode != 0:
@@ -89,7 +89,10 @@ def _build(cc: str, flags: tuple[str, ...], target: Path) -> str | None:
     except (OSError, subprocess.SubprocessError) as exc:
         return f"could not compile: {exc}"
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _open(path: Path) -> ctypes.CDLL | None:
@@ -182,15 +185,17 @@ def q8_linear(x: torch.Tensor, weight: torch.Tensor, in_features: int, scales: t
     if lib is None:
         return None
     xd = _DTYPES.get(x.dtype)
-    if (xd is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1 or weight.stride(1) != 1
-            or scales.dtype != torch.bfloat16 or not scales.is_contiguous()):
+    n = weight.shape[0]
+    if (xd is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != in_features
+            or weight.dtype != torch.int8 or weight.dim() != 2 or weight.stride(1) != 1 or weight.shape[1] < in_features
+            or scales.dtype != torch.bfloat16 or not scales.is_contiguous() or scales.shape != (n,)):
         return None
     bd = 0
     if bias is not None:
         bd = _DTYPES.get(bias.dtype)
-        if bd is None or not bias.is_contiguous():
+        if bd is None or not bias.is_contiguous() or bias.shape != (n,):
             return None
-    m, n = x.shape[0], weight.shape[0]
+    m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
     rc = lib.llmarch_q8_linear(x.data_ptr(), xd, x.stride(0), m, in_features, weight.data_ptr(), weight.stride(0), n,
                                scales.data_ptr(), bias.data_ptr() if bias is not None else None, bd, y.data_ptr(), xd)
@@ -234,7 +239,7 @@ def q4_linear(x: torch.Tensor, packed: torch.Tensor, in_features: int, out_featu
     bd = 0
     if bias is not None:
         bd = _DTYPES.get(bias.dtype)
-        if bd is None or not bias.is_contiguous():
+        if bd is None or not bias.is_contiguous() or bias.shape != (out_features,):
             return None
     m = x.shape[0]
     y = torch.empty(m, out_features, dtype=x.dtype)
