@@ -113,6 +113,12 @@ def test_the_portable_build_computes_the_same_products(tmp_path, native_kernels)
         _check(y, x, w, k, scales, bias)
         # exact integer sums: the same bits as the AVX-512 build
         assert torch.equal(y, native.q8_linear(x, w, k, scales, bias))
+    # the extremes over long rows (an int32 sum of one chunk would overflow): still exact
+    k = 3 * 4096 + 77
+    x, w = torch.full((1, k), 5.0), torch.full((2, k), -128, dtype=torch.int8)
+    w[1] = 127
+    ones = torch.ones(2, dtype=torch.bfloat16)
+    assert torch.equal(_run(lib, x, w, k, ones, None), torch.tensor([[5.0 * -128 * k, 5.0 * 127 * k]]))
     if native.int4_layout_matches():  # int4 on torch's packing: float32 sums in another order
         from llmarch.inference.quant import Int4Linear
 

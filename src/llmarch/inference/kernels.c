@@ -130,8 +130,8 @@ static inline int64_t dot_q16_q8(const int16_t *q, const int8_t *w, int64_t K) {
         s64 = _mm512_add_epi64(s64, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a1, 1)));
         total += _mm512_reduce_add_epi64(s64);
 #else
-        int32_t acc = 0; /* integer sums: compilers vectorise them (any order gives the same) */
-        for (; k < end; k++) acc += (int32_t)q[k] * (int32_t)w[k];
+        int64_t acc = 0; /* integer sums, exact in int64 (a chunk of int32 products can pass 2^31) */
+        for (; k < end; k++) acc += (int64_t)((int32_t)q[k] * (int32_t)w[k]);
         total += acc;
 #endif
     }
@@ -142,8 +142,7 @@ static inline int64_t dot_q16_q8(const int16_t *q, const int8_t *w, int64_t K) {
  *   y[m, n] = (float)(sx[m] * sum_k qx[m, k] w[n, k] * scale[n]) + bias[n], the sum exact.
  *   x: float32 or bfloat16 (x_dtype), rows ldx apart; W: int8 (N, K), rows ldw >= K apart;
  *   scale: bfloat16 (N,); bias: NULL or (N,) of bias_dtype; y: y_dtype, rows N apart.
- * K at most 2^20 (the int64 total of any K is exact; the codes' buffer is the bound).
- * Returns 0, or -1 when the codes' buffer cannot be allocated. */
+ * Any K: int32 sums over chunks of CHUNK inputs, an int64 total. Returns 0, or -1 when the codes' buffer cannot be allocated. */
 int llmarch_q8_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_t K,
                       const int8_t *w, int64_t ldw, int64_t N, const uint16_t *scale,
                       const void *bias, int bias_dtype, void *y, int y_dtype) {
