@@ -184,24 +184,36 @@ def q8_linear(x: torch.Tensor, weight: torch.Tensor, in_features: int, scales: t
     lib = library()
     if lib is None:
         return None
-    xd = _DTYPES.get(x.dtype)
     n = weight.shape[0]
-    if (xd is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != in_features
-            or weight.dtype != torch.int8 or weight.dim() != 2 or weight.stride(1) != 1 or weight.shape[1] < in_features
-            or scales.dtype != torch.bfloat16 or not scales.is_contiguous() or scales.shape != (n,)):
+    xd, bd = _activations(x, in_features), _bias(bias, n)
+    if (xd is None or bd is None or weight.dtype != torch.int8 or weight.dim() != 2 or weight.stride(1) != 1
+            or weight.shape[1] < in_features or scales.dtype != torch.bfloat16 or not scales.is_contiguous()
+            or scales.shape != (n,)):
         return None
-    bd = 0
-    if bias is not None:
-        bd = _DTYPES.get(bias.dtype)
-        if bd is None or not bias.is_contiguous() or bias.shape != (n,):
-            return None
-    m = x.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype)
-    rc = lib.llmarch_q8_linear(x.data_ptr(), xd, x.stride(0), m, in_features, weight.data_ptr(), weight.stride(0), n,
-                               scales.data_ptr(), bias.data_ptr() if bias is not None else None, bd, y.data_ptr(), xd)
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    rc = lib.llmarch_q8_linear(x.data_ptr(), xd, x.stride(0), x.shape[0], in_features, weight.data_ptr(),
+                               weight.stride(0), n, scales.data_ptr(), None if bias is None else bias.data_ptr(), bd,
+                               y.data_ptr(), xd)
     if rc != 0:
-        raise MemoryError("llmarch_q8_linear: could not allocate the activations' float32 copy")
+        raise MemoryError("llmarch_q8_linear: could not allocate the activations' codes")
     return y
+
+
+def _activations(x: torch.Tensor, in_features: int) -> int | None:
+    """kernels.c's dtype code of x when it is a CPU (rows, in_features) matrix of contiguous rows
+    in a dtype the kernels read, else None."""
+    xd = _DTYPES.get(x.dtype)
+    if xd is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != in_features:
+        return None
+    return xd
+
+
+def _bias(bias: torch.Tensor | None, n: int) -> int | None:
+    """kernels.c's dtype code of a contiguous (n,) bias (0 for no bias), else None."""
+    if bias is None:
+        return 0
+    bd = _DTYPES.get(bias.dtype)
+    return bd if bd is not None and bias.is_contiguous() and bias.shape == (n,) else None
 
 
 @functools.cache
@@ -228,24 +240,18 @@ def q4_linear(x: torch.Tensor, packed: torch.Tensor, in_features: int, out_featu
     lib = library()
     if lib is None:
         return None
-    xd = _DTYPES.get(x.dtype)
     npad = packed.shape[0]
-    if (xd is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != in_features
-            or packed.dtype != torch.uint8 or not packed.is_contiguous() or npad % 64 or packed.shape[1] * 2 != in_features
-            or in_features % group_size or scales_and_zeros.dtype != torch.bfloat16 or not scales_and_zeros.is_contiguous()
+    xd, bd = _activations(x, in_features), _bias(bias, out_features)
+    if (xd is None or bd is None or packed.dtype != torch.uint8 or not packed.is_contiguous() or npad % 64
+            or packed.shape[1] * 2 != in_features or in_features % group_size
+            or scales_and_zeros.dtype != torch.bfloat16 or not scales_and_zeros.is_contiguous()
             or scales_and_zeros.shape != (in_features // group_size, npad, 2) or out_features > npad
             or not int4_layout_matches()):
         return None
-    bd = 0
-    if bias is not None:
-        bd = _DTYPES.get(bias.dtype)
-        if bd is None or not bias.is_contiguous() or bias.shape != (out_features,):
-            return None
-    m = x.shape[0]
-    y = torch.empty(m, out_features, dtype=x.dtype)
-    rc = lib.llmarch_q4_linear(x.data_ptr(), xd, x.stride(0), m, in_features, packed.data_ptr(), out_features, npad,
-                               scales_and_zeros.data_ptr(), group_size, bias.data_ptr() if bias is not None else None,
-                               bd, y.data_ptr(), xd)
+    y = torch.empty(x.shape[0], out_features, dtype=x.dtype)
+    rc = lib.llmarch_q4_linear(x.data_ptr(), xd, x.stride(0), x.shape[0], in_features, packed.data_ptr(), out_features,
+                               npad, scales_and_zeros.data_ptr(), group_size,
+                               None if bias is None else bias.data_ptr(), bd, y.data_ptr(), xd)
     if rc != 0:
         raise MemoryError("llmarch_q4_linear: could not allocate the activations' float32 copy")
     return y
