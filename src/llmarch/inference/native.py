@@ -268,8 +268,8 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor | None, scale_f32: bool, eps: 
     lib = library()
     if lib is None:
         return None
-    xd = _DTYPES.get(x.dtype)
-    if xd is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1:
+    xd = _activations(x, x.shape[-1]) if x.dim() == 2 else None
+    if xd is None:
         return None
     rows, dim = x.shape
     sd, ld_scale = 0, 0

@@ -29,11 +29,12 @@ The output head is the largest product of a decoding step (262k x 640 for Gemma 
 the step) and ``_weight_int8pack_mm`` converts each int8 weight to bfloat16 before its
 multiply-add and rounds its sums to bfloat16, reading only about 10 GB/s. So products of fewer
 than ``W8A8_MIN_ROWS`` rows go through llmarch's own kernel where it could be built
-(:func:`llmarch.inference.native.q8_linear`: AVX-512 loops compiled on first use, float32
-activations and sums, one scale per row, the bias added before the one rounding to the output's
-dtype; each output one row's dot product in a fixed order, so rows never mix): measured one row,
-2 threads, Gemma's head 4.8 ms against 15.7, Qwen2.5-0.5B's 5.0 against 12.2; a Gemma 3 270M
-decoding step 25 ms against 36, Qwen2.5-0.5B 36 against 56.
+(:func:`llmarch.inference.native.q8_linear`: AVX-512 loops compiled on first use; each row of x
+as 16-bit codes, ``x ~= sx * qx`` with ``sx = max|x| / 32767``, multiplied by the int8 weights in
+exact integer sums, then one scale per row and the bias before the one rounding to the output's
+dtype; rows never mix, and no order or thread count changes a result): measured one row, 2
+threads, Gemma's head 4.8-5.9 ms against 15.7; a Gemma 3 270M decoding step 17 ms against 36,
+Qwen2.5-0.5B 27 against 56 (with the other native kernels of :mod:`llmarch.inference.native`).
 
 Where the native kernels are not built (no C compiler), :func:`fast_kernels` gives the large int8 layers
 (``FAST_MIN_WEIGHTS``: the head's table, Qwen2.5-0.5B's MLP matrices) a copy packed for fbgemm's
