@@ -1,5 +1,5 @@
 """llmarch's native CPU kernels (llmarch.inference.native, kernels.c): each kernel against a
-float64 product within float32's rounding, in both of its builds (AVX-512 and portable), rows
+float64 product within float32's rounding, in each of its builds (AVX-512, AVX2, portable), rows
 and threads never changing a result, and the build cache: rebuilt when damaged, refused
 politely where nothing can be built."""
 
@@ -97,21 +97,35 @@ def test_q8_linear_declines_what_it_does_not_take(native_kernels):
     assert native.q8_linear(x, w, 64, scales, torch.zeros(32, dtype=torch.float16)) is None
 
 
+def _cpu_has(*flags: str) -> bool:
+    line = native._cpu_flags().split()
+    return all(f in line for f in flags)
+
+
+# the builds another machine makes: (-march, what llmarch_simd() reports)
+OTHER_BUILDS = [("x86-64-v2", 0), ("x86-64-v3", 1)]
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 build flags")
-def test_the_portable_build_computes_the_same_products(tmp_path, native_kernels):
-    """The loops compiled for a CPU without AVX-512 (what another machine builds): the same
-    bound, and the library says which build it is."""
+@pytest.mark.parametrize("march, simd", OTHER_BUILDS, ids=["portable", "avx2"])
+def test_every_build_computes_the_same_products(march, simd, tmp_path, native_kernels):
+    """The loops compiled for a CPU without AVX-512 (x86-64-v3: AVX2 and FMA) or without either
+    (the portable loops), as another machine builds them: the library says which build it is;
+    int8 products to the bit of this machine's build (exact integer sums), the extremes over long
+    rows still exact; int4, norms and attention within float32's reordering of this build's."""
+    if simd == 1 and not _cpu_has("avx2", "fma"):
+        pytest.skip("this CPU cannot run AVX2 code")
     cc = native._compiler()
-    flags = tuple(f if f != "-march=native" else "-march=x86-64-v2" for f in native.FLAGS)
+    flags = tuple(f if f != "-march=native" else f"-march={march}" for f in native.FLAGS)
     target = tmp_path / native.LIBRARY_NAME
     assert native._build(cc, flags, target) is None
     lib = native._open(target)
-    assert lib is not None and lib.llmarch_avx512() == 0 and native.library().llmarch_avx512() == 1
+    assert lib is not None and lib.llmarch_simd() == simd
+    assert native.library().llmarch_simd() == (2 if _cpu_has("avx512f", "avx512bw") else 1 if _cpu_has("avx2", "fma") else 0)
     for m, k, n, pad in SHAPES:
         x, w, scales, bias = _operands(m, k, n, torch.bfloat16, torch.float32, pad)
         y = _run(lib, x, w, k, scales, bias)
         _check(y, x, w, k, scales, bias)
-        # exact integer sums: the same bits as the AVX-512 build
         assert torch.equal(y, native.q8_linear(x, w, k, scales, bias))
     # the extremes over long rows (an int32 sum of one chunk would overflow): still exact
     k = 3 * 4096 + 77
@@ -119,17 +133,33 @@ def test_the_portable_build_computes_the_same_products(tmp_path, native_kernels)
     w[1] = 127
     ones = torch.ones(2, dtype=torch.bfloat16)
     assert torch.equal(_run(lib, x, w, k, ones, None), torch.tensor([[5.0 * -128 * k, 5.0 * 127 * k]]))
-    if native.int4_layout_matches():  # int4 on torch's packing: float32 sums in another order
+    g = torch.Generator().manual_seed(8)
+    if native.int4_block_rows():  # int4 on torch's packing: float32 sums in another order
         from llmarch.inference.quant import Int4Linear
 
-        g = torch.Generator().manual_seed(8)
         layer = Int4Linear.from_float(torch.randn(100, 256, generator=g), torch.randn(100, generator=g), 64)
         x = torch.randn(3, 256, generator=g)
         y = torch.empty(3, 100)
         assert lib.llmarch_q4_linear(x.data_ptr(), 0, 256, 3, 256, layer.weight_int4pack.data_ptr(), 100, 128,
-                                     layer.scales_and_zeros.data_ptr(), 64, layer.bias.data_ptr(), 0, y.data_ptr(), 0) == 0
+                                     layer.scales_and_zeros.data_ptr(), 64, native.int4_block_rows(),
+                                     layer.bias.data_ptr(), 0, y.data_ptr(), 0) == 0
         ref = native.q4_linear(x, layer.weight_int4pack, 256, 100, layer.scales_and_zeros, 64, layer.bias)
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4)
+    for dtype in (torch.float32, torch.bfloat16):  # norms and attention: the same loops, other vectors
+        x, scale = _norm_case(3, 640, dtype, "fp32")
+        y = torch.empty_like(x)
+        lib.llmarch_rms_norm(x.data_ptr(), native._DTYPES[dtype], 640, 3, 640, 1, scale.data_ptr(), 0, 0, 1, 1e-6,
+                             None, None, y.data_ptr(), native._DTYPES[dtype], 640)
+        ref = native.rms_norm(x, scale, True, 1e-6)
+        assert torch.allclose(y.float(), ref.float(), rtol=2 * BF16 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+        q, kk, v, mask = _attention_case(1, 4, 2, 300, 64, dtype, True)
+        out = torch.empty(1, 4, 1, 64, dtype=dtype)
+        d = native._DTYPES[dtype]
+        assert lib.llmarch_attend_one(q.data_ptr(), d, q.stride(0), q.stride(1), kk.data_ptr(), v.data_ptr(), d,
+                                      *kk.stride()[:3], *v.stride()[:3], mask.data_ptr(), d, mask.stride(0),
+                                      1, 4, 2, 300, 64, 0.125, out.data_ptr()) == 0
+        ref = native.attend_one(q, kk, v, mask, 0.125)
+        assert torch.allclose(out.float(), ref.float(), rtol=2 * BF16 if dtype == torch.bfloat16 else 1e-4, atol=1e-5)
 
 
 def test_q8_linear_zero_and_non_finite_rows(native_kernels):
@@ -375,12 +405,12 @@ def test_rope_is_apply_rope_to_the_bit(dtype, dim, native_kernels):
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_q4_linear_reads_the_packed_codes(m, n, k, group, dtype, with_bias, native_kernels):
     """Against the float64 product of the dequantised weight (Int4Linear.rows: read off torch's
-    packing), rows that are not a multiple of the 64-row block included; within float32 sums
+    packing), rows that are not a multiple of the packing's row block included; within float32 sums
     and the output's rounding; and Int4Linear takes this kernel for few rows."""
     from llmarch.inference.quant import Int4Linear
 
-    if not native.int4_layout_matches():
-        pytest.skip("this torch packs int4 in another layout")
+    if not native.int4_block_rows():
+        pytest.skip("this torch packs int4 in a layout llmarch_q4_linear does not read")
     g = torch.Generator().manual_seed(4)
     bias = torch.randn(n, generator=g) if with_bias else None
     layer = Int4Linear.from_float(torch.randn(n, k, generator=g), bias, group)

@@ -35,16 +35,22 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define LLMARCH_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LLMARCH_AVX2 1 /* x86 without AVX-512 (AMD Zen 2/3, older Intel): 256-bit loops */
 #endif
 
 enum { F32 = 0, BF16 = 1 };
 
 /* bumped whenever a signature changes: native.py refuses a library of another version */
-int llmarch_abi_version(void) { return 6; }
+int llmarch_abi_version(void) { return 7; }
 
-/* 1 when this build's kernels use AVX-512 (reported by native.py) */
-int llmarch_avx512(void) {
-#ifdef LLMARCH_AVX512
+/* the vector instructions this build's kernels use (reported by native.py): 2 AVX-512, 1 AVX2
+ * with FMA, 0 the portable loops */
+int llmarch_simd(void) {
+#if defined(LLMARCH_AVX512)
+    return 2;
+#elif defined(LLMARCH_AVX2)
     return 1;
 #else
     return 0;
@@ -70,6 +76,20 @@ static inline uint16_t f32_to_bf16(float f) {
 static inline float load_value(const void *p, int dtype, int64_t i) {
     return dtype == BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
+
+#ifdef LLMARCH_AVX2
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 bfloat16 values at p as float32 */
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#endif
 
 /* Activations as 16-bit codes: x ~= sx * qx, sx = max |x| / 32767, qx = round(x / sx) (ties to
  * even), |x - sx * qx| <= max |x| / 65534: finer than a bfloat16 activation's own rounding for
@@ -129,6 +149,23 @@ static inline int64_t dot_q16_q8(const int16_t *q, const int8_t *w, int64_t K) {
         s64 = _mm512_add_epi64(s64, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a1)));
         s64 = _mm512_add_epi64(s64, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a1, 1)));
         total += _mm512_reduce_add_epi64(s64);
+#elif defined(LLMARCH_AVX2)
+        __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+        for (; k + 32 <= end; k += 32) { /* each lane: at most 128 pair sums a chunk, as above */
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + k)));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + k + 16)));
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(q + k))));
+            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(q + k + 16))));
+        }
+        __m256i s64 = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(a0)),
+                                       _mm256_cvtepi32_epi64(_mm256_extracti128_si256(a0, 1)));
+        s64 = _mm256_add_epi64(s64, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(a1)));
+        s64 = _mm256_add_epi64(s64, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(a1, 1)));
+        int64_t lanes[4];
+        _mm256_storeu_si256((__m256i *)lanes, s64);
+        int64_t acc = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+        for (; k < end; k++) acc += (int64_t)((int32_t)q[k] * (int32_t)w[k]);
+        total += acc;
 #else
         int64_t acc = 0; /* integer sums, exact in int64 (a chunk of int32 products can pass 2^31) */
         for (; k < end; k++) acc += (int64_t)((int32_t)q[k] * (int32_t)w[k]);
@@ -218,6 +255,13 @@ int llmarch_rms_norm(const void *x, int x_dtype, int64_t ldx, int64_t rows, int6
                     a = _mm512_fmadd_ps(v, v, a);
                 }
                 ss = _mm512_reduce_add_ps(a);
+#elif defined(LLMARCH_AVX2)
+                __m256 a = _mm256_setzero_ps();
+                for (; k + 8 <= dim; k += 8) {
+                    __m256 v = _mm256_loadu_ps(xr + k);
+                    a = _mm256_fmadd_ps(v, v, a);
+                }
+                ss = hsum256(a);
 #endif
                 for (; k < dim; k++) ss += xr[k] * xr[k];
             } else {
@@ -230,6 +274,13 @@ int llmarch_rms_norm(const void *x, int x_dtype, int64_t ldx, int64_t rows, int6
                     a = _mm512_fmadd_ps(v, v, a);
                 }
                 ss = _mm512_reduce_add_ps(a);
+#elif defined(LLMARCH_AVX2)
+                __m256 a = _mm256_setzero_ps();
+                for (; k + 8 <= dim; k += 8) {
+                    __m256 v = load_bf16x8(xr + k);
+                    a = _mm256_fmadd_ps(v, v, a);
+                }
+                ss = hsum256(a);
 #endif
                 for (; k < dim; k++) {
                     float v = bf16_to_f32(xr[k]);
@@ -285,6 +336,28 @@ static inline __m512 exp512(__m512 x) {
     y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(y, n);
 }
+#elif defined(LLMARCH_AVX2)
+/* e^x for 8 floats: the same polynomial; 2^n built in the exponent bits, so 0 below about -87
+ * (where expf's results fall under 2^-125, float32's smallest normals: nothing in a softmax) */
+static inline __m256 exp256(__m256 x) {
+    __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654475f), _CMP_GE_OQ);
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.33654475f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* n in [-126, 128]: 2^n as (n - 1 + 127) << 23 times 2, so that n = 128 stays finite */
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(126)), 23);
+    y = _mm256_mul_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), _mm256_set1_ps(2.0f));
+    return _mm256_and_ps(y, tiny);
+}
 #endif
 
 /* out[b, h] = sum_s p[s] v[b, h / g, s] with p = softmax_s(scale * q[b, h] . k[b, h / g, s] + mask[b, s]),
@@ -323,6 +396,22 @@ int llmarch_attend_one(const void *q, int q_dtype, int64_t qsb, int64_t qsh, con
                 for (; d + 16 <= D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(kr + d), _mm512_loadu_ps(qf + d), a);
             }
             dot = _mm512_reduce_add_ps(a);
+#elif defined(LLMARCH_AVX2)
+            __m256 a = _mm256_setzero_ps(), a2 = _mm256_setzero_ps();
+            if (kv_dtype == BF16) {
+                const uint16_t *kr = (const uint16_t *)k + ko;
+                for (; d + 16 <= D; d += 16) {
+                    a = _mm256_fmadd_ps(load_bf16x8(kr + d), _mm256_loadu_ps(qf + d), a);
+                    a2 = _mm256_fmadd_ps(load_bf16x8(kr + d + 8), _mm256_loadu_ps(qf + d + 8), a2);
+                }
+            } else {
+                const float *kr = (const float *)k + ko;
+                for (; d + 16 <= D; d += 16) {
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(kr + d), _mm256_loadu_ps(qf + d), a);
+                    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(kr + d + 8), _mm256_loadu_ps(qf + d + 8), a2);
+                }
+            }
+            dot = hsum256(_mm256_add_ps(a, a2));
 #endif
             for (; d < D; d++) dot += qf[d] * load_value(k, kv_dtype, ko + d);
             float sc = dot * scale + (mask ? load_value(mask, mask_dtype, b * msb + s) : 0.f);
@@ -339,6 +428,14 @@ int llmarch_attend_one(const void *q, int q_dtype, int64_t qsb, int64_t qsh, con
             vsum = _mm512_add_ps(vsum, e);
         }
         sum = _mm512_reduce_add_ps(vsum);
+#elif defined(LLMARCH_AVX2)
+        __m256 vmx = _mm256_set1_ps(mx), vsum = _mm256_setzero_ps();
+        for (; s0 + 8 <= S; s0 += 8) {
+            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + s0), vmx));
+            _mm256_storeu_ps(p + s0, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        sum = hsum256(vsum);
 #endif
         for (int64_t s = s0; s < S; s++) {
             float e = expf(p[s] - mx);
@@ -364,6 +461,17 @@ int llmarch_attend_one(const void *q, int q_dtype, int64_t qsb, int64_t qsh, con
                 for (; d + 16 <= D; d += 16)
                     _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(wv, _mm512_loadu_ps(vr + d), _mm512_loadu_ps(acc + d)));
             }
+#elif defined(LLMARCH_AVX2)
+            __m256 wv = _mm256_set1_ps(w);
+            if (kv_dtype == BF16) {
+                const uint16_t *vr = (const uint16_t *)v + vo;
+                for (; d + 8 <= D; d += 8)
+                    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(wv, load_bf16x8(vr + d), _mm256_loadu_ps(acc + d)));
+            } else {
+                const float *vr = (const float *)v + vo;
+                for (; d + 8 <= D; d += 8)
+                    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(acc + d)));
+            }
 #endif
             for (; d < D; d++) acc[d] += w * load_value(v, kv_dtype, vo + d);
         }
@@ -374,18 +482,19 @@ int llmarch_attend_one(const void *q, int q_dtype, int64_t qsb, int64_t qsh, con
     return 0;
 }
 
-/* y (M, N) = x (M, K) W^T + bias for W in torch's int4 CPU packing (as the AVX-512 build of
- * torch._convert_weight_to_int4pack_for_cpu lays it out; llmarch.inference.native checks that
- * the running torch does): rows in blocks of 64, each block K * 32 bytes, column k's 32 bytes at
- * k * 32, byte j holding row j's code (low nibble) and row j + 32's (high); w = (code - 8) *
- * scale + zero, (scale, zero) bfloat16 pairs at sz[(g * npad + row) * 2], g = k / group.
+/* y (M, N) = x (M, K) W^T + bias for W in torch's int4 CPU packing, as torch lays it out for the
+ * CPU it runs on (llmarch.inference.native reads the layout off the packing op): rows in blocks
+ * of br (64 on AVX-512, 32 on AVX2), each block K * br / 2 bytes, column k's br / 2 bytes at
+ * k * br / 2, byte j holding row j's code (low nibble) and row j + br / 2's (high); w = (code - 8)
+ * * scale + zero, (scale, zero) bfloat16 pairs at sz[(g * npad + row) * 2], g = k / group.
  * Per row and group, float32: y += scale * sum_k x_k code_k + (zero - 8 scale) * sum_k x_k.
  * x rows ldx apart (x_dtype); y (M, N) of y_dtype, N <= npad the rows kept. Returns 0, or -1 when
- * the activations' buffer cannot be allocated. */
+ * the activations' buffer cannot be allocated or br is not an even number up to 64. */
 int llmarch_q4_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
-                      int64_t N, int64_t npad, const uint16_t *sz, int64_t group, const void *bias,
+                      int64_t N, int64_t npad, const uint16_t *sz, int64_t group, int64_t br, const void *bias,
                       int bias_dtype, void *y, int y_dtype) {
-    int64_t G = K / group, blocks = npad / 64;
+    if (br < 2 || br > 64 || br % 2 || npad % br) return -1;
+    int64_t G = K / group, blocks = npad / br, half = br / 2;
     float *xf = (float *)malloc((size_t)(M * K + M * G + 1) * sizeof(float));
     if (!xf) return -1;
     float *xs = xf + M * K; /* per row of x and group: sum of its inputs */
@@ -401,29 +510,31 @@ int llmarch_q4_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_
         }
 #pragma omp parallel for schedule(static) if (npad * K >= (1 << 18))
     for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *wb = w + b * 32 * K;
+        const uint8_t *wb = w + b * half * K;
         for (int64_t m = 0; m < M; m++) {
             const float *xm = xf + m * K;
             float out[64];
+            int done = 0;
 #ifdef LLMARCH_AVX512
-            __m512 y0 = _mm512_setzero_ps(), y1 = y0, y2 = y0, y3 = y0;
-            const __m256i low4 = _mm256_set1_epi8(0x0f);
-            const __m512i zmask = _mm512_set1_epi32((int)0xffff0000u);
-            for (int64_t g = 0; g < G; g++) {
-                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                for (int64_t k = g * group; k < (g + 1) * group; k++) {
-                    __m256i bytes = _mm256_loadu_si256((const __m256i *)(wb + k * 32));
-                    __m256i lo = _mm256_and_si256(bytes, low4);
-                    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
-                    __m512 xk = _mm512_set1_ps(xm[k]);
-                    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo))), xk, a0);
-                    a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1))), xk, a1);
-                    a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi))), xk, a2);
-                    a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1))), xk, a3);
-                }
-                const uint16_t *p = sz + (g * npad + b * 64) * 2;
-                __m512 xg = _mm512_set1_ps(xs[m * G + g]), eight = _mm512_set1_ps(8.f);
-                __m512i v;
+            if (br == 64) {
+                __m512 y0 = _mm512_setzero_ps(), y1 = y0, y2 = y0, y3 = y0;
+                const __m256i low4 = _mm256_set1_epi8(0x0f);
+                const __m512i zmask = _mm512_set1_epi32((int)0xffff0000u);
+                for (int64_t g = 0; g < G; g++) {
+                    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                    for (int64_t k = g * group; k < (g + 1) * group; k++) {
+                        __m256i bytes = _mm256_loadu_si256((const __m256i *)(wb + k * 32));
+                        __m256i lo = _mm256_and_si256(bytes, low4);
+                        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+                        __m512 xk = _mm512_set1_ps(xm[k]);
+                        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo))), xk, a0);
+                        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1))), xk, a1);
+                        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi))), xk, a2);
+                        a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1))), xk, a3);
+                    }
+                    const uint16_t *p = sz + (g * npad + b * 64) * 2;
+                    __m512 xg = _mm512_set1_ps(xs[m * G + g]), eight = _mm512_set1_ps(8.f);
+                    __m512i v;
 #define LLMARCH_Q4_GROUP(acc, yv, off)                                                             \
     v = _mm512_loadu_si512((const void *)(p + (off) * 2));                                        \
     {                                                                                             \
@@ -431,35 +542,78 @@ int llmarch_q4_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_
         __m512 zz = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_and_si512(v, zmask)), _mm512_mul_ps(eight, sc)); \
         yv = _mm512_add_ps(yv, _mm512_add_ps(_mm512_mul_ps(sc, acc), _mm512_mul_ps(zz, xg)));     \
     }
-                LLMARCH_Q4_GROUP(a0, y0, 0)
-                LLMARCH_Q4_GROUP(a1, y1, 16)
-                LLMARCH_Q4_GROUP(a2, y2, 32)
-                LLMARCH_Q4_GROUP(a3, y3, 48)
+                    LLMARCH_Q4_GROUP(a0, y0, 0)
+                    LLMARCH_Q4_GROUP(a1, y1, 16)
+                    LLMARCH_Q4_GROUP(a2, y2, 32)
+                    LLMARCH_Q4_GROUP(a3, y3, 48)
 #undef LLMARCH_Q4_GROUP
-            }
-            _mm512_storeu_ps(out, y0);
-            _mm512_storeu_ps(out + 16, y1);
-            _mm512_storeu_ps(out + 32, y2);
-            _mm512_storeu_ps(out + 48, y3);
-#else
-            for (int r = 0; r < 64; r++) out[r] = 0.f;
-            for (int64_t g = 0; g < G; g++) {
-                float a[64] = {0};
-                for (int64_t k = g * group; k < (g + 1) * group; k++)
-                    for (int j = 0; j < 32; j++) {
-                        uint8_t byte = wb[k * 32 + j];
-                        a[j] += (float)(byte & 15) * xm[k];
-                        a[j + 32] += (float)(byte >> 4) * xm[k];
-                    }
-                for (int r = 0; r < 64; r++) {
-                    const uint16_t *p = sz + (g * npad + b * 64 + r) * 2;
-                    float sc = bf16_to_f32(p[0]), zz = bf16_to_f32(p[1]) - 8.f * sc;
-                    out[r] = out[r] + (sc * a[r] + zz * xs[m * G + g]);
                 }
+                _mm512_storeu_ps(out, y0);
+                _mm512_storeu_ps(out + 16, y1);
+                _mm512_storeu_ps(out + 32, y2);
+                _mm512_storeu_ps(out + 48, y3);
+                done = 1;
             }
 #endif
-            for (int r = 0; r < 64 && b * 64 + r < N; r++) {
-                int64_t n = b * 64 + r;
+#if defined(LLMARCH_AVX512) || defined(LLMARCH_AVX2)
+            if (br == 32 && !done) { /* torch's AVX2 layout: 16 bytes a column, rows j and j + 16 */
+                __m256 y0 = _mm256_setzero_ps(), y1 = y0, y2 = y0, y3 = y0;
+                const __m128i low4 = _mm_set1_epi8(0x0f);
+                const __m256i zmask = _mm256_set1_epi32((int)0xffff0000u);
+                for (int64_t g = 0; g < G; g++) {
+                    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                    for (int64_t k = g * group; k < (g + 1) * group; k++) {
+                        __m128i bytes = _mm_loadu_si128((const __m128i *)(wb + k * 16));
+                        __m128i lo = _mm_and_si128(bytes, low4);
+                        __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+                        __m256 xk = _mm256_set1_ps(xm[k]);
+                        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), xk, a0);
+                        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), xk, a1);
+                        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), xk, a2);
+                        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), xk, a3);
+                    }
+                    const uint16_t *p = sz + (g * npad + b * 32) * 2;
+                    __m256 xg = _mm256_set1_ps(xs[m * G + g]), eight = _mm256_set1_ps(8.f);
+                    __m256i v;
+#define LLMARCH_Q4_GROUP(acc, yv, off)                                                             \
+    v = _mm256_loadu_si256((const __m256i *)(p + (off) * 2));                                     \
+    {                                                                                             \
+        __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));                                \
+        __m256 zz = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_and_si256(v, zmask)), _mm256_mul_ps(eight, sc)); \
+        yv = _mm256_add_ps(yv, _mm256_add_ps(_mm256_mul_ps(sc, acc), _mm256_mul_ps(zz, xg)));     \
+    }
+                    LLMARCH_Q4_GROUP(a0, y0, 0)
+                    LLMARCH_Q4_GROUP(a1, y1, 8)
+                    LLMARCH_Q4_GROUP(a2, y2, 16)
+                    LLMARCH_Q4_GROUP(a3, y3, 24)
+#undef LLMARCH_Q4_GROUP
+                }
+                _mm256_storeu_ps(out, y0);
+                _mm256_storeu_ps(out + 8, y1);
+                _mm256_storeu_ps(out + 16, y2);
+                _mm256_storeu_ps(out + 24, y3);
+                done = 1;
+            }
+#endif
+            if (!done) {
+                for (int r = 0; r < br; r++) out[r] = 0.f;
+                for (int64_t g = 0; g < G; g++) {
+                    float a[64] = {0};
+                    for (int64_t k = g * group; k < (g + 1) * group; k++)
+                        for (int64_t j = 0; j < half; j++) {
+                            uint8_t byte = wb[k * half + j];
+                            a[j] += (float)(byte & 15) * xm[k];
+                            a[j + half] += (float)(byte >> 4) * xm[k];
+                        }
+                    for (int64_t r = 0; r < br; r++) {
+                        const uint16_t *p = sz + (g * npad + b * br + r) * 2;
+                        float sc = bf16_to_f32(p[0]), zz = bf16_to_f32(p[1]) - 8.f * sc;
+                        out[r] = out[r] + (sc * a[r] + zz * xs[m * G + g]);
+                    }
+                }
+            }
+            for (int64_t r = 0; r < br && b * br + r < N; r++) {
+                int64_t n = b * br + r;
                 float vv = out[r] + (bias ? load_value(bias, bias_dtype, n) : 0.f);
                 store_value(y, y_dtype, m * N + n, vv);
             }

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ABI_VERSION = 6
+ABI_VERSION = 7
 # -ffp-contract=off: a * b + c rounds twice, as torch's separate operations do (the kernels'
 # explicit fused multiply-adds are unaffected)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11")
@@ -42,6 +42,8 @@ COMPILE_TIMEOUT = 300.0  # seconds
 
 # dtype codes of kernels.c
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# what kernels.c's llmarch_simd() reports: the vector instructions its loops were built with
+SIMD_NAMES = {2: "AVX-512", 1: "AVX2", 0: "portable loops"}
 
 _lib: ctypes.CDLL | None = None
 _status: str | None = None  # None: not tried yet
@@ -105,7 +107,7 @@ def _open(path: Path) -> ctypes.CDLL | None:
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.llmarch_q8_linear.argtypes = [P, I, I64, I64, I64, P, I64, I64, P, P, I, P, I]
     lib.llmarch_q8_linear.restype = I
-    lib.llmarch_q4_linear.argtypes = [P, I, I64, I64, I64, P, I64, I64, P, I64, P, I, P, I]
+    lib.llmarch_q4_linear.argtypes = [P, I, I64, I64, I64, P, I64, I64, P, I64, I64, P, I, P, I]
     lib.llmarch_q4_linear.restype = I
     lib.llmarch_rms_norm.argtypes = [P, I, I64, I64, I64, I, P, I, I64, I, ctypes.c_float, P, P, P, I, I64]
     lib.llmarch_rms_norm.restype = I
@@ -145,7 +147,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 
 def _describe(lib: ctypes.CDLL, flags: tuple[str, ...]) -> str:
-    simd = "AVX-512" if lib.llmarch_avx512() else "portable loops"
+    simd = SIMD_NAMES.get(lib.llmarch_simd(), "portable loops")
     return f"native ({simd}{'' if '-fopenmp' in flags else ', one thread'})"
 
 
@@ -217,18 +219,24 @@ def _bias(bias: torch.Tensor | None, n: int) -> int | None:
 
 
 @functools.cache
-def int4_layout_matches() -> bool:
-    """Whether this torch packs int4 weights as ``llmarch_q4_linear`` reads them (its AVX-512
-    layout; other builds lay rows out otherwise): a probe matrix packed by torch, against the
-    layout's formula."""
+def int4_block_rows() -> int:
+    """How many rows this torch's int4 packing interleaves in a block, as ``llmarch_q4_linear``
+    reads it (64 on AVX-512 builds and CPUs, 32 on AVX2: byte j of a column holds row j's code
+    and row j + rows / 2's), or 0 for a layout it does not read: a probe matrix packed by torch,
+    against each layout's formula."""
     codes = ((torch.arange(128)[:, None] * 7 + torch.arange(64)[None] * 3) % 16).to(torch.int32)
     try:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
     except (RuntimeError, AttributeError):
-        return False
-    blocks = codes.view(2, 2, 32, 64)  # (block, high, row j, column k)
-    expect = (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).reshape(128, 32)  # k * 32 + j in each block
-    return packed.dtype == torch.uint8 and packed.shape == (128, 32) and torch.equal(packed.int(), expect)
+        return 0
+    if packed.dtype != torch.uint8 or packed.shape != (128, 32):
+        return 0
+    for rows in (64, 32):
+        blocks = codes.view(128 // rows, 2, rows // 2, 64)  # (block, high, row j, column k)
+        expect = (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).reshape(128, 32)  # k * rows / 2 + j
+        if torch.equal(packed.int(), expect):
+            return rows
+    return 0
 
 
 def q4_linear(x: torch.Tensor, packed: torch.Tensor, in_features: int, out_features: int,
@@ -246,11 +254,11 @@ def q4_linear(x: torch.Tensor, packed: torch.Tensor, in_features: int, out_featu
             or packed.shape[1] * 2 != in_features or in_features % group_size
             or scales_and_zeros.dtype != torch.bfloat16 or not scales_and_zeros.is_contiguous()
             or scales_and_zeros.shape != (in_features // group_size, npad, 2) or out_features > npad
-            or not int4_layout_matches()):
+            or not int4_block_rows()):
         return None
     y = torch.empty(x.shape[0], out_features, dtype=x.dtype)
     rc = lib.llmarch_q4_linear(x.data_ptr(), xd, x.stride(0), x.shape[0], in_features, packed.data_ptr(), out_features,
-                               npad, scales_and_zeros.data_ptr(), group_size,
+                               npad, scales_and_zeros.data_ptr(), group_size, int4_block_rows(),
                                None if bias is None else bias.data_ptr(), bd, y.data_ptr(), xd)
     if rc != 0:
         raise MemoryError("llmarch_q4_linear: could not allocate the activations' float32 copy")
