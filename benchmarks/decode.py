@@ -36,7 +36,7 @@ import torch
 from llmarch.checkpoints.assets import resolve_model
 from llmarch.checkpoints.formats import open_checkpoint
 from llmarch.checkpoints.tokenizer import Tokenizer
-from llmarch.inference import native
+from llmarch.inference import native, step
 from llmarch.inference.generate import GenerationConfig, generate, load_model
 
 PROMPT = (
@@ -65,6 +65,12 @@ def run_llmarch(model, ids: list[int], new_tokens: int) -> Run:
 
 def run_llmarch_torch_kernels(model, ids: list[int], new_tokens: int) -> Run:
     with native.disabled():
+        return run_llmarch(model, ids, new_tokens)
+
+
+def run_llmarch_modules(model, ids: list[int], new_tokens: int) -> Run:
+    """The native kernels, but each decoding step's layers module by module (``--no-native-step``)."""
+    with step.disabled():
         return run_llmarch(model, ids, new_tokens)
 
 
@@ -145,6 +151,7 @@ def load_all(alias: str, dtype: torch.dtype, threads: int, llama_bench: Path | N
     path = resolve_model(alias)
     runners = {"llmarch": (run_llmarch, load_model(open_checkpoint(path), dtype))}  # as load() does: CLI's --quant auto
     if native.library() is not None:  # the same model on torch's int8 kernel, for the native kernels' share
+        runners["llmarch --no-native-step"] = (run_llmarch_modules, runners["llmarch"][1])
         runners["llmarch torch-int8"] = (run_llmarch_torch_kernels, runners["llmarch"][1])
     else:  # where they are not built: generate --fast-kernels (and chat), fbgemm's; packed before the rounds
         runners["llmarch --fast-kernels"] = (run_llmarch, load_model(open_checkpoint(path), dtype, fast=True))

@@ -36,7 +36,7 @@ def usage_error(message: str) -> None:
 
 
 def add_runtime(sp: argparse.ArgumentParser) -> None:
-    """``--dtype``, ``--quant``, ``--group-size`` and ``--threads`` of the commands that run a
+    """``--dtype``, ``--quant``, ``--group-size``, ``--threads`` and ``--no-native-step`` of the commands that run a
     model; their bad values are reported as one error line."""
     sp.add_argument("--dtype", choices=MODEL_DTYPES, default="auto",
                     help="compute dtype (auto: bfloat16 where the CPU computes it natively, else float32)")
@@ -48,6 +48,9 @@ def add_runtime(sp: argparse.ArgumentParser) -> None:
                     help="inputs per int4 scale: 32 (default), 64, 128 or 256; it must divide every layer's width")
     sp.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: the physical cores; on a busy machine fewer avoids threads waiting on each other)")
+    sp.add_argument("--no-native-step", action="store_true",
+                    help="run each decoding step's layers module by module, not in one native call "
+                    "(llmarch.inference.step: int8/int4 models on a CPU with a C compiler)")
     sp.error = usage_error
 
 
@@ -66,6 +69,10 @@ def apply_runtime(args: argparse.Namespace):
     if args.quant in MODES:
         check_mode(args.quant, args.group_size)
     torch.set_num_threads(threads)
+    if getattr(args, "no_native_step", False):
+        from ..inference import step
+
+        step.enabled = False
     if args.dtype == "auto":
         dtype, why = auto_dtype("cpu")
     else:

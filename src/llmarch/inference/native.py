@@ -113,6 +113,10 @@ def _open(path: Path) -> ctypes.CDLL | None:
     lib.llmarch_rms_norm.restype = I
     lib.llmarch_attend_one.argtypes = [P, I, I64, I64, P, P, I, *[I64] * 6, P, I, I64, *[I64] * 5, ctypes.c_float, P]
     lib.llmarch_attend_one.restype = I
+    lib.llmarch_layer_struct_size.argtypes = []
+    lib.llmarch_layer_struct_size.restype = I64
+    lib.llmarch_decode_layers.argtypes = [P, I64, P, I, I64, I64, P, P, ctypes.c_float]
+    lib.llmarch_decode_layers.restype = I
     return lib
 
 

@@ -27,7 +27,9 @@ inference versions that override the model's seams, keeping every parameter (and
 * ``GLU`` -> :class:`PackedGLU`: gate and up as one packed product;
 * MoE ``Experts`` -> :class:`PackedExperts`: every expert's matrices pre-packed;
 * ``RMSNorm`` -> :class:`PackedRMSNorm`: one native call per norm (``llmarch.inference.native``)
-  where the kernels are built (a decoding step of Gemma 3 270M runs 91 norms).
+  where the kernels are built (a decoding step of Gemma 3 270M runs 91 norms);
+* ``Decoder`` -> :class:`PackedDecoder`: a decoding step's layers in one native call where they
+  are all of the kinds it runs (``llmarch.inference.step``: int8 / int4 projections, ...).
 
 The separate layers of a fused group stay unpacked (they are packed lazily, on first use),
 so the fused copy replaces their packed copies rather than adding to them.
@@ -35,11 +37,14 @@ so the fused copy replaces their packed copies rather than adding to them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..model.attention import Attention
+from ..model.decoder import Decoder
 from ..model.ffn import GLU
 from ..model.layers import RMSNorm, apply_rope, rms_normalize
 from ..model.moe import Experts
@@ -51,6 +56,19 @@ PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
 
 def packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def packable(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of ``dtype`` on this CPU: bfloat16 needs AVX-512 (BW, VL,
+    DQ) or AVX-NE-CONVERT, so on an AVX2 CPU a bfloat16 model keeps ``F.linear`` (probed once)."""
+    if dtype not in PACKABLE_DTYPES or not packing_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):
@@ -86,10 +104,10 @@ class PackedLinear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
+        if (torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)) or not packable(self.weight.dtype):
             if self.weight.is_meta:
                 raise RuntimeError(RELEASED)
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight, self.bias)  # autograd, or a dtype oneDNN cannot pack here
         lead = x.shape[:-1]
         b = None if self.bias is None else self.bias.detach()
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed_weight(), b, "none", [], "")
@@ -118,6 +136,8 @@ class FusedLinears:
         return [getattr(self.module, n).weight for n in self.names]
 
     def usable(self, x: torch.Tensor) -> bool:
+        if not packable(x.dtype):  # converted to a dtype oneDNN cannot pack on this CPU: the layers apart
+            return False
         if not torch.is_grad_enabled():
             return True
         return not x.requires_grad and not any(w.requires_grad for w in self._weights())
@@ -237,6 +257,9 @@ class PackedRMSNorm(RMSNorm):
     """:class:`RMSNorm` for CPU inference: one native call (:func:`llmarch.inference.native.rms_norm`)
     instead of nine torch operations, where the kernels are built; the same parameters."""
 
+    #: what llmarch.inference.step runs natively in place of this class's forward (not a subclass's)
+    native_step_kind = "rms_norm"
+
     def prepare_packing(self) -> None:
         pass
 
@@ -273,6 +296,8 @@ def single_query_attention(
 
 class PackedAttention(Attention):
     """:class:`Attention` for CPU inference (the same parameters, the same results)."""
+
+    native_step_kind = "attention"  # see PackedRMSNorm
 
     def prepare_packing(self) -> None:
         if self.kv_source is None:  # a KV-shared layer projects queries only
@@ -343,6 +368,8 @@ class PackedAttention(Attention):
 class PackedGLU(GLU):
     """:class:`GLU` whose gate and up projections run as one packed product."""
 
+    native_step_kind = "glu"  # see PackedRMSNorm
+
     def prepare_packing(self) -> None:
         fuse(self, "gate_up", ("gate_proj", "up_proj"))
 
@@ -368,7 +395,7 @@ class PackedExperts(Experts):
         self.pack_weights()
 
     def pack_weights(self) -> None:
-        if self.gate_up_proj.device.type != "cpu" or self.gate_up_proj.dtype not in PACKABLE_DTYPES:
+        if self.gate_up_proj.device.type != "cpu" or not packable(self.gate_up_proj.dtype):
             return
         reorder = torch.ops.mkldnn._reorder_linear_weight
         with torch.no_grad():
@@ -413,9 +440,33 @@ class PackedExperts(Experts):
         return not self._use_packed(x) and super().run_batched(x, counts)
 
 
+# ----------------------------------------------------------------------------------------
+# The decoder: a decoding step's layers in one native call
+# ----------------------------------------------------------------------------------------
+
+
+class PackedDecoder(Decoder):
+    """:class:`Decoder` whose decoding steps (one sequence, one token, a cache) run every layer
+    in one native call where the layers allow it (:mod:`llmarch.inference.step`); the same
+    parameters, and otherwise the same forward."""
+
+    def prepare_packing(self) -> None:
+        pass
+
+    def hidden_states(self, input_ids, positions=None, cache=None):
+        if cache is not None and input_ids.numel() == 1:
+            from . import step
+
+            x = step.decode(self, input_ids, positions, cache)
+            if x is not None:
+                return self.norm(x)
+        return super().hidden_states(input_ids, positions, cache)
+
+
 # the model's modules and their inference versions (subclasses: the same parameters)
 PACKED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     Attention: PackedAttention, GLU: PackedGLU, Experts: PackedExperts, RMSNorm: PackedRMSNorm,
+    Decoder: PackedDecoder,
 }
 
 
@@ -456,20 +507,22 @@ def pack_linears(model: nn.Module, release: bool = False) -> nn.Module:
     """Prepare a CPU model for inference, in place: every ``nn.Linear`` (and a tied output head)
     becomes a :class:`PackedLinear`, and attention, gated FFNs and MoE experts become their
     packed versions (:data:`PACKED_CLASSES`). A no-op where oneDNN is unavailable or for other
-    dtypes/devices. ``release``: then free the plain weights (:func:`release_weights`), for a
+    dtypes/devices; float layers of a dtype oneDNN cannot pack on this CPU (:func:`packable`) stay
+    ``nn.Linear``. ``release``: then free the plain weights (:func:`release_weights`), for a
     model that only runs inference."""
     p = next(model.parameters())
     if not packing_available() or p.device.type != "cpu" or p.dtype not in PACKABLE_DTYPES:
         return model
+    pack = packable(p.dtype)  # else (bfloat16 on an AVX2 CPU) the float layers stay as they are
     for mod in list(model.modules()):
         for child_name, child in list(mod.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and pack:
                 setattr(mod, child_name, PackedLinear.from_linear(child))
     for mod in model.modules():
         packed = PACKED_CLASSES.get(type(mod))
         if packed is not None:
             mod.__class__ = packed  # a subclass adding no parameters: state_dict and training unchanged
             mod.prepare_packing()
-    if getattr(model, "lm_head", False) is None and hasattr(model, "embed"):
+    if pack and getattr(model, "lm_head", False) is None and hasattr(model, "embed"):
         model.lm_head = PackedLinear(model.embed.weight, own_weight=False)
     return release_weights(model) if release else model
