@@ -448,3 +448,42 @@ def test_an_unwritable_cache_means_torch_kernels(fresh, monkeypatch, tmp_path):
     blocked.write_text("not a folder")
     monkeypatch.setenv("LLMARCH_CACHE", str(blocked))
     assert native.library() is None and native.status().startswith("torch's (could not compile")
+
+
+# ---- int8 x int8 products (torch._int_mm's stand-in where oneDNN has no int8 kernel) --------------
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (3, 5, 17), (130, 67, 640), (65, 4, 96), (16, 130, 4864)])
+def test_int8_mm_is_int_mm_to_the_bit(m, n, k, native_kernels):
+    """Exact integer sums: the same int32 values as torch._int_mm (and the int64 product), the
+    extremes (-128 * -128 over a whole row) included; rows and columns not multiples of the tiles."""
+    g = torch.Generator().manual_seed(m * 7 + n)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (n, k + 3), dtype=torch.int8, generator=g)[:, :k]  # rows k + 3 apart
+    a[0] = -128
+    b[0] = -128
+    c = native.int8_mm(a, b)
+    assert c.dtype == torch.int32 and torch.equal(c.long(), a.long() @ b.long().T)
+    if m > 16 and k % 8 == 0:  # torch._int_mm's own shape rules
+        assert torch.equal(c, torch._int_mm(a, b.t()))
+    assert native.int8_mm(a.float(), b) is None and native.int8_mm(a[:, :-1], b) is None
+
+
+def test_many_row_int8_products_take_it_where_preferred(native_kernels, monkeypatch):
+    """Int8Linear's many-row path (two-level int8 activations) gives the same bits through
+    llmarch_int8_mm as through torch._int_mm: only the kernel differs."""
+    from llmarch.inference import quant
+
+    g = torch.Generator().manual_seed(3)
+    layer = Int8Linear.from_float(torch.randn(96, 160, generator=g), torch.randn(96, generator=g))
+    x = torch.randn(37, 160, generator=g)
+    calls = []
+    real = native.int8_mm
+    monkeypatch.setattr(native, "int8_mm", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(native, "int8_mm_preferred", lambda: True)
+    ours = layer(x)
+    monkeypatch.setattr(native, "int8_mm_preferred", lambda: False)
+    theirs = layer(x)
+    assert calls == [1] and torch.equal(ours, theirs)
+    monkeypatch.undo()
+    assert native.int8_mm_preferred() == (native.library().llmarch_simd() < 2)

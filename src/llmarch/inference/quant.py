@@ -274,7 +274,8 @@ def w8a8_mm(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) ->
     activations (:func:`int8_rows`) with exact int32 sums; float32 (m, n)."""
     codes, s1, s2 = int8_rows(x)
     m = x.shape[0]
-    acc = torch._int_mm(codes, weight_int8.t()).float()
+    acc = native.int8_mm(codes, weight_int8) if native.int8_mm_preferred() else None  # the same sums
+    acc = (acc if acc is not None else torch._int_mm(codes, weight_int8.t())).float()
     return (acc[:m].mul_(s1) + acc[m:].mul_(s2)).mul_(scales.float())
 
 
