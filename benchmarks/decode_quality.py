@@ -5,8 +5,9 @@ runs the one-row kernels that decoding uses: the weight-only int8/int4 kernels a
 layers' native kernel (llmarch.inference.native) or torch's, and fbgemm's (``--fast-kernels``,
 where the native kernels are not built). This script feeds a text one token at a time, as
 decoding does, and scores each next token, for the same GGUF file loaded as float32 (``--quant
-none``), as the file is (``--quant auto``, bfloat16; the native int8 kernel), and as the file is
-on torch's int8 kernels, without and with the fast kernels.
+none``), as the file is (``--quant auto``, the CLI's dtype; the native kernels and the native
+decoding step), with the step's layers run module by module (``--no-native-step``), and as the
+file is on torch's int8 kernels, without and with the fast kernels.
 
     PYTHONPATH=src python benchmarks/decode_quality.py                 # both packaged models, 400 tokens
     PYTHONPATH=src python benchmarks/decode_quality.py --tokens 1000 --models gemma-3-270m
@@ -26,7 +27,8 @@ import torch
 from llmarch.checkpoints.assets import resolve_model
 from llmarch.checkpoints.formats import open_checkpoint
 from llmarch.checkpoints.tokenizer import Tokenizer
-from llmarch.inference import native
+from llmarch.inference import native, step
+from llmarch.inference.device import auto_dtype
 from llmarch.inference.generate import load_model
 
 
@@ -50,23 +52,29 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=400)
     p.add_argument("--start", type=int, default=200_000, help="character offset into the bundled Shakespeare")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="compute dtype of the quantised variants (auto: as the CLI picks, bfloat16 where the CPU has it natively)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with resources.files("llmarch.data").joinpath("shakespeare.txt.gz").open("rb") as fh:
         text = gzip.decompress(fh.read()).decode("utf-8")[args.start : args.start + 40 * args.tokens]
-    variants = [("float32 (--quant none)", "none", torch.float32, False, True),
-                ("as the file (--quant auto)", "auto", torch.bfloat16, False, True),
-                ("auto, torch's int8 kernel", "auto", torch.bfloat16, False, False),
-                ("auto, torch's + fast kernels", "auto", torch.bfloat16, True, False)]
-    print(f"int8 kernels: {native.status()}")
+    dtype = auto_dtype("cpu")[0] if args.dtype == "auto" else getattr(torch, args.dtype)
+    # (label, --quant, dtype, fast kernels, native kernels, native step)
+    variants = [("float32 (--quant none)", "none", torch.float32, False, True, True),
+                ("as the file (--quant auto)", "auto", dtype, False, True, True),
+                ("auto, --no-native-step", "auto", dtype, False, True, False),
+                ("auto, torch's int8 kernel", "auto", dtype, False, False, False),
+                ("auto, torch's + fast kernels", "auto", dtype, True, False, False)]
+    print(f"int8 kernels: {native.status()}; quantised variants in {str(dtype).replace('torch.', '')}")
     print(f"teacher-forced decoding, {args.tokens} tokens of Shakespeare from character {args.start}, "
           f"{args.threads} thread(s)")
     for alias in args.models:
         path = resolve_model(alias)
         ids = Tokenizer.from_gguf(path).encode(text)[: args.tokens]
         base = None
-        for label, quant, dtype, head, own in variants:
-            with contextlib.nullcontext() if own else native.disabled():
+        for label, quant, dtype, head, own, native_step in variants:
+            with contextlib.nullcontext() if own else native.disabled(), \
+                    contextlib.nullcontext() if native_step else step.disabled():
                 model = load_model(open_checkpoint(path), dtype, quant=quant, fast=head)
                 ppl, ms = decode_perplexity(model, ids, dtype)
             base = base or ppl

@@ -377,8 +377,9 @@ def decode(model, input_ids: torch.Tensor, positions: torch.Tensor | None, cache
     x = model.embed_tokens(input_ids, positions)
     if x.dtype != dtype or not x.is_contiguous():
         return None
-    if p.cache is not cache or any(c.k is not k or c.v is not v or c.pos is not pos
-                                   for c, k, v, pos in p.cache_tensors) or len(cache.layers) != len(p.layers):
+    if p.cache is not cache or len(cache.layers) != len(p.layers) or any(
+            now is not c or c.k is not k or c.v is not v or c.pos is not pos
+            for now, (c, k, v, pos) in zip(cache.layers, p.cache_tensors)):
         try:
             p.bind(cache)
         except Unsupported:
