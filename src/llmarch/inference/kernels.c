@@ -50,7 +50,7 @@
 enum { F32 = 0, BF16 = 1 };
 
 /* bumped whenever a signature changes: native.py refuses a library of another version */
-int llmarch_abi_version(void) { return 8; }
+int llmarch_abi_version(void) { return 9; }
 
 /* the vector instructions this build's kernels use (reported by native.py): 2 AVX-512, 1 AVX2
  * with FMA, 0 the portable loops */
@@ -697,6 +697,23 @@ int llmarch_int8_mm(const int8_t *a, int64_t lda, const int8_t *b, int64_t ldb, 
     free(a16);
     free(b16);
     return 0;
+}
+
+/* y (M, N) float32 = (float(acc[m]) * s1[m] + float(acc[M + m]) * s2[m]) * scale[n]: the sums of
+ * two levels of int8 activation codes (llmarch.inference.quant.w8a8_mm's acc, (2M, N) int32)
+ * combined with their row scales and the weight's (bfloat16) column scales, the same float32
+ * operations in the same order as its five torch operations (so the same bits) in one pass. */
+void llmarch_w8a8_combine(const int32_t *acc, const float *s1, const float *s2, const uint16_t *scale,
+                          int64_t M, int64_t N, float *y) {
+#pragma omp parallel for schedule(static) if (M * N >= (1 << 16))
+    for (int64_t m = 0; m < M; m++) {
+        const int32_t *a = acc + m * N, *b = acc + (M + m) * N;
+        float u = s1[m], v = s2[m];
+        for (int64_t n = 0; n < N; n++) {
+            float p = (float)a[n] * u, q = (float)b[n] * v;
+            y[m * N + n] = (p + q) * bf16_to_f32(scale[n]);
+        }
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------

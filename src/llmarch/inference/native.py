@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ABI_VERSION = 8
+ABI_VERSION = 9
 # -ffp-contract=off: a * b + c rounds twice, as torch's separate operations do (the kernels'
 # explicit fused multiply-adds are unaffected)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11")
@@ -115,6 +115,8 @@ def _open(path: Path) -> ctypes.CDLL | None:
     lib.llmarch_attend_one.restype = I
     lib.llmarch_int8_mm.argtypes = [P, I64, P, I64, I64, I64, I64, P, I64]
     lib.llmarch_int8_mm.restype = I
+    lib.llmarch_w8a8_combine.argtypes = [P, P, P, P, I64, I64, P]
+    lib.llmarch_w8a8_combine.restype = None
     lib.llmarch_layer_struct_size.argtypes = []
     lib.llmarch_layer_struct_size.restype = I64
     lib.llmarch_decode_layers.argtypes = [P, I64, P, I, I64, I64, P, P, ctypes.c_float]
@@ -292,6 +294,22 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     if lib.llmarch_int8_mm(a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), m, n, a.shape[1], c.data_ptr(), n) != 0:
         raise MemoryError("llmarch_int8_mm: could not allocate the 16-bit copies")
     return c
+
+
+def w8a8_combine(acc: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """``(acc[:m].float() * s1 + acc[m:].float() * s2) * scales.float()`` for int32 acc (2m, n),
+    float32 s1, s2 (m, 1) and bfloat16 scales (n,), in one pass (the same float32 operations:
+    the same bits); None where the kernel does not apply."""
+    lib = library()
+    m2, n = acc.shape if acc.dim() == 2 else (0, 0)
+    m = m2 // 2
+    if (lib is None or acc.dtype != torch.int32 or m2 % 2 or not acc.is_contiguous() or scales.dtype != torch.bfloat16
+            or scales.shape != (n,) or not scales.is_contiguous()
+            or any(s.dtype != torch.float32 or s.shape != (m, 1) or not s.is_contiguous() for s in (s1, s2))):
+        return None
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.llmarch_w8a8_combine(acc.data_ptr(), s1.data_ptr(), s2.data_ptr(), scales.data_ptr(), m, n, y.data_ptr())
+    return y
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor | None, scale_f32: bool, eps: float,

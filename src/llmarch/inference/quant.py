@@ -274,8 +274,12 @@ def w8a8_mm(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) ->
     activations (:func:`int8_rows`) with exact int32 sums; float32 (m, n)."""
     codes, s1, s2 = int8_rows(x)
     m = x.shape[0]
-    acc = native.int8_mm(codes, weight_int8) if native.int8_mm_preferred() else None  # the same sums
-    acc = (acc if acc is not None else torch._int_mm(codes, weight_int8.t())).float()
+    if native.int8_mm_preferred():  # the same sums, combined by the same float32 operations: the same bits
+        acc = native.int8_mm(codes, weight_int8)
+        y = native.w8a8_combine(acc, s1, s2, scales) if acc is not None else None
+        if y is not None:
+            return y
+    acc = torch._int_mm(codes, weight_int8.t()).float()
     return (acc[:m].mul_(s1) + acc[m:].mul_(s2)).mul_(scales.float())
 
 
