@@ -436,10 +436,12 @@ def test_peak_rss_is_the_child_process_own():
     from pathlib import Path
 
     src = str(Path(__file__).resolve().parents[1] / "src")
-    ballast = bytearray(300 * 1024 * 1024)
-    ballast[:: 4096] = b"\1" * len(ballast[:: 4096])  # touch every page: the parent's RSS grows by 300 MB
+    ballast = bytearray(600 * 1024 * 1024)
+    ballast[:: 4096] = b"\1" * len(ballast[:: 4096])  # touch every page: the parent's RSS grows by 600 MB
     code = "from llmarch.training.loop import _peak_rss_mb; print(_peak_rss_mb())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
-    assert float(out.stdout) < 280, out.stdout  # torch + llmarch alone: ~225 MB
+    # torch + llmarch alone: 220-281 MB (it moves by tens of MB between runs on one machine); with
+    # the parent's memory it would be over 825 MB
+    assert float(out.stdout) < 400, out.stdout
     del ballast
