@@ -194,10 +194,10 @@ def _linear(rec: _Recorder, layer: nn.Module, in_features: int, out_off: int) ->
 
 
 def _group(rec: _Recorder, module: nn.Module, group: str, names: tuple[str, ...], in_features: int,
-           targets: list[_Linear]) -> list[int]:
+           targets: list[_Linear]) -> tuple[int, list[int]]:
     """The projections ``names`` of ``module``, as the module computes them: its fused int8 group
     when it has one, else each layer apart; their outputs side by side in one buffer. Fills
-    ``targets``; returns where each name's outputs start."""
+    ``targets``; returns how many of them it filled and where each name's outputs start."""
     fused = module.__dict__.get("_fused", {}).get(group)
     layers = [rec.child(module, n) for n in names]
     if fused is not None:
@@ -206,13 +206,11 @@ def _group(rec: _Recorder, module: nn.Module, group: str, names: tuple[str, ...]
         for m, w, s, b in fused._parts:  # what FusedInt8.usable checks on each call
             rec.entries += [(m._buffers, "weight_int8", w), (m._buffers, "scales", s), (m._buffers, "bias", b)]
         targets[0] = _linear(rec, rec.module(fused.layer), in_features, 0)
-        if fused.order is None:
-            return list(_starts(layers))
-        return [a for a, _ in fused._slices]
+        return 1, list(_starts(layers)) if fused.order is None else [a for a, _ in fused._slices]
     starts = list(_starts(layers))
     for i, (m, start) in enumerate(zip(layers, starts)):
         targets[i] = _linear(rec, m, in_features, start)
-    return starts
+    return len(layers), starts
 
 
 def _starts(layers: list[nn.Module]):
@@ -248,8 +246,7 @@ def _layer(rec: _Recorder, block: nn.Module, cfg, dtype: torch.dtype, rope_index
         L.q_norm, L.k_norm = _norm(rec, attn, "q_norm", dtype, d), _norm(rec, attn, "k_norm", dtype, d)
     L.window, L.chunk = attn.window or 0, attn.chunk or 0
     L.rope = rope_index if attn.use_rope else -1
-    L.n_qkv = 1 if "qkv" in attn.__dict__.get("_fused", {}) else 3
-    L.q_off, L.k_off, L.v_off = _group(rec, attn, "qkv", ("q_proj", "k_proj", "v_proj"), hidden, L.qkv)
+    L.n_qkv, (L.q_off, L.k_off, L.v_off) = _group(rec, attn, "qkv", ("q_proj", "k_proj", "v_proj"), hidden, L.qkv)
     L.qkv_width = (h + 2 * kv) * d
     if [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features] != [h * d, kv * d, kv * d]:
         raise Unsupported("projections of another width")
@@ -261,8 +258,7 @@ def _layer(rec: _Recorder, block: nn.Module, cfg, dtype: torch.dtype, rope_index
         raise Unsupported(f"a {type(mlp).__name__} feed-forward")
     width = mlp.up_proj.out_features
     L.act, L.ffn_width = _ACTIVATIONS[mlp.activation], width
-    L.n_gate_up = 1 if "gate_up" in mlp.__dict__.get("_fused", {}) else 2
-    L.gate_off, L.up_off = _group(rec, mlp, "gate_up", ("gate_proj", "up_proj"), hidden, L.gate_up)
+    L.n_gate_up, (L.gate_off, L.up_off) = _group(rec, mlp, "gate_up", ("gate_proj", "up_proj"), hidden, L.gate_up)
     if mlp.gate_proj.out_features != width:
         raise Unsupported("gate and up projections of two widths")
     L.down = _linear(rec, rec.child(mlp, "down_proj"), width, 0)
