@@ -21,6 +21,7 @@ from llmarch.inference.quant import (
     QuantEmbedding,
     QuantExperts,
     QuantHead,
+    FLOAT_MIN_ROWS,
     W8A8_MIN_ROWS,
     int8_rows,
     quantize,
@@ -104,6 +105,97 @@ def test_int8_with_many_rows_multiplies_int8_activations_within_their_error(rows
     # a per-token int8 product of row 0 (one level) is visibly worse than the two-level one
     one = (torch.round(x[0].float() / s1[0]) * s1[0]).double()
     assert (one - x[0].double()).abs().max() > 100 * dx[0, 0]
+
+
+@pytest.mark.parametrize("mode, group", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [FLOAT_MIN_ROWS, 200])
+def test_many_rows_multiply_float_copies_of_the_weights(mode, group, dtype, rows, monkeypatch):
+    """Where many_rows_in_float (CPUs without AVX-512), products of FLOAT_MIN_ROWS rows or more run
+    a float32 GEMM on the dequantised weight, a few hundred rows of it at a time: the product of x
+    with exactly the weights the layer holds (``rows``), up to float32 rounding; no int8 or int4
+    kernel is called. A 700-row weight is made in several chunks (the last one partial)."""
+    from llmarch.inference import native, quant
+
+    monkeypatch.setattr(quant, "many_rows_in_float", lambda: True)
+    if mode == "int4" and native.library() is None:
+        pytest.skip("the int4 weights are dequantised by llmarch's native kernels (not built here)")
+
+    def not_called(*a, **k):
+        raise AssertionError("a quantised kernel was called")
+
+    for op in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_int_mm"):
+        monkeypatch.setattr(torch.ops.aten, op, not_called)
+    monkeypatch.setattr(torch, "_int_mm", not_called)
+    monkeypatch.setattr(native, "int8_mm", not_called)
+    g = torch.Generator().manual_seed(rows + group)
+    w, b = torch.randn(700, 256, generator=g), torch.randn(700, generator=g)
+    layer = quantize_linear(w, b, mode, group)
+    x = (torch.randn(rows, 256, generator=g) * 3).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (rows, 700)
+    wq = layer.rows(torch.arange(700)).double()  # the weights the layer holds
+    ref = x.double() @ wq.T + b.double()
+    # float32 sums of 256 products, then the rounding of the product, of the bias and of their sum
+    # to the output's dtype (each at most half its unit: together within one unit of |x||w| + |b|)
+    size = x.double().abs() @ wq.abs().T
+    tol = 256 * 2.0**-23 * size + (BF16 if dtype == torch.bfloat16 else 2.0**-23) * 1.01 * (size + b.double().abs())
+    assert ((y.double() - ref).abs() <= tol + 1e-6).all()
+    # below FLOAT_MIN_ROWS the quantised kernels run as before
+    monkeypatch.undo()
+    assert torch.equal(layer(x[: FLOAT_MIN_ROWS - 1]), quantize_linear(w, b, mode, group)(x[: FLOAT_MIN_ROWS - 1]))
+
+
+def test_many_rows_in_float_only_without_avx512(monkeypatch):
+    """The float32 products stand in for the int8 GEMM only where oneDNN has none (no AVX-512)."""
+    from llmarch.inference import quant
+
+    for capability, expect in (("AVX2", True), ("DEFAULT", True), ("AVX512", False)):
+        quant.many_rows_in_float.cache_clear()
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert quant.many_rows_in_float() is expect
+    quant.many_rows_in_float.cache_clear()
+
+
+@pytest.mark.parametrize("out_features", [64, 100, 300])
+def test_native_int4_dequantisation_is_the_layers_rows(out_features):
+    """llmarch_q4_dequant_t gives (in, rows) float32 of any whole blocks of torch's int4 packing:
+    to the bit the values ``Int4Linear.rows`` reads from the packed codes."""
+    from llmarch.inference import native
+
+    if native.library() is None or not native.int4_block_rows():
+        pytest.skip("llmarch's native kernels are not built here")
+    br = native.int4_block_rows()
+    g = torch.Generator().manual_seed(out_features)
+    layer = Int4Linear.from_float(torch.randn(out_features, 192, generator=g), None, 64)
+    npad = layer.weight_int4pack.shape[0]
+    full = layer.rows(torch.arange(npad))  # the padding rows too
+    for start, end in ((0, npad), (br, npad), (0, br), (npad - br, npad), (br, br)):
+        t = native.q4_dequant_t(layer.weight_int4pack, 192, layer.scales_and_zeros, 64, (start, end))
+        assert t.shape == (192, end - start) and torch.equal(t.t(), full[start:end])
+    # what the kernel does not take: None, never a wrong answer
+    assert native.q4_dequant_t(layer.weight_int4pack, 192, layer.scales_and_zeros, 64, (1, br)) is None
+    assert native.q4_dequant_t(layer.weight_int4pack, 192, layer.scales_and_zeros, 64, (0, npad + br)) is None
+    assert native.q4_dequant_t(layer.weight_int4pack, 192, layer.scales_and_zeros.float(), 64, (0, br)) is None
+
+
+def test_batch_invariant_layers_keep_exact_products_at_many_rows(monkeypatch):
+    """A server's batch-invariant model never takes the float32 products (a GEMM's sums depend on
+    how many rows it blocks together): a row's result is the same alone and among 100 rows."""
+    from llmarch.inference import quant
+    from llmarch.inference.packed import pack_linears
+
+    monkeypatch.setattr(quant, "many_rows_in_float", lambda: True)
+    model = quant.batch_invariant(pack_linears(quantize(_model("dense_tied"), "int8"), release=True))
+    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    assert layers and not any(m.float_rows for m in layers)
+    x = torch.randn(100, 64, generator=torch.Generator().manual_seed(0))
+    head = model.lm_head
+    many = head(x)
+    for i in (0, 57, 99):
+        assert torch.equal(many[i], head(x[i : i + 1])[0])
+    layer4 = quant.batch_invariant(Int4Linear.from_float(torch.randn(64, 64), None, 32))
+    assert not layer4.float_rows
 
 
 @pytest.mark.parametrize("mode, group, kernel", [(m, g, "torch") for m, g in CASES] + [("int8", 32, "native")])

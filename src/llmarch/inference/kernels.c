@@ -50,7 +50,7 @@
 enum { F32 = 0, BF16 = 1 };
 
 /* bumped whenever a signature changes: native.py refuses a library of another version */
-int llmarch_abi_version(void) { return 9; }
+int llmarch_abi_version(void) { return 10; }
 
 /* the vector instructions this build's kernels use (reported by native.py): 2 AVX-512, 1 AVX2
  * with FMA, 0 the portable loops */
@@ -627,6 +627,40 @@ int llmarch_q4_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_
         }
     }
     free(xf);
+    return 0;
+}
+
+/* The int4 weight of llmarch_q4_linear (same layout and arguments), rows of blocks [b0, b1)
+ * dequantised and transposed: out (K, (b1 - b0) * br) float32, out[k, (b - b0) * br + r] =
+ * (code - 8) * scale + zero of row b * br + r (in that order of operations: the values of
+ * Int4Linear.rows, to the bit). For products of many rows, where a float GEMM on the weights'
+ * float copy, a few blocks at a time, is faster than any int4 kernel here. Returns 0, or -1
+ * for a br that is not an even number up to 64 or blocks out of range. */
+int llmarch_q4_dequant_t(const uint8_t *w, int64_t K, int64_t npad, const uint16_t *sz, int64_t group,
+                         int64_t br, int64_t b0, int64_t b1, float *out) {
+    if (br < 2 || br > 64 || br % 2 || npad % br || b0 < 0 || b1 > npad / br || b0 > b1 || group <= 0 || K % group)
+        return -1;
+    int64_t half = br / 2, cols = (b1 - b0) * br;
+#pragma omp parallel for schedule(static) if (cols * K >= (1 << 18))
+    for (int64_t b = b0; b < b1; b++) {
+        const uint8_t *wb = w + b * half * K;
+        float sc[64], zz[64];
+        for (int64_t g = 0; g < K / group; g++) {
+            for (int64_t r = 0; r < br; r++) {
+                const uint16_t *p = sz + (g * npad + b * br + r) * 2;
+                sc[r] = bf16_to_f32(p[0]);
+                zz[r] = bf16_to_f32(p[1]);
+            }
+            for (int64_t k = g * group; k < (g + 1) * group; k++) {
+                const uint8_t *col = wb + k * half;
+                float *o = out + k * cols + (b - b0) * br;
+                for (int64_t j = 0; j < half; j++) {
+                    o[j] = (float)((int)(col[j] & 15) - 8) * sc[j] + zz[j];
+                    o[j + half] = (float)((int)(col[j] >> 4) - 8) * sc[j + half] + zz[j + half];
+                }
+            }
+        }
+    }
     return 0;
 }
 

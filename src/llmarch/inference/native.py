@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ABI_VERSION = 9
+ABI_VERSION = 10
 # -ffp-contract=off: a * b + c rounds twice, as torch's separate operations do (the kernels'
 # explicit fused multiply-adds are unaffected)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11")
@@ -113,6 +113,8 @@ def _open(path: Path) -> ctypes.CDLL | None:
     lib.llmarch_rms_norm.restype = I
     lib.llmarch_attend_one.argtypes = [P, I, I64, I64, P, P, I, *[I64] * 6, P, I, I64, *[I64] * 5, ctypes.c_float, P]
     lib.llmarch_attend_one.restype = I
+    lib.llmarch_q4_dequant_t.argtypes = [P, I64, I64, P, I64, I64, I64, I64, P]
+    lib.llmarch_q4_dequant_t.restype = I
     lib.llmarch_int8_mm.argtypes = [P, I64, P, I64, I64, I64, I64, P, I64]
     lib.llmarch_int8_mm.restype = I
     lib.llmarch_w8a8_combine.argtypes = [P, P, P, P, I64, I64, P]
@@ -271,6 +273,27 @@ def q4_linear(x: torch.Tensor, packed: torch.Tensor, in_features: int, out_featu
     if rc != 0:
         raise MemoryError("llmarch_q4_linear: could not allocate the activations' float32 copy")
     return y
+
+
+def q4_dequant_t(packed: torch.Tensor, in_features: int, scales_and_zeros: torch.Tensor, group_size: int,
+                 rows: tuple[int, int]) -> torch.Tensor | None:
+    """Rows ``rows`` = (start, end) of an int4 weight in torch's packed CPU layout (as for
+    :func:`q4_linear`), dequantised and transposed: (in_features, end - start) float32, the values
+    of ``Int4Linear.rows`` to the bit; start and end multiples of :func:`int4_block_rows` (end may
+    be the padded row count). None where the kernel does not apply."""
+    lib = library()
+    br = int4_block_rows() if lib is not None else None
+    npad = packed.shape[0]
+    start, end = rows
+    if (lib is None or not br or packed.dtype != torch.uint8 or not packed.is_contiguous() or npad % br
+            or packed.shape[1] * 2 != in_features or in_features % group_size or start % br or end % br
+            or not 0 <= start <= end <= npad or scales_and_zeros.dtype != torch.bfloat16
+            or not scales_and_zeros.is_contiguous() or scales_and_zeros.shape != (in_features // group_size, npad, 2)):
+        return None
+    out = torch.empty(in_features, end - start, dtype=torch.float32)
+    rc = lib.llmarch_q4_dequant_t(packed.data_ptr(), in_features, npad, scales_and_zeros.data_ptr(), group_size,
+                                  br, start // br, end // br, out.data_ptr())
+    return out if rc == 0 else None
 
 
 def int8_mm_preferred() -> bool:

@@ -102,6 +102,40 @@ INT8_K_MULTIPLE = 16
 W8A8_MIN_ROWS = 8
 
 
+#: from this many rows on, on CPUs without AVX-512 (:func:`many_rows_in_float`), the int8 and
+#: int4 layers multiply float32 copies of their weights, a few hundred rows of the weight at a
+#: time; measured on an AVX2 EPYC, 2 threads, 896 -> 4864: 64 rows 4.2 ms against 7.0 (int8
+#: activations), 512 rows 25 against 64; the int4 kernel runs at 80 GFLOP/s at any row count,
+#: float32 products at 125 (64 rows) to 180 (512)
+FLOAT_MIN_ROWS = 64
+#: float32 weight elements :func:`float_product` makes at a time (a few MB: they stay in cache)
+FLOAT_CHUNK_ELEMENTS = 1 << 18
+
+
+@functools.cache
+def many_rows_in_float() -> bool:
+    """Whether products of many rows run on float32 copies of the quantised weights
+    (:func:`float_product`) rather than int8 activations (``torch._int_mm``) and torch's int4
+    kernel: on x86 CPUs without AVX-512, where oneDNN has no int8 GEMM (torch's falls back to a
+    reference loop; llmarch's :func:`llmarch.inference.native.int8_mm` reaches 48-70 GFLOP/s
+    on an AVX2 EPYC, 2 threads, where a float32 GEMM reaches 156-181) and the int4 kernel
+    reaches 80. With AVX-512 (oneDNN's int8 GEMM, VNNI) int8 activations are kept."""
+    return torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2")
+
+
+def float_product(x: torch.Tensor, rows: int, dequantize, step: int, transposed: bool = False) -> torch.Tensor:
+    """x (m, k) times a quantised weight (rows, k) transposed, in float32: ``dequantize(a, b)``
+    gives rows a..b of the weight as float32 (b - a, k), or (k, b - a) when ``transposed``, a
+    ``step`` rows at a time (so the float copy stays small and in cache); (m, rows) float32."""
+    x = x.float()
+    y = torch.empty(x.shape[0], rows, dtype=torch.float32)
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        w = dequantize(a, b)
+        torch.mm(x, w if transposed else w.t(), out=y[:, a:b])
+    return y
+
+
 def check_mode(mode: str, group_size: int) -> None:
     if mode not in MODES:
         raise ConfigError(f"unknown quantisation mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -150,10 +184,14 @@ def batch_invariant(model: nn.Module) -> nn.Module:
     decoding about 8% (Qwen2.5-0.5B, before the native kernels)."""
     for m in int8_layers(model):
         m.w8a8_min_rows = 1
+        m.float_rows = False  # a float GEMM's sums depend on how many rows it blocks together
         m.dynamic = None  # one product for every row count (fast_kernels' is another)
     for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.float_rows = False
         if isinstance(m, Int4Linear):
             m.native = False  # torch's kernel at every row count (the native one serves few rows)
+            m.float_rows = False
     return model
 
 
@@ -315,6 +353,9 @@ class Int8Linear(nn.Module):
 
     #: products of fewer than ``w8a8_min_rows`` rows through :func:`llmarch.inference.native.q8_linear` where it is built
     native = True
+    #: products of FLOAT_MIN_ROWS rows or more on float32 copies of the weight where
+    #: :func:`many_rows_in_float` (see :func:`batch_invariant`, which turns it off)
+    float_rows = True
     #: fbgemm's packed copy for products of few rows, or the Future of one being packed (:func:`fast_kernels`)
     dynamic = None
     #: tensors owning the memory a weight viewed in place reads (see :class:`FusedInt8`)
@@ -328,6 +369,9 @@ class Int8Linear(nn.Module):
             y = native.q8_linear(x2, self.weight_int8, self.in_features, self.scales, self.bias)
             if y is not None:
                 return y.view(*x.shape[:-1], self.out_features)
+        if (self.float_rows and x2.shape[0] >= FLOAT_MIN_ROWS and x2.device.type == "cpu"
+                and many_rows_in_float()):
+            return _linear_out(self, x, float_product(x2, self.out_features, self._float_rows, self._float_step()))
         if self.pad:
             x2 = torch.nn.functional.pad(x2, (0, self.pad))
         if x2.shape[0] >= self.w8a8_min_rows and x2.device.type == "cpu":
@@ -340,6 +384,12 @@ class Int8Linear(nn.Module):
             return _linear_out(self, x, packed_mm(x2, self.dynamic))
         y = torch.ops.aten._weight_int8pack_mm(_as(x2, KERNEL_DTYPE), self.weight_int8, _as(self.scales, KERNEL_DTYPE))
         return _linear_out(self, x, y)
+
+    def _float_rows(self, a: int, b: int) -> torch.Tensor:
+        return self.weight_int8[a:b, : self.in_features].float().mul_(self.scales[a:b].float()[:, None])
+
+    def _float_step(self) -> int:
+        return max(1, FLOAT_CHUNK_ELEMENTS // self.in_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -397,6 +447,7 @@ class FusedInt8:
             # their pages, read to make the copy, need not stay in this process's memory
             release_mapped_pages(sources)
         fused.w8a8_min_rows = layers[0].w8a8_min_rows
+        fused.float_rows = layers[0].float_rows
         self._parts = [(m, m.weight_int8, m.scales, m.bias) for m in layers]
 
     @staticmethod
@@ -405,7 +456,7 @@ class FusedInt8:
         return (
             len(layers) > 1
             and all(type(m) is Int8Linear for m in layers)
-            and len({(m.in_features, m.w8a8_min_rows, m.weight_int8.device) for m in layers}) == 1
+            and len({(m.in_features, m.w8a8_min_rows, m.float_rows, m.weight_int8.device) for m in layers}) == 1
             and all(m.dynamic is None and m.weight_int8.device.type == "cpu" for m in layers)
         )
 
@@ -533,9 +584,17 @@ class Int4Linear(nn.Module):
 
     #: products of fewer than ``W8A8_MIN_ROWS`` rows through :func:`llmarch.inference.native.q4_linear` where it is built
     native = True
+    #: products of FLOAT_MIN_ROWS rows or more on float32 copies of the weight (dequantised by
+    #: :func:`llmarch.inference.native.q4_dequant_t`, where it is built) where :func:`many_rows_in_float`
+    float_rows = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
+        if (self.float_rows and x2.shape[0] >= FLOAT_MIN_ROWS and x2.device.type == "cpu" and many_rows_in_float()
+                and native.library() is not None and native.int4_block_rows() and not torch.compiler.is_compiling()):
+            br = native.int4_block_rows()  # whole blocks of the packing at a time
+            step = br * max(1, FLOAT_CHUNK_ELEMENTS // (self.in_features * br))
+            return _linear_out(self, x, float_product(x2, self.out_features, self._float_rows, step, transposed=True))
         if self.native and x2.shape[0] < W8A8_MIN_ROWS and not torch.compiler.is_compiling():
             # few rows: llmarch's own kernel on the same packed codes, where it is built
             y = native.q4_linear(x2, self.weight_int4pack, self.in_features, self.out_features,
@@ -547,6 +606,15 @@ class Int4Linear(nn.Module):
             x2, self.weight_int4pack, self.group_size, _as(self.scales_and_zeros, KERNEL_DTYPE)
         )
         return _linear_out(self, x, y)
+
+    def _float_rows(self, a: int, b: int) -> torch.Tensor:
+        """Rows a..b of the weight, float32 transposed (in, b - a): the native kernel where built, else :meth:`rows`."""
+        br = native.int4_block_rows()
+        start, end = a - a % br, min(-(-b // br) * br, self.weight_int4pack.shape[0])
+        w = native.q4_dequant_t(self.weight_int4pack, self.in_features, self.scales_and_zeros, self.group_size, (start, end))
+        if w is None:
+            return self.rows(torch.arange(a, b)).t()
+        return w[:, a - start : b - start]
 
     def extra_repr(self) -> str:
         return (
