@@ -104,10 +104,11 @@ W8A8_MIN_ROWS = 8
 
 #: from this many rows on, on CPUs without AVX-512 (:func:`many_rows_in_float`), the int8 and
 #: int4 layers multiply float32 copies of their weights, a few hundred rows of the weight at a
-#: time; measured on an AVX2 EPYC, 2 threads, 896 -> 4864: 64 rows 4.2 ms against 7.0 (int8
-#: activations), 512 rows 25 against 64; the int4 kernel runs at 80 GFLOP/s at any row count,
-#: float32 products at 125 (64 rows) to 180 (512)
-FLOAT_MIN_ROWS = 64
+#: time. Measured on an AVX2 EPYC, 2 threads, six shapes from 640 -> 1280 to 4864 -> 896: at 32
+#: rows as fast as the int8-activation product and torch's int4 kernel (0.9-1.2x), at 48-64
+#: 1.1-1.8x faster, at 512 rows 2.5x (896 -> 4864: 25 ms against 64); below 32 slower (the
+#: dequantisation costs what a few rows of products do)
+FLOAT_MIN_ROWS = 32
 #: float32 weight elements :func:`float_product` makes at a time (a few MB: they stay in cache)
 FLOAT_CHUNK_ELEMENTS = 1 << 18
 
