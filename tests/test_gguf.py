@@ -210,6 +210,8 @@ def test_quantize_roundtrip(qtype, tol):
     assert np.abs(out.numpy() - w).max() <= tol * np.abs(w).max()
     # per-row content preserved (not reshaped from a transposed buffer)
     assert np.corrcoef(out.numpy()[1], w[1])[0, 1] > 0.95
+    # float types are converted without gguf (a start need not import it): to the bit gguf's values
+    assert np.array_equal(out.numpy(), gguf.quants.dequantize(q, qtype).reshape(w.shape))
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0, QT.Q4_0])

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .gguf import dequantize
+from .gguf import GGMLType, dequantize
 
 #: GGML types stored as plain floats (everything else is block-quantised)
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
@@ -29,10 +29,8 @@ class QuantizedTensor:
 
     def __init__(self, data: np.ndarray | Callable[[], np.ndarray], qtype, shape: tuple[int, ...],
                  name: str = "<tensor>"):
-        from gguf import GGMLQuantizationType
-
         self._data = data
-        self.qtype = GGMLQuantizationType(int(qtype))
+        self.qtype = GGMLType(int(qtype))  # equal to gguf's GGMLQuantizationType, without importing gguf
         self.shape = torch.Size(shape)
         self.name = name
 

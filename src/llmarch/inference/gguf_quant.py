@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import Q4_K, dequantize
 from torch import nn
 
 from ..checkpoints.cache import DerivedTensors
+from ..checkpoints.gguf import GGML_BLOCK_SIZES as GGML_QUANT_SIZES
+from ..checkpoints.gguf import GGMLType as GGMLQuantizationType
 from ..checkpoints.formats import GGUFCheckpoint, HFDirectory
 from ..checkpoints.quantized import FLOAT_TYPES, QuantizedTensor
 from ..errors import CheckpointError, ConfigError
@@ -73,6 +73,17 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.stack([qs & 15, qs >> 4], axis=-2)
 
 
+def _q4_k_scale_min(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 bytes of 6-bit sub-block scales and mins (blocks, 12) -> (blocks, 8) each, as
+    ``gguf.quants.Q4_K.get_scale_min`` unpacks them (here so that a start does not import gguf:
+    bytes 0-3 hold scales 0-3 and the top bits of 4-7, bytes 4-7 the mins likewise, bytes 8-11
+    the low nibbles of scales / mins 4-7)."""
+    d, m, m_d = np.split(packed.view(np.uint8).reshape(-1, 3, 4), 3, axis=-2)
+    sc = np.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.reshape(-1, 8), mn.reshape(-1, 8)
+
+
 def int4_codes(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]):
     """Q4_0 / Q4_1 / Q4_K bytes -> (codes uint8 (out, in) in 0..15, scales, zeros float32
     (out, in / 32)) with ``w = (code - 8) * scale + zero`` exactly as ``gguf.quants.dequantize``."""
@@ -88,7 +99,7 @@ def int4_codes(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, 
         codes = _nibbles(b[..., 4:])
     elif qtype == Q.Q4_K:  # 8 sub-blocks of 32: w = q * d * sc_j - dmin * m_j
         d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
-        sc, m = Q4_K.get_scale_min(b[..., 4:16].reshape(-1, 12))
+        sc, m = _q4_k_scale_min(b[..., 4:16].reshape(-1, 12))
         scales = d * sc.reshape(n, -1, 8).astype(np.float32)
         zeros = 8 * scales - dmin * m.reshape(n, -1, 8).astype(np.float32)
         codes = _nibbles(b[..., 16:].reshape(n, -1, 4, 32))  # sub-blocks 2c (low), 2c + 1 (high)
@@ -132,6 +143,8 @@ def _dequantize_rows(rows: np.ndarray, qtype: GGMLQuantizationType) -> torch.Ten
     """Whole rows of a GGUF tensor -> float32 (rows, weights per row)."""
     w = _dequantize_torch(rows, qtype)
     if w is None:
+        from gguf.quants import dequantize
+
         w = torch.from_numpy(dequantize(rows, qtype).reshape(len(rows), -1))
     return w
 
