@@ -27,7 +27,10 @@ def _operands(m, k, n, x_dtype, bias_dtype, pad=0, seed=0):
 def _check(y, x, w, k, scales, bias):
     """|y - x W^T scale - b| within the activations' 16-bit codes (half a step, max |x| / 65534,
     per input), the final float32 products and the output's rounding."""
-    wd = w[:, :k].double() * scales.double()[:, None]
+    if scales.dim() == 2:  # one scale per 32 inputs of a row
+        wd = w[:, :k].double() * scales.double().repeat_interleave(32, dim=1)
+    else:
+        wd = w[:, :k].double() * scales.double()[:, None]
     ref = x.double() @ wd.T
     codes = x.double().abs().amax(1, keepdim=True) / 65534 @ wd.abs().sum(1, keepdim=True).T
     mag = x.double().abs() @ wd.abs().T
@@ -46,7 +49,8 @@ def _run(lib, x, w, k, scales, bias):
     y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
     dt = native._DTYPES
     rc = lib.llmarch_q8_linear(x.data_ptr(), dt[x.dtype], x.stride(0), x.shape[0], k, w.data_ptr(), w.stride(0),
-                               w.shape[0], scales.data_ptr(), None if bias is None else bias.data_ptr(),
+                               w.shape[0], scales.data_ptr(), 0 if scales.dim() == 1 else 32,
+                               None if bias is None else bias.data_ptr(),
                                0 if bias is None else dt[bias.dtype], y.data_ptr(), dt[x.dtype])
     assert rc == 0
     return y
@@ -64,6 +68,34 @@ def test_q8_linear_within_float32_rounding(m, k, n, pad, x_dtype, bias_dtype, na
     x, w, scales, bias = _operands(m, k, n, x_dtype, bias_dtype, pad)
     y = native.q8_linear(x, w, k, scales, bias)
     _check(y, x, w, k, scales, bias)
+
+
+GROUPED_SHAPES = [(1, 32, 40, 0), (3, 64, 70, 16), (7, 640, 513, 0), (2, 2048, 96, 32)]
+
+
+def _grouped(m, k, n, x_dtype, bias_dtype, pad, seed=0):
+    """Operands with one float16 scale per 32 inputs of a row, spread over three decades (as a
+    GGUF file's block scales are)."""
+    x, w, _, bias = _operands(m, k, n, x_dtype, bias_dtype, pad)
+    g = torch.Generator().manual_seed(seed + 1)
+    scales = (10 ** (torch.rand(n, k // 32, generator=g) * 3 - 4)).to(torch.float16)
+    return x, w, scales, bias
+
+
+@pytest.mark.parametrize("m, k, n, pad", GROUPED_SHAPES)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32])
+def test_q8_linear_with_a_scale_per_32_inputs(m, k, n, pad, x_dtype, bias_dtype, native_kernels):
+    """Grouped scales (n, k / 32): within the same bound against the float64 product of the
+    weights as the groups scale them; each row's result the same alone and in the batch."""
+    x, w, scales, bias = _grouped(m, k, n, x_dtype, bias_dtype, pad)
+    y = native.q8_linear(x, w, k, scales, bias)
+    _check(y, x, w, k, scales, bias)
+    for i in range(m):
+        assert torch.equal(native.q8_linear(x[i : i + 1], w, k, scales, bias), y[i : i + 1])
+    # what the grouped kernel does not take: None, never a wrong answer
+    assert native.q8_linear(x[:, :k - 16], w, k - 16, scales[:, :-1], bias) is None  # width not a multiple of 32
+    assert native.q8_linear(x, w, k, scales[:, :-1].contiguous(), bias) is None  # a group missing
 
 
 def test_q8_linear_rows_and_threads_do_not_change_a_result(native_kernels):
@@ -127,6 +159,9 @@ def test_every_build_computes_the_same_products(march, simd, tmp_path, native_ke
         y = _run(lib, x, w, k, scales, bias)
         _check(y, x, w, k, scales, bias)
         assert torch.equal(y, native.q8_linear(x, w, k, scales, bias))
+    for m, k, n, pad in GROUPED_SHAPES:  # one scale per 32 inputs: float32 lanes in a fixed order, the same bits
+        x, w, scales, bias = _grouped(m, k, n, torch.float32, torch.float32, pad)
+        assert torch.equal(_run(lib, x, w, k, scales, bias), native.q8_linear(x, w, k, scales, bias))
     # the extremes over long rows (an int32 sum of one chunk would overflow): still exact
     k = 3 * 4096 + 77
     x, w = torch.full((1, k), 5.0), torch.full((2, k), -128, dtype=torch.int8)

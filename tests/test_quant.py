@@ -331,14 +331,74 @@ def test_gguf_4bit_blocks_map_exactly(qtype):
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K])
 def test_gguf_wider_blocks_requantised_to_int8(qtype):
+    """A linear layer keeps a float16 scale per 32 weights: Q8_0 and Q5_0 blocks exactly as the
+    file holds them (gguf's own dequantisation, to the bit), the other types within half a step
+    of their group's largest / 127; the token table one scale a row (the row's bound)."""
     data = _gguf_data(qtype)
     ref = torch.from_numpy(dequantize(data, qtype))
     layer = gguf_linear(data, qtype, SHAPE)
-    assert isinstance(layer, Int8Linear)
-    err = (layer.rows(torch.arange(SHAPE[0])) - ref).abs()
-    assert (err <= _weight_error_bound(ref, "int8", 32)).all()
+    assert isinstance(layer, Int8Linear) and layer.grouped and layer.scales.dtype == torch.float16
+    rows = layer.rows(torch.arange(SHAPE[0]))
+    if qtype in (Q.Q8_0, Q.Q5_0):
+        assert torch.equal(rows, ref)
+    else:
+        g = ref.view(SHAPE[0], -1, 32).abs().amax(-1, keepdim=True) / 127
+        bound = (g / 2 * (1 + 2.0**-10) + 1e-12).expand(-1, -1, 32).reshape(SHAPE)  # plus the float16 scale's rounding
+        assert ((rows - ref).abs() <= bound).all()
+    per_row = gguf_linear(data, qtype, SHAPE, grouped=False)
+    assert not per_row.grouped
+    assert ((per_row.rows(torch.arange(SHAPE[0])) - ref).abs() <= _weight_error_bound(ref, "int8", 32)).all()
     emb = gguf_embedding(data, qtype, SHAPE, torch.bfloat16)
+    assert not emb.table.grouped
     assert emb(torch.tensor([3])).dtype == torch.bfloat16
+
+
+def test_gguf_scales_beyond_float16_fall_back_to_one_a_row():
+    """Q8_0 blocks hold float16 scales, but a Q6_K super-block's scale times its int8 sub-scales
+    can pass float16's range (only a made-up file): such a matrix keeps one scale a row, finite."""
+    from llmarch.inference.gguf_quant import int8_weights
+
+    data = _random_blocks(Q.Q6_K, (208,))
+    blocks = data.reshape(SHAPE[0], -1, 210)
+    blocks[:, :, 208:210] = np.frombuffer(np.float16(60000.0).tobytes(), np.uint8)  # d, at the block's end
+    blocks[:, :, 192:208] = 127  # the int8 sub-scales
+    q, scales = int8_weights(data, Q.Q6_K, SHAPE, grouped=True)
+    assert scales.shape == (SHAPE[0],) and scales.dtype == torch.bfloat16 and torch.isfinite(scales.float()).all()
+    ref = torch.from_numpy(dequantize(data, Q.Q6_K))
+    err = (q.float() * scales.float()[:, None] - ref).abs()
+    assert (err <= _weight_error_bound(ref, "int8", 32) * 1.01).all()
+
+
+@pytest.mark.parametrize("rows", [1, 5, W8A8_MIN_ROWS, 40])
+def test_grouped_int8_layer_at_every_row_count(rows, monkeypatch):
+    """An int8 layer with a float16 scale per 32 inputs (as GGUF blocks load): the native kernel
+    for few rows, the float32 product for more (torch's int8 kernels take one scale a row), each
+    within float32 rounding (and the activations' 16-bit codes) of the product with its weights;
+    batch-invariant, every row count gives each row its own result; without the native kernels,
+    the float32 product."""
+    from llmarch.inference import native, quant
+
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(96, 256, generator=g) * 0.1, torch.randn(96, generator=g)
+    layer = Int8Linear(*quant.int8_quantize_groups(w), b)
+    assert layer.grouped and layer.scales.shape == (96, 8)
+    wq = layer.rows(torch.arange(96)).double()
+    assert ((wq - w.double()).abs() <= w.view(96, 8, 32).abs().amax(-1).repeat_interleave(32, 1) / 254 * 1.01 + 1e-9).all()
+    x = torch.randn(rows, 256, generator=g)
+    ref = x.double() @ wq.T + b.double()
+    size = x.double().abs() @ wq.abs().T + b.double().abs()
+    codes = x.double().abs().amax(1, keepdim=True) / 65534 @ wq.abs().sum(1, keepdim=True).T
+    y = layer(x)
+    assert ((y.double() - ref).abs() <= codes * 1.001 + 64 * 2.0**-23 * size).all()
+    invariant = quant.batch_invariant(Int8Linear(*quant.int8_quantize_groups(w), b))
+    yi = invariant(x)
+    for i in range(rows):
+        assert torch.equal(invariant(x[i : i + 1])[0], yi[i])
+    monkeypatch.setattr(native, "library", lambda: None)
+    assert ((layer(x).double() - ref).abs() <= 64 * 2.0**-23 * size).all()
+    yi = invariant(x)
+    for i in range(rows):
+        assert torch.equal(invariant(x[i : i + 1])[0], yi[i])
 
 
 # ---- errors ---------------------------------------------------------------------------------

@@ -53,7 +53,15 @@ def _model(name: str, mode: str, dtype: torch.dtype):
             else:
                 p.normal_(0 if "norm" in n and CONFIGS[name].norm_unit_offset else 1 if "norm" in n else 0, 0.2)
         model.embed.weight.normal_(0, 1.0)
-    model = quantize(model.to(dtype), mode, 32)
+    model = quantize(model.to(dtype), "int8" if mode == "int8g" else mode, 32)
+    if mode == "int8g":  # int8 with a float16 scale per 32 inputs, as a GGUF file's blocks load
+        from llmarch.inference.quant import Int8Linear, int8_quantize_groups
+
+        for mod in list(model.modules()):
+            for cn, child in list(mod.named_children()):
+                if type(child) is Int8Linear and child.in_features % 32 == 0 and cn != "table":
+                    setattr(mod, cn, Int8Linear(*int8_quantize_groups(child.rows(torch.arange(child.out_features))),
+                                                child.bias))
     return pack_linears(model, release=True)
 
 
@@ -77,7 +85,7 @@ def _steps(model, ids, n, use_step):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int8g", "int4"])  # int8g: a scale per 32 inputs (GGUF blocks)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_step_is_the_modules_step(name, mode, dtype, monkeypatch):
     """Twelve decoding steps (the sliding window of 5 and the chunks of 4 wrap round several
@@ -87,6 +95,10 @@ def test_native_step_is_the_modules_step(name, mode, dtype, monkeypatch):
     if mode == "int4" and not native.int4_block_rows():
         pytest.skip("torch packs int4 in a layout the native kernel does not read")
     model = _model(name, mode, dtype)
+    if mode == "int8g":
+        from llmarch.inference.quant import Int8Linear
+
+        assert any(m.grouped for m in model.modules() if isinstance(m, Int8Linear))
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
     ran = []
     real = step.decode

@@ -50,7 +50,7 @@
 enum { F32 = 0, BF16 = 1 };
 
 /* bumped whenever a signature changes: native.py refuses a library of another version */
-int llmarch_abi_version(void) { return 10; }
+int llmarch_abi_version(void) { return 11; }
 
 /* the vector instructions this build's kernels use (reported by native.py): 2 AVX-512, 1 AVX2
  * with FMA, 0 the portable loops */
@@ -182,14 +182,76 @@ static inline int64_t dot_q16_q8(const int16_t *q, const int8_t *w, int64_t K) {
     return total;
 }
 
+/* sum_g scale[g] * sum_{k in group g} q[k] * w[k] over groups of 32 (K a multiple of 32): each
+ * group's sums exact in eight int32 lanes (lane l: inputs 2l, 2l + 1, 16 + 2l, 17 + 2l; at most
+ * 4 * 32767 * 128 < 2^24, so exact in float32 too), scaled into eight float32 lanes by one fused
+ * multiply-add a group, the lanes added in a fixed tree: the same bits on every build (AVX-512
+ * builds run the 256-bit loop). */
+/* IEEE half precision -> float32, exactly (normals, subnormals, infinities, NaN) */
+static inline float f16_to_f32(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0x1fu) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: man * 2^-24, exact in float32 */
+        float f = (float)man * 5.9604644775390625e-8f;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
+    float out;
+    memcpy(&out, &bits, 4);
+    return out;
+#endif
+}
+
+static inline float dot_q16_q8_groups(const int16_t *q, const int8_t *w, const uint16_t *scale, int64_t K) {
+    float lanes[8];
+#if defined(LLMARCH_AVX512) || defined(LLMARCH_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / 32; g++) {
+        const int8_t *wg = w + g * 32;
+        const int16_t *qg = q + g * 32;
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wg));
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 16)));
+        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)qg)),
+                                     _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(qg + 16))));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16_to_f32(scale[g])), acc);
+    }
+    _mm256_storeu_ps(lanes, acc);
+#else
+    for (int l = 0; l < 8; l++) lanes[l] = 0.f;
+    for (int64_t g = 0; g < K / 32; g++) {
+        const int8_t *wg = w + g * 32;
+        const int16_t *qg = q + g * 32;
+        float sc = f16_to_f32(scale[g]);
+        for (int l = 0; l < 8; l++) {
+            int32_t p = (int32_t)qg[2 * l] * wg[2 * l] + (int32_t)qg[2 * l + 1] * wg[2 * l + 1] +
+                        (int32_t)qg[16 + 2 * l] * wg[16 + 2 * l] + (int32_t)qg[17 + 2 * l] * wg[17 + 2 * l];
+            lanes[l] = fmaf((float)p, sc, lanes[l]);
+        }
+    }
+#endif
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
 /* y (M, N) = x (M, K) W^T * scale + bias, on 16-bit codes of each row of x (see above):
  *   y[m, n] = (float)(sx[m] * sum_k qx[m, k] w[n, k] * scale[n]) + bias[n], the sum exact.
  *   x: float32 or bfloat16 (x_dtype), rows ldx apart; W: int8 (N, K), rows ldw >= K apart;
  *   scale: bfloat16 (N,); bias: NULL or (N,) of bias_dtype; y: y_dtype, rows N apart.
- * Any K: int32 sums over chunks of CHUNK inputs, an int64 total. Returns 0, or -1 when the codes' buffer cannot be allocated. */
+ * Any K: int32 sums over chunks of CHUNK inputs, an int64 total. group 32 instead: scale (N, K / 32)
+ * of float16 (a GGUF block's own scale type), one per 32 inputs of a row (K a multiple of 32), y[m, n] = (float)(sx[m] * dot_q16_q8_groups);
+ * group 0: one scale a row, as above. Returns 0, or -1 when the codes' buffer cannot be allocated
+ * or the group is neither. */
 int llmarch_q8_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_t K,
-                      const int8_t *w, int64_t ldw, int64_t N, const uint16_t *scale,
+                      const int8_t *w, int64_t ldw, int64_t N, const uint16_t *scale, int64_t group,
                       const void *bias, int bias_dtype, void *y, int y_dtype) {
+    if (!(group == 0 || (group == 32 && K % 32 == 0))) return -1;
     float *xf = (float *)malloc((size_t)(K > 0 ? K : 1) * sizeof(float));
     int16_t *q = (int16_t *)malloc((size_t)(M * K > 0 ? M * K : 1) * sizeof(int16_t));
     double *sx = (double *)malloc((size_t)(M > 0 ? M : 1) * sizeof(double));
@@ -206,10 +268,12 @@ int llmarch_q8_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 18))
     for (int64_t n = 0; n < N; n++) {
         const int8_t *wn = w + n * ldw;
-        double sc = bf16_to_f32(scale[n]);
+        double sc = group ? 1.0 : bf16_to_f32(scale[n]);
         float b = bias ? load_value(bias, bias_dtype, n) : 0.f;
         for (int64_t m = 0; m < M; m++) {
-            float v = (float)((double)dot_q16_q8(q + m * K, wn, K) * sx[m] * sc) + b;
+            double dot = group ? (double)dot_q16_q8_groups(q + m * K, wn, scale + n * (K / 32), K)
+                               : (double)dot_q16_q8(q + m * K, wn, K);
+            float v = (float)(dot * sx[m] * sc) + b;
             if (y_dtype == BF16)
                 ((uint16_t *)y)[m * N + n] = f32_to_bf16(v);
             else
@@ -813,7 +877,7 @@ static int run_linear(const llm_linear *l, const void *x, int dtype, void *out) 
     char *y = (char *)out + l->out_off * (dtype == BF16 ? 2 : 4);
     if (l->kind == LIN_Q8)
         return llmarch_q8_linear(x, dtype, l->k, 1, l->k, (const int8_t *)l->w, l->ldw, l->n,
-                                 (const uint16_t *)l->scales, l->bias, l->bias_dtype, y, dtype);
+                                 (const uint16_t *)l->scales, l->group, l->bias, l->bias_dtype, y, dtype);
     if (l->kind == LIN_Q4)
         return llmarch_q4_linear(x, dtype, l->k, 1, l->k, (const uint8_t *)l->w, l->n, l->npad,
                                  (const uint16_t *)l->scales, l->group, l->br, l->bias, l->bias_dtype, y, dtype);

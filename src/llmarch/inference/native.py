@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ABI_VERSION = 10
+ABI_VERSION = 11
 # -ffp-contract=off: a * b + c rounds twice, as torch's separate operations do (the kernels'
 # explicit fused multiply-adds are unaffected)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11")
@@ -44,6 +44,9 @@ COMPILE_TIMEOUT = 300.0  # seconds
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # what kernels.c's llmarch_simd() reports: the vector instructions its loops were built with
 SIMD_NAMES = {2: "AVX-512", 1: "AVX2", 0: "portable loops"}
+
+#: inputs per scale of llmarch_q8_linear's grouped int8 weights (its other layout: one scale a row)
+Q8_GROUP = 32
 
 _lib: ctypes.CDLL | None = None
 _status: str | None = None  # None: not tried yet
@@ -105,7 +108,7 @@ def _open(path: Path) -> ctypes.CDLL | None:
     except (OSError, AttributeError):
         return None
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.llmarch_q8_linear.argtypes = [P, I, I64, I64, I64, P, I64, I64, P, P, I, P, I]
+    lib.llmarch_q8_linear.argtypes = [P, I, I64, I64, I64, P, I64, I64, P, I64, P, I, P, I]
     lib.llmarch_q8_linear.restype = I
     lib.llmarch_q4_linear.argtypes = [P, I, I64, I64, I64, P, I64, I64, P, I64, I64, P, I, P, I]
     lib.llmarch_q4_linear.restype = I
@@ -190,22 +193,25 @@ def status() -> str:
 
 def q8_linear(x: torch.Tensor, weight: torch.Tensor, in_features: int, scales: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x (m, k) float32/bfloat16 times int8 ``weight`` (n, >= k) with bfloat16 per-row ``scales``,
-    plus ``bias``: (m, n) in x's dtype, or None where the native kernel does not apply (no
-    library, other dtypes or devices, non-contiguous operands)."""
+    """x (m, k) float32/bfloat16 times int8 ``weight`` (n, >= k) with ``scales`` one a row (n,)
+    bfloat16, or one per 32 inputs of a row (n, k / 32) float16, plus ``bias``: (m, n) in x's dtype, or
+    None where the native kernel does not apply (no library, other dtypes or devices,
+    non-contiguous operands)."""
     lib = library()
     if lib is None:
         return None
     n = weight.shape[0]
     xd, bd = _activations(x, in_features), _bias(bias, n)
+    group = 0 if scales.dim() == 1 else Q8_GROUP
     if (xd is None or bd is None or weight.dtype != torch.int8 or weight.dim() != 2 or weight.stride(1) != 1
-            or weight.shape[1] < in_features or scales.dtype != torch.bfloat16 or not scales.is_contiguous()
-            or scales.shape != (n,)):
+            or weight.shape[1] < in_features or scales.dtype != (torch.float16 if group else torch.bfloat16)
+            or not scales.is_contiguous() or scales.shape != ((n,) if group == 0 else (n, in_features // Q8_GROUP))
+            or (group and in_features % Q8_GROUP)):
         return None
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
     rc = lib.llmarch_q8_linear(x.data_ptr(), xd, x.stride(0), x.shape[0], in_features, weight.data_ptr(),
-                               weight.stride(0), n, scales.data_ptr(), None if bias is None else bias.data_ptr(), bd,
-                               y.data_ptr(), xd)
+                               weight.stride(0), n, scales.data_ptr(), group, None if bias is None else bias.data_ptr(),
+                               bd, y.data_ptr(), xd)
     if rc != 0:
         raise MemoryError("llmarch_q8_linear: could not allocate the activations' codes")
     return y

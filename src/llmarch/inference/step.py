@@ -170,11 +170,15 @@ def _linear(rec: _Recorder, layer: nn.Module, in_features: int, out_off: int) ->
                 or rec.setting(layer, "dynamic") is not None):
             raise Unsupported("an int8 layer set to another kernel (batch invariance, fast kernels)")
         n = layer.out_features
+        group = native.Q8_GROUP if s.dim() == 2 else 0  # one scale per 32 inputs of a row, or one a row
         if (w.dtype != torch.int8 or w.dim() != 2 or w.stride(1) != 1 or w.shape[1] < in_features
-                or layer.in_features != in_features or s.dtype != torch.bfloat16 or s.shape != (n,)
-                or not s.is_contiguous() or w.device.type != "cpu"):
+                or layer.in_features != in_features or s.dtype != (torch.float16 if group else torch.bfloat16)
+                or not s.is_contiguous()
+                or s.shape != ((n, in_features // group) if group else (n,)) or (group and in_features % group)
+                or w.device.type != "cpu"):
             raise Unsupported("an int8 weight the native kernel does not read")
         out.kind, out.w, out.ldw, out.scales, out.n, out.k = _LIN_Q8, w.data_ptr(), w.stride(0), s.data_ptr(), n, in_features
+        out.group = group
         rec.keep += layer.keep_alive  # a fused view's memory
     elif type(layer) is Int4Linear:
         w, sz = rec.tensor(layer, "weight_int4pack"), rec.tensor(layer, "scales_and_zeros")
