@@ -152,7 +152,8 @@ def load_all(alias: str, dtype: torch.dtype, threads: int, llama_bench: Path | N
     runners = {"llmarch": (run_llmarch, load_model(open_checkpoint(path), dtype))}  # as load() does: CLI's --quant auto
     if native.library() is not None:  # the same model on torch's int8 kernel, for the native kernels' share
         runners["llmarch --no-native-step"] = (run_llmarch_modules, runners["llmarch"][1])
-        runners["llmarch torch-int8"] = (run_llmarch_torch_kernels, runners["llmarch"][1])
+        with native.disabled():  # loaded as it loads without them (GGUF blocks as int8 with one scale a row)
+            runners["llmarch torch-int8"] = (run_llmarch_torch_kernels, load_model(open_checkpoint(path), dtype))
     else:  # where they are not built: generate --fast-kernels (and chat), fbgemm's; packed before the rounds
         runners["llmarch --fast-kernels"] = (run_llmarch, load_model(open_checkpoint(path), dtype, fast=True))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)

@@ -301,12 +301,10 @@ def test_load_with_the_fast_kernels(mixed_gguf, monkeypatch, torch_kernels):
     fast = load_model(open_checkpoint(mixed_gguf), fast=True)
     table = fast.lm_head.embedding.table  # the tied Q8_0 table, int8
     assert table.dynamic is not None and plain.lm_head.embedding.table.dynamic is None
-    layers = quant.int8_layers(fast)  # the fused groups' layers in place of their members
-    # the file's block-quantised matrices are int8 with a scale per 32 inputs, which fbgemm's
-    # product (one scale a row) cannot take: they keep llmarch's products; the rest are packed
-    grouped = [m for m in layers if m.grouped]
-    assert grouped and all(m.dynamic is None for m in grouped)
-    assert all(m.dynamic is not None for m in layers if not m.grouped)
+    packed = quant.int8_layers(fast)  # the fused groups' layers in place of their members
+    # without the native kernels the file's matrices keep one scale a row (torch's kernels and
+    # fbgemm's take no other), so every int8 layer is packed, not only the head
+    assert len(packed) > 1 and all(m.dynamic is not None and not m.grouped for m in packed)
     ids = torch.tensor([[3, 17, 42, 5]])
     with torch.no_grad():
         a, b = plain(ids[:, -1:]), fast(ids[:, -1:])  # one row: the packed kernels

@@ -42,6 +42,7 @@ from ..checkpoints.formats import GGUFCheckpoint, HFDirectory
 from ..checkpoints.quantized import FLOAT_TYPES, QuantizedTensor
 from ..errors import CheckpointError, ConfigError
 from ..model.decoder import build_model
+from . import native
 from .quant import (
     KERNEL_DTYPE,
     MODES,
@@ -216,14 +217,17 @@ def gguf_linear(
 ) -> QuantLinear:
     """A GGUF weight as a quantised linear layer: int4 where the format maps (unless ``mode`` is
     ``int8``), int8 otherwise, with one scale per 32 inputs of a row (``grouped``, as the file's
-    blocks) or one a row. ``data``: the raw bytes, or a function that reads them (called only
+    blocks; where llmarch's native kernels are built, the only int8 kernels that read them for
+    few rows) or one a row. ``data``: the raw bytes, or a function that reads them (called only
     when needed). ``store``: a cache and this tensor's name in it, for the int8 requantisation
     (the int4 layout is a copy, cheaper than a lookup)."""
     read = data if callable(data) else lambda: data
     if qtype in INT4_TYPES and mode != "int8":
         codes, scales, zeros = int4_codes(read(), qtype, shape)
         return Int4Linear.from_codes(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(zeros), bias, GROUP)
-    grouped = grouped and shape[1] % GROUP == 0
+    # (torch's int8 kernels take one scale a row: where llmarch's native kernels are not built,
+    # one a row keeps decoding on them rather than on float32 copies of the weights)
+    grouped = grouped and shape[1] % GROUP == 0 and native.library() is not None
 
     def compute():
         return int8_weights(read(), qtype, shape, grouped)

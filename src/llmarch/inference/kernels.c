@@ -50,7 +50,7 @@
 enum { F32 = 0, BF16 = 1 };
 
 /* bumped whenever a signature changes: native.py refuses a library of another version */
-int llmarch_abi_version(void) { return 11; }
+int llmarch_abi_version(void) { return 12; }
 
 /* the vector instructions this build's kernels use (reported by native.py): 2 AVX-512, 1 AVX2
  * with FMA, 0 the portable loops */
@@ -182,11 +182,6 @@ static inline int64_t dot_q16_q8(const int16_t *q, const int8_t *w, int64_t K) {
     return total;
 }
 
-/* sum_g scale[g] * sum_{k in group g} q[k] * w[k] over groups of 32 (K a multiple of 32): each
- * group's sums exact in eight int32 lanes (lane l: inputs 2l, 2l + 1, 16 + 2l, 17 + 2l; at most
- * 4 * 32767 * 128 < 2^24, so exact in float32 too), scaled into eight float32 lanes by one fused
- * multiply-add a group, the lanes added in a fixed tree: the same bits on every build (AVX-512
- * builds run the 256-bit loop). */
 /* IEEE half precision -> float32, exactly (normals, subnormals, infinities, NaN) */
 static inline float f16_to_f32(uint16_t h) {
 #ifdef __F16C__
@@ -210,34 +205,73 @@ static inline float f16_to_f32(uint16_t h) {
 #endif
 }
 
-static inline float dot_q16_q8_groups(const int16_t *q, const int8_t *w, const uint16_t *scale, int64_t K) {
-    float lanes[8];
+#define SCALE_CHUNK 256 /* groups whose float32 scales are converted at a time (on the stack) */
+
+/* sum_g scale[g] * sum_{k in group g} q[k] * w[k] over groups of 32 (K a multiple of 32; scale
+ * float16): each group's sums exact in eight int32 lanes (lane l: inputs 2l, 2l + 1, 16 + 2l,
+ * 17 + 2l; at most 4 * 32767 * 128 < 2^24, so exact in float32 too), scaled into four sets of
+ * eight float32 lanes (group g into set g % 4: four fused multiply-adds in flight) by one fused
+ * multiply-add a group; at the end the sets added lane by lane, (s0 + s1) + (s2 + s3), and the
+ * lanes in the tree ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)): the same bits on every
+ * build (AVX-512 builds run the 256-bit loop). The scales are converted to float32 SCALE_CHUNK
+ * at a time. */
+static float dot_grouped_row(const int16_t *q, const int8_t *w, const uint16_t *scale, int64_t K) {
+    float sc[SCALE_CHUNK];
+    int64_t G = K / 32;
 #if defined(LLMARCH_AVX512) || defined(LLMARCH_AVX2)
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t g = 0; g < K / 32; g++) {
-        const int8_t *wg = w + g * 32;
-        const int16_t *qg = q + g * 32;
-        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wg));
-        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 16)));
-        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)qg)),
-                                     _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(qg + 16))));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16_to_f32(scale[g])), acc);
+    /* four named accumulators (an indexed array would live in memory) */
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#define LLMARCH_GROUP_FMA(g, a)                                                                          \
+    {                                                                                                    \
+        const int8_t *wg = w + (g) * 32;                                                                 \
+        const int16_t *qg = q + (g) * 32;                                                                \
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wg));                        \
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 16)));                  \
+        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)qg)),    \
+                                     _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(qg + 16)))); \
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(sc + (g) - g0), a);               \
     }
-    _mm256_storeu_ps(lanes, acc);
+    for (int64_t g0 = 0; g0 < G; g0 += SCALE_CHUNK) { /* SCALE_CHUNK is a multiple of 4: sets stay g % 4 */
+        int64_t g1 = G - g0 < SCALE_CHUNK ? G : g0 + SCALE_CHUNK, g = g0;
+#ifdef __F16C__
+        for (; g + 8 <= g1; g += 8)
+            _mm256_storeu_ps(sc + g - g0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g))));
+#endif
+        for (; g < g1; g++) sc[g - g0] = f16_to_f32(scale[g]);
+        for (g = g0; g + 4 <= g1; g += 4) {
+            LLMARCH_GROUP_FMA(g, a0)
+            LLMARCH_GROUP_FMA(g + 1, a1)
+            LLMARCH_GROUP_FMA(g + 2, a2)
+            LLMARCH_GROUP_FMA(g + 3, a3)
+        }
+        if (g < g1) LLMARCH_GROUP_FMA(g, a0)
+        if (g + 1 < g1) LLMARCH_GROUP_FMA(g + 1, a1)
+        if (g + 2 < g1) LLMARCH_GROUP_FMA(g + 2, a2)
+    }
+#undef LLMARCH_GROUP_FMA
+    __m256 v = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    v = _mm256_hadd_ps(v, v); /* (l0 + l1), (l2 + l3), ... within each half */
+    v = _mm256_hadd_ps(v, v); /* ((l0 + l1) + (l2 + l3)) in the low half, ((l4 + l5) + (l6 + l7)) in the high */
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
 #else
-    for (int l = 0; l < 8; l++) lanes[l] = 0.f;
-    for (int64_t g = 0; g < K / 32; g++) {
-        const int8_t *wg = w + g * 32;
-        const int16_t *qg = q + g * 32;
-        float sc = f16_to_f32(scale[g]);
-        for (int l = 0; l < 8; l++) {
-            int32_t p = (int32_t)qg[2 * l] * wg[2 * l] + (int32_t)qg[2 * l + 1] * wg[2 * l + 1] +
-                        (int32_t)qg[16 + 2 * l] * wg[16 + 2 * l] + (int32_t)qg[17 + 2 * l] * wg[17 + 2 * l];
-            lanes[l] = fmaf((float)p, sc, lanes[l]);
+    float acc[4][8] = {{0}};
+    for (int64_t g0 = 0; g0 < G; g0 += SCALE_CHUNK) {
+        int64_t g1 = G - g0 < SCALE_CHUNK ? G : g0 + SCALE_CHUNK;
+        for (int64_t g = g0; g < g1; g++) sc[g - g0] = f16_to_f32(scale[g]);
+        for (int64_t g = g0; g < g1; g++) {
+            const int8_t *wg = w + g * 32;
+            const int16_t *qg = q + g * 32;
+            for (int l = 0; l < 8; l++) {
+                int32_t p = (int32_t)qg[2 * l] * wg[2 * l] + (int32_t)qg[2 * l + 1] * wg[2 * l + 1] +
+                            (int32_t)qg[16 + 2 * l] * wg[16 + 2 * l] + (int32_t)qg[17 + 2 * l] * wg[17 + 2 * l];
+                acc[g & 3][l] = fmaf((float)p, sc[g - g0], acc[g & 3][l]);
+            }
         }
     }
+    float v[8];
+    for (int l = 0; l < 8; l++) v[l] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 #endif
-    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
 /* y (M, N) = x (M, K) W^T * scale + bias, on 16-bit codes of each row of x (see above):
@@ -245,7 +279,7 @@ static inline float dot_q16_q8_groups(const int16_t *q, const int8_t *w, const u
  *   x: float32 or bfloat16 (x_dtype), rows ldx apart; W: int8 (N, K), rows ldw >= K apart;
  *   scale: bfloat16 (N,); bias: NULL or (N,) of bias_dtype; y: y_dtype, rows N apart.
  * Any K: int32 sums over chunks of CHUNK inputs, an int64 total. group 32 instead: scale (N, K / 32)
- * of float16 (a GGUF block's own scale type), one per 32 inputs of a row (K a multiple of 32), y[m, n] = (float)(sx[m] * dot_q16_q8_groups);
+ * of float16 (a GGUF block's own scale type), one per 32 inputs of a row (K a multiple of 32), y[m, n] = (float)(sx[m] * dot_grouped_row);
  * group 0: one scale a row, as above. Returns 0, or -1 when the codes' buffer cannot be allocated
  * or the group is neither. */
 int llmarch_q8_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_t K,
@@ -271,7 +305,7 @@ int llmarch_q8_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_
         double sc = group ? 1.0 : bf16_to_f32(scale[n]);
         float b = bias ? load_value(bias, bias_dtype, n) : 0.f;
         for (int64_t m = 0; m < M; m++) {
-            double dot = group ? (double)dot_q16_q8_groups(q + m * K, wn, scale + n * (K / 32), K)
+            double dot = group ? (double)dot_grouped_row(q + m * K, wn, scale + n * (K / 32), K)
                                : (double)dot_q16_q8(q + m * K, wn, K);
             float v = (float)(dot * sx[m] * sc) + b;
             if (y_dtype == BF16)
