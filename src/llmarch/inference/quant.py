@@ -348,7 +348,9 @@ def w8a8_mm(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) ->
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T + b with W = int8 (out, in) * a per-output-channel scale.
+    """y = x W^T + b with W = int8 (out, in) * a per-output-channel scale (bfloat16 (out,)), or
+    * a float16 scale per INT8_GROUP inputs of a row ((out, in / INT8_GROUP): :attr:`grouped`,
+    what a GGUF file's block-quantised matrices load as; see :meth:`_grouped_forward`).
 
     ``aten._weight_int8pack_mm`` needs the inputs in multiples of ``INT8_K_MULTIPLE``: measured
     with torch 2.13 on x86, K = 24, 40 or 104 segfaults at 4 rows and K = 100 returns NaN at one
