@@ -514,6 +514,7 @@ def load_model(checkpoint, dtype: torch.dtype | None = torch.float32, pack: bool
     from ..checkpoints.formats import GGUFCheckpoint
     from ..checkpoints.hf import from_pretrained
     from .gguf_quant import assign_quantized, resolve_quant
+    from . import native
     from .packed import pack_linears
     from .quant import MODES, fast_kernels, quantize
 
@@ -522,7 +523,10 @@ def load_model(checkpoint, dtype: torch.dtype | None = torch.float32, pack: bool
     if mode != "none":  # int4 from a GGUF file: resolve_quant let only its 4-bit types through, as they are
         kept = "int8" if mode == "int8" else "auto"
         if isinstance(checkpoint, GGUFCheckpoint):  # its int8 requantisations are kept between runs
-            store = DerivedTensors.for_gguf(checkpoint, f"int8 weights, quant {kept}")
+            # (the layout depends on whether the native kernels are built: one store for each,
+            # so that a run without them does not replace the other's)
+            layout = "" if native.library() is None else ", blocks of 32"
+            store = DerivedTensors.for_gguf(checkpoint, f"int8 weights, quant {kept}{layout}")
         keep = functools.partial(assign_quantized, mode=kept, dtype=dtype or torch.float32, store=store)
     model = from_pretrained(checkpoint, dtype=dtype, quantized=keep)
     if store is not None:
