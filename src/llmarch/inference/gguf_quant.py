@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from ..checkpoints.cache import DerivedTensors
+from ..checkpoints.formats import GGUFCheckpoint, HFDirectory
 from ..checkpoints.gguf import GGML_BLOCK_SIZES as GGML_QUANT_SIZES
 from ..checkpoints.gguf import GGMLType as GGMLQuantizationType
-from ..checkpoints.formats import GGUFCheckpoint, HFDirectory
 from ..checkpoints.quantized import FLOAT_TYPES, QuantizedTensor
 from ..errors import CheckpointError, ConfigError
 from ..model.decoder import build_model
@@ -136,15 +136,19 @@ def _dequantize_torch(rows: np.ndarray, qtype: GGMLQuantizationType) -> torch.Te
     if qtype == Q.Q8_0:  # 34 bytes: float16 d, 32 int8 q; w = d * q
         b = _torch_blocks(rows, qtype)
         return (_torch_f16(b[:, :2]) * b[:, 2:].view(torch.int8).float()).reshape(len(rows), -1)
-    if qtype == Q.Q5_0:  # 22 bytes: float16 d, 32 high bits, 16 bytes of low nibbles; w = d * (q - 16)
+    if qtype == Q.Q5_0:  # w = d * (q - 16)
         b = _torch_blocks(rows, qtype)
-        d = _torch_f16(b[:, :2])
-        # weight j's fifth bit is bit j of the little-endian 32 bits: bit j % 8 of byte j // 8
-        high = ((b[:, 2:6, None] >> _BITS) & 1).reshape(-1, 32) << 4
-        qs = b[:, 6:]
-        low = torch.cat([qs & 15, qs >> 4], dim=1)  # weights 0..15 low nibbles, 16..31 high ones
-        return (d * (low | high).float().sub_(16)).reshape(len(rows), -1)
+        return (_torch_f16(b[:, :2]) * _q5_0_codes(b).float().sub_(16)).reshape(len(rows), -1)
     return None
+
+
+def _q5_0_codes(b: torch.Tensor) -> torch.Tensor:
+    """Q5_0 blocks (22 bytes: float16 d, 32 high bits, 16 bytes of low nibbles) -> their 5-bit
+    codes q in 0..31, uint8 (blocks, 32)."""
+    # weight j's fifth bit is bit j of the little-endian 32 bits: bit j % 8 of byte j // 8
+    high = ((b[:, 2:6, None] >> _BITS) & 1).reshape(-1, 32) << 4
+    qs = b[:, 6:]
+    return torch.cat([qs & 15, qs >> 4], dim=1) | high  # weights 0..15 low nibbles, 16..31 high ones
 
 
 def _dequantize_rows(rows: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
@@ -167,10 +171,8 @@ def _exact_int8_blocks(rows: np.ndarray, qtype: GGMLQuantizationType) -> tuple[t
     d = b[:, :2].contiguous().view(torch.float16)  # (blocks, 1)
     if qtype == Q.Q8_0:  # 34 bytes: float16 d, 32 int8 codes
         codes = b[:, 2:].view(torch.int8)
-    else:  # 22 bytes: float16 d, 32 high bits, 16 bytes of low nibbles (see _dequantize_torch)
-        high = ((b[:, 2:6, None] >> _BITS) & 1).reshape(-1, 32) << 4
-        qs = b[:, 6:]
-        codes = (torch.cat([qs & 15, qs >> 4], dim=1) | high).to(torch.int8) - 16
+    else:
+        codes = _q5_0_codes(b).to(torch.int8) - 16
     return codes.reshape(len(rows), -1).contiguous(), d.reshape(len(rows), -1).contiguous()
 
 
