@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -154,3 +155,64 @@ def test_from_file_hf_directory(ours, oracle, tmp_path):
 def test_from_file_missing(tmp_path):
     with pytest.raises(CheckpointError, match="tokenizer.json"):
         Tokenizer.from_file(tmp_path)
+
+
+def _bpe_ids(vocab, merges, texts):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import BPE
+
+    backend = Backend(BPE(vocab=vocab, merges=merges, byte_fallback=False, dropout=None))
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def test_merges_that_fire_change_no_encoding():
+    """A made-up SentencePiece-BPE vocabulary whose tokens split in several ways: the derived merges
+    keep only those BPE can apply, and every text encodes as with all of them."""
+    import random
+
+    from llmarch.checkpoints import tokenizer as tk
+
+    rng = random.Random(0)
+    alphabet = "abcd\u2581"
+    pieces = set(alphabet)
+    while len(pieces) < 400:
+        pieces.add("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 7))))
+    vocab = {t: i for i, t in enumerate(sorted(pieces))}
+    priority = {t: rng.random() for t in vocab}
+    ranked = sorted(((-priority[t], -i, t[:i], t[i:]) for t in vocab for i in range(1, len(t))
+                     if t[:i] in vocab and t[i:] in vocab), key=lambda m: (m[0], m[1]))
+    every = [(m[2], m[3]) for m in ranked]
+    kept = tk._merges_that_fire(vocab, every)
+    assert kept == tk._merges_from_vocab(vocab, priority)
+    assert 0 < len(kept) < len(every) and set(kept) <= set(every)
+    assert kept == [m for m in every if m in set(kept)]  # in the same order
+    texts = list(vocab) + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(5000)]
+    assert _bpe_ids(vocab, kept, texts) == _bpe_ids(vocab, every, texts)
+
+
+def test_gemma_with_the_merges_that_fire_encodes_as_with_all(real_paths, ours, monkeypatch):
+    """Gemma 3's 515k derived merges cut to those BPE can apply: the same ids for every vocabulary
+    token spelled out, for random runs of tokens and for the bundled Shakespeare."""
+    import gzip
+    import importlib.resources
+    import random
+
+    from llmarch.checkpoints import tokenizer as tk
+    from llmarch.families import tokenizer_quirks
+
+    ckpt = GGUFCheckpoint(real_paths["gemma"])
+    monkeypatch.setattr(tk, "_merges_that_fire", lambda vocab, merges: merges)
+    every = Tokenizer._build_from_gguf(ckpt, tokenizer_quirks(ckpt.architecture))
+    kept = ours["gemma"]
+    n_every = len(json.loads(every.backend.to_str())["model"]["merges"])
+    n_kept = len(json.loads(kept.backend.to_str())["model"]["merges"])
+    assert n_kept < 0.5 * n_every, (n_kept, n_every)
+    vocab = sorted(every.backend.get_vocab(with_added_tokens=False))
+    rng = random.Random(0)
+    text = gzip.decompress(importlib.resources.files("llmarch.data").joinpath("shakespeare.txt.gz").read_bytes()).decode()
+    texts = ([t.replace("\u2581", " ") for t in vocab]
+             + ["".join(rng.choice(vocab) for _ in range(rng.randint(2, 12))).replace("\u2581", " ") for _ in range(20000)]
+             + [text[i : i + 4000] for i in range(0, len(text), 4000)])
+    for a, b in zip(every.backend.encode_batch(texts, add_special_tokens=False),
+                    kept.backend.encode_batch(texts, add_special_tokens=False)):
+        assert a.ids == b.ids

