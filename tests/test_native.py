@@ -129,6 +129,48 @@ def test_q8_linear_declines_what_it_does_not_take(native_kernels):
     assert native.q8_linear(x, w, 64, scales, torch.zeros(32, dtype=torch.float16)) is None
 
 
+def _q5_0_case(m, k, n, x_dtype, bias_dtype, seed=0):
+    """Random GGUF Q5_0 blocks (every fifth bit and nibble random, float16 block scales over three
+    decades) re-laid as Q5Linear holds them (blocks (n, k / 32 * 20), scales (n, k / 32)); with the
+    same weights as int8 codes, the file's own decoding (gguf's bit order, not Q5Linear's)."""
+    from llmarch.inference.quant import Q5Linear, q5_0_codes
+
+    g = torch.Generator().manual_seed(seed)
+    gguf = torch.randint(0, 256, (n * (k // 32), 22), dtype=torch.uint8, generator=g)
+    d = (10 ** (torch.rand(n * (k // 32), generator=g) * 3 - 4)).to(torch.float16)
+    gguf[:, :2] = d.view(-1, 1).view(torch.uint8)
+    codes = (q5_0_codes(gguf).to(torch.int8) - 16).reshape(n, k)
+    layer = Q5Linear.from_gguf(gguf.reshape(n, -1), k)
+    x, _, _, bias = _operands(m, k, n, x_dtype, bias_dtype, seed=seed)
+    return x, layer.blocks, layer.scales, codes, d.reshape(n, k // 32), bias
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 32, 40), (3, 64, 70), (7, 640, 513), (2, 2048, 96), (5, 160, 1)])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32])
+def test_q5_0_linear_is_the_grouped_int8_product_of_its_codes(m, k, n, x_dtype, bias_dtype, native_kernels):
+    """Q5_0 blocks read in place give the bits of the grouped int8 kernel on the same codes and
+    scales (within the float64 bound), each row alone as in the batch; their dequantisation is
+    exact; what the kernels do not take gives None."""
+    x, blocks, scales, codes, d, bias = _q5_0_case(m, k, n, x_dtype, bias_dtype)
+    assert torch.equal(scales, d)
+    y = native.q5_0_linear(x, blocks, scales, k, bias)
+    assert torch.equal(y, native.q8_linear(x, codes, k, scales, bias))
+    _check(y, x, codes, k, scales, bias)
+    for i in range(m):
+        assert torch.equal(native.q5_0_linear(x[i : i + 1], blocks, scales, k, bias), y[i : i + 1])
+    exact = codes.float() * scales.float().repeat_interleave(32, dim=1)
+    assert torch.equal(native.q5_0_dequant(blocks, scales, k, (0, n)), exact)
+    assert torch.equal(native.q5_0_dequant(blocks, scales, k, (n // 2, n)), exact[n // 2 :])
+    assert native.q5_0_dequant(blocks, scales, k, (0, n + 1)) is None
+    assert native.q5_0_linear(x, blocks[:, :-20], scales, k, bias) is None  # a block missing
+    assert native.q5_0_linear(x, blocks, scales[:, :-1].contiguous(), k, bias) is None  # a scale missing
+    assert native.q5_0_linear(x, blocks, scales.float(), k, bias) is None
+    assert native.q5_0_linear(x, blocks.view(torch.int8), scales, k, bias) is None
+    assert native.q5_0_linear(x[:, : k - 16], blocks, scales, k - 16, bias) is None  # width not a multiple of 32
+    assert native.q5_0_linear(x, blocks, scales, k, torch.zeros(n + 1)) is None
+
+
 def _cpu_has(*flags: str) -> bool:
     line = native._cpu_flags().split()
     return all(f in line for f in flags)
@@ -162,6 +204,16 @@ def test_every_build_computes_the_same_products(march, simd, tmp_path, native_ke
     for m, k, n, pad in GROUPED_SHAPES:  # one scale per 32 inputs: float32 lanes in a fixed order, the same bits
         x, w, scales, bias = _grouped(m, k, n, torch.float32, torch.float32, pad)
         assert torch.equal(_run(lib, x, w, k, scales, bias), native.q8_linear(x, w, k, scales, bias))
+    for m, k, n in [(3, 640, 70), (1, 2048, 33)]:  # Q5_0 blocks: the same bits, and the same dequantisation
+        x, blocks, scales, _, _, bias = _q5_0_case(m, k, n, torch.float32, torch.float32)
+        y = torch.empty(m, n)
+        assert lib.llmarch_q5_0_linear(x.data_ptr(), 0, k, m, k, blocks.data_ptr(), blocks.stride(0), n,
+                                       scales.data_ptr(), bias.data_ptr(), 0, y.data_ptr(), 0) == 0
+        assert torch.equal(y, native.q5_0_linear(x, blocks, scales, k, bias))
+        w = torch.empty(n, k)
+        assert lib.llmarch_q5_0_dequant(blocks.data_ptr(), blocks.stride(0), scales.data_ptr(), k, 0, n,
+                                        w.data_ptr()) == 0
+        assert torch.equal(w, native.q5_0_dequant(blocks, scales, k, (0, n)))
     # the extremes over long rows (an int32 sum of one chunk would overflow): still exact
     k = 3 * 4096 + 77
     x, w = torch.full((1, k), 5.0), torch.full((2, k), -128, dtype=torch.int8)

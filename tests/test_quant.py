@@ -341,6 +341,14 @@ def test_gguf_wider_blocks_requantised_to_int8(qtype):
     data = _gguf_data(qtype)
     ref = torch.from_numpy(dequantize(data, qtype))
     layer = gguf_linear(data, qtype, SHAPE)
+    if qtype == Q.Q5_0:  # --quant compact: the file's codes (see test_q5_0_layer_is_the_int8_layer_of_its_codes)
+        from llmarch.inference.quant import Q5Linear
+
+        q5 = gguf_linear(data, qtype, SHAPE, mode="compact")
+        assert isinstance(q5, Q5Linear) and q5.blocks.shape == (SHAPE[0], SHAPE[1] // 32 * 20)
+        assert torch.equal(q5.rows(torch.arange(SHAPE[0])), ref)
+        assert torch.equal(q5.codes().float().sub(16).view(SHAPE[0], -1, 32) * q5.scales.float()[..., None],
+                           ref.view(SHAPE[0], -1, 32))
     assert isinstance(layer, Int8Linear) and layer.grouped and layer.scales.dtype == torch.float16
     rows = layer.rows(torch.arange(SHAPE[0]))
     if qtype in (Q.Q8_0, Q.Q5_0):
@@ -405,6 +413,44 @@ def test_grouped_int8_layer_at_every_row_count(rows, monkeypatch):
     yi = invariant(x)
     for i in range(rows):
         assert torch.equal(invariant(x[i : i + 1])[0], yi[i])
+
+
+@pytest.mark.parametrize("rows", [1, 5, W8A8_MIN_ROWS, 40])
+def test_q5_0_layer_is_the_int8_layer_of_its_codes(rows, monkeypatch):
+    """A GGUF Q5_0 matrix kept in its blocks gives, at every row count (native kernel, float32
+    product; batch-invariant; without the native kernels), the bits of the grouped int8 layer
+    holding the same codes and scales, within the bound of the product with gguf's weights."""
+    from llmarch.inference import native, quant
+    from llmarch.inference.gguf_quant import int8_weights
+    from llmarch.inference.quant import Q5Linear
+
+    if native.library() is None:
+        pytest.skip("Q5_0 blocks are kept where llmarch's native kernels are built")
+    data = _gguf_data(Q.Q5_0)
+    ref = torch.from_numpy(dequantize(data, Q.Q5_0)).double()
+    b = torch.randn(SHAPE[0], generator=torch.Generator().manual_seed(rows))
+    q5 = gguf_linear(data, Q.Q5_0, SHAPE, b, mode="compact")
+    assert isinstance(q5, Q5Linear) and q5.blocks.shape == (SHAPE[0], SHAPE[1] // 32 * 20)
+    int8 = Int8Linear(*int8_weights(data, Q.Q5_0, SHAPE, grouped=True), b)
+    x = torch.randn(rows, SHAPE[1], generator=torch.Generator().manual_seed(rows + 1))
+    y = q5(x)
+    assert torch.equal(y, int8(x))
+    size = x.double().abs() @ ref.abs().T + b.double().abs()
+    codes = x.double().abs().amax(1, keepdim=True) / 65534 @ ref.abs().sum(1, keepdim=True).T
+    assert ((y.double() - (x.double() @ ref.T + b.double())).abs() <= codes * 1.001 + 64 * 2.0**-23 * size).all()
+    inv5 = quant.batch_invariant(Q5Linear(q5.blocks, q5.scales, SHAPE[1], b))
+    inv8 = quant.batch_invariant(Int8Linear(int8.weight_int8, int8.scales, b))
+    yi = inv5(x)
+    assert torch.equal(yi, inv8(x))
+    for i in range(rows):
+        assert torch.equal(inv5(x[i : i + 1])[0], yi[i])
+    monkeypatch.setattr(native, "library", lambda: None)
+    assert torch.equal(q5(x), int8(x))
+    assert ((q5(x).double() - (x.double() @ ref.T + b.double())).abs() <= 64 * 2.0**-23 * size).all()
+    with pytest.raises(ConfigError, match="Q5_0 codes"):
+        Q5Linear(q5.blocks[:, :-1], q5.scales, SHAPE[1])
+    with pytest.raises(ConfigError, match="Q5_0 codes"):
+        Q5Linear(q5.blocks, q5.scales.float(), SHAPE[1])
 
 
 # ---- errors ---------------------------------------------------------------------------------

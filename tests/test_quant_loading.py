@@ -135,6 +135,36 @@ def test_gguf_int8_and_int4(tmp_path, mixed_gguf):
     assert _rel(_logits(int4), _logits(from_pretrained(four, torch.float32))) < 0.02
 
 
+def test_gguf_compact_keeps_q5_0_codes(tmp_path):
+    """--quant compact: Q5_0 matrices in their 5-bit codes (5.5 bits a weight, against 8.5 as int8),
+    the other types as auto loads them; the same logits as auto to the bit (the native kernel and
+    the float32 product give the int8 layout's results on the same codes and scales). A float
+    checkpoint has no codes to keep: refused, naming the choices that work."""
+    from llmarch.inference import native
+    from llmarch.inference.quant import Q5Linear
+
+    if native.library() is None:
+        pytest.skip("Q5_0 codes are kept where llmarch's native kernels are built")
+    path = _write_llama_gguf(tmp_path / "q5.gguf", {**MIXED, "blk.0.ffn_down.weight": QT.Q5_0,
+                                                   "blk.0.attn_v.weight": QT.Q5_0, "token_embd.weight": QT.Q5_0})
+    auto = load_model(open_checkpoint(path), torch.float32, quant="auto")
+    compact = load_model(open_checkpoint(path), torch.float32, quant="compact")
+    for name in ("attn.v_proj", "mlp.down_proj"):
+        assert type(auto.layers[0].get_submodule(name)) is Int8Linear
+        assert type(compact.layers[0].get_submodule(name)) is Q5Linear
+    assert type(compact.layers[0].attn.q_proj) is Int4Linear and type(compact.embed.table) is Int8Linear
+    q5 = [m for m in compact.modules() if isinstance(m, Q5Linear)]
+    assert len(q5) == 2 and all(m.blocks.numel() + 2 * m.scales.numel() == m.out_features * m.in_features * 22 // 32
+                                for m in q5)  # 22 bytes per 32 weights, as in the file
+    for rows in (1, 12):  # the native kernel, the float32 product
+        ids = torch.randint(0, VOCAB, (2, rows), generator=torch.Generator().manual_seed(rows))
+        with torch.no_grad():
+            assert torch.equal(compact(ids), auto(ids))
+    hf = save_pretrained(from_pretrained(path, torch.float32), tmp_path / "hf")
+    with pytest.raises(ConfigError, match="--quant compact keeps a GGUF file's quantised matrices in their own codes"):
+        load_model(open_checkpoint(hf), quant="compact")
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_float_checkpoint_quantised_at_load(tmp_path, mixed_gguf, mode):
     path = save_pretrained(from_pretrained(mixed_gguf, torch.float32), tmp_path / "hf")

@@ -53,15 +53,22 @@ def _model(name: str, mode: str, dtype: torch.dtype):
             else:
                 p.normal_(0 if "norm" in n and CONFIGS[name].norm_unit_offset else 1 if "norm" in n else 0, 0.2)
         model.embed.weight.normal_(0, 1.0)
-    model = quantize(model.to(dtype), "int8" if mode == "int8g" else mode, 32)
-    if mode == "int8g":  # int8 with a float16 scale per 32 inputs, as a GGUF file's blocks load
-        from llmarch.inference.quant import Int8Linear, int8_quantize_groups
+    model = quantize(model.to(dtype), "int8" if mode in ("int8g", "q5_0") else mode, 32)
+    if mode in ("int8g", "q5_0"):  # a float16 scale per 32 inputs, as a GGUF file's blocks load
+        from gguf import GGMLQuantizationType
+        from gguf.quants import quantize as gguf_quantize
+
+        from llmarch.inference.quant import Int8Linear, Q5Linear, int8_quantize_groups
 
         for mod in list(model.modules()):
             for cn, child in list(mod.named_children()):
                 if type(child) is Int8Linear and child.in_features % 32 == 0 and cn != "table":
-                    setattr(mod, cn, Int8Linear(*int8_quantize_groups(child.rows(torch.arange(child.out_features))),
-                                                child.bias))
+                    w = child.rows(torch.arange(child.out_features))
+                    if mode == "q5_0":  # the file's Q5_0 blocks, read in place
+                        blocks = gguf_quantize(w.numpy(), GGMLQuantizationType.Q5_0)
+                        setattr(mod, cn, Q5Linear.from_gguf(torch.from_numpy(blocks), child.in_features, child.bias))
+                    else:
+                        setattr(mod, cn, Int8Linear(*int8_quantize_groups(w), child.bias))
     return pack_linears(model, release=True)
 
 
@@ -85,7 +92,7 @@ def _steps(model, ids, n, use_step):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("mode", ["int8", "int8g", "int4"])  # int8g: a scale per 32 inputs (GGUF blocks)
+@pytest.mark.parametrize("mode", ["int8", "int8g", "q5_0", "int4"])  # int8g, q5_0: as GGUF blocks load
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_step_is_the_modules_step(name, mode, dtype, monkeypatch):
     """Twelve decoding steps (the sliding window of 5 and the chunks of 4 wrap round several
@@ -99,6 +106,10 @@ def test_native_step_is_the_modules_step(name, mode, dtype, monkeypatch):
         from llmarch.inference.quant import Int8Linear
 
         assert any(m.grouped for m in model.modules() if isinstance(m, Int8Linear))
+    if mode == "q5_0":
+        from llmarch.inference.quant import Q5Linear
+
+        assert any(isinstance(m, Q5Linear) for m in model.modules())
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
     ran = []
     real = step.decode

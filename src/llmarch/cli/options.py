@@ -26,7 +26,7 @@ def add_set(sp: argparse.ArgumentParser) -> None:
 MODEL_DTYPES = ("auto", "float32", "bfloat16")
 
 
-QUANTS = ("auto", "none", "int8", "int4")  # llmarch.inference.quant.QUANT_CHOICES (not imported: no torch here)
+QUANTS = ("auto", "none", "int8", "int4", "compact")  # llmarch.inference.quant.QUANT_CHOICES (not imported: no torch here)
 
 
 def usage_error(message: str) -> None:
@@ -43,7 +43,8 @@ def add_runtime(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--quant", choices=QUANTS, default="auto",
                     help="weights: auto (a GGUF file's quantised tensors stay quantised, int4 for its 4-bit types "
                     "and int8 for wider ones; float checkpoints in float), none (dequantise to float), "
-                    "int8 / int4 (quantise at load)")
+                    "int8 / int4 (quantise at load), compact (as auto, Q5_0 matrices in their 5-bit codes: "
+                    "smaller, slower to decode on some CPUs)")
     sp.add_argument("--group-size", type=int, default=32,
                     help="inputs per int4 scale: 32 (default), 64, 128 or 256; it must divide every layer's width")
     sp.add_argument("--threads", type=int, default=None,
@@ -106,8 +107,8 @@ def runtime_choice(args: argparse.Namespace):
     if not available[device]:
         raise GenerationError(f"--device {device}: no {device} device is available to this torch build; use --device cpu")
     if device != "cpu":
-        if args.quant in ("int8", "int4"):
-            raise GenerationError(f"--quant {args.quant}: the int8/int4 kernels are CPU kernels; use --quant none on {device}")
+        if args.quant in ("int8", "int4", "compact"):
+            raise GenerationError(f"--quant {args.quant}: the int8/int4/Q5_0 kernels are CPU kernels; use --quant none on {device}")
         if args.dtype == "auto":
             dtype = torch.bfloat16
             why = why.replace(why.split(";")[0], f"bfloat16 on {device}", 1)

@@ -521,7 +521,7 @@ def load_model(checkpoint, dtype: torch.dtype | None = torch.float32, pack: bool
     mode = resolve_quant(checkpoint, quant, group_size)  # refuses what cannot work before reading a tensor
     keep = store = None
     if mode != "none":  # int4 from a GGUF file: resolve_quant let only its 4-bit types through, as they are
-        kept = "int8" if mode == "int8" else "auto"
+        kept = mode if mode in ("int8", "compact") else "auto"
         if isinstance(checkpoint, GGUFCheckpoint):  # its int8 requantisations are kept between runs
             # (the layout depends on whether the native kernels are built: one store for each,
             # so that a run without them does not replace the other's)
@@ -568,6 +568,7 @@ def load(
     from ..checkpoints.assets import resolve_model
     from ..checkpoints.formats import GGUFCheckpoint, open_checkpoint
     from ..checkpoints.tokenizer import Tokenizer
+    from .device import release_free_memory
     from .gguf_quant import resolve_quant
 
     checkpoint = open_checkpoint(resolve_model(name_or_path))  # a GGUF file's metadata is parsed once, here
@@ -588,14 +589,3 @@ def load(
         checkpoint.release_pages()
     release_free_memory()  # nor the temporaries of converting it (Qwen2.5-0.5B: about 180 MB)
     return model, tokenizer
-
-
-def release_free_memory() -> None:
-    """Return the C allocator's freed memory to the system (glibc's ``malloc_trim``; elsewhere nothing)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -21,6 +21,9 @@ Loading a GGUF file with a ``quant`` choice (:func:`resolve_quant`, then
 :class:`~llmarch.checkpoints.quantized.QuantizedTensor`):
 
 * ``auto``: each quantised matrix in the layout above (as the file is); float tensors stay float;
+* ``compact``: as ``auto``, but Q5_0 matrices keep the file's 5-bit codes (:class:`~llmarch.inference.quant.Q5Linear`,
+  5.5 bits a weight where int8 takes 8.5; where the native kernels are built): smaller, decoding
+  slower on CPUs where unpacking the codes costs more than reading the bytes it saves;
 * ``none``: everything dequantised to float;
 * ``int8``: every quantised matrix to int8 (the 4-bit types too, in the layout above); float
   matrices quantised too, one scale a row;
@@ -56,6 +59,9 @@ from .quant import (
     check_quantizable,
     int8_quantize,
     int8_quantize_groups,
+    Q5Linear,
+    q5_0_codes,
+    q5_0_dequantize,
 )
 
 Q = GGMLQuantizationType
@@ -127,9 +133,6 @@ def _torch_f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
-_BITS = torch.arange(8, dtype=torch.uint8)
-
-
 def _dequantize_torch(rows: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor | None:
     """Q8_0 and Q5_0 rows dequantised by torch (vectorised, multi-threaded; the same float32
     values as ``gguf.quants``, each a product exact in float32), flat per row; None for other types."""
@@ -137,18 +140,8 @@ def _dequantize_torch(rows: np.ndarray, qtype: GGMLQuantizationType) -> torch.Te
         b = _torch_blocks(rows, qtype)
         return (_torch_f16(b[:, :2]) * b[:, 2:].view(torch.int8).float()).reshape(len(rows), -1)
     if qtype == Q.Q5_0:  # w = d * (q - 16)
-        b = _torch_blocks(rows, qtype)
-        return (_torch_f16(b[:, :2]) * _q5_0_codes(b).float().sub_(16)).reshape(len(rows), -1)
+        return q5_0_dequantize(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.uint8)).reshape(len(rows), -1))
     return None
-
-
-def _q5_0_codes(b: torch.Tensor) -> torch.Tensor:
-    """Q5_0 blocks (22 bytes: float16 d, 32 high bits, 16 bytes of low nibbles) -> their 5-bit
-    codes q in 0..31, uint8 (blocks, 32)."""
-    # weight j's fifth bit is bit j of the little-endian 32 bits: bit j % 8 of byte j // 8
-    high = ((b[:, 2:6, None] >> _BITS) & 1).reshape(-1, 32) << 4
-    qs = b[:, 6:]
-    return torch.cat([qs & 15, qs >> 4], dim=1) | high  # weights 0..15 low nibbles, 16..31 high ones
 
 
 def _dequantize_rows(rows: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
@@ -172,7 +165,7 @@ def _exact_int8_blocks(rows: np.ndarray, qtype: GGMLQuantizationType) -> tuple[t
     if qtype == Q.Q8_0:  # 34 bytes: float16 d, 32 int8 codes
         codes = b[:, 2:].view(torch.int8)
     else:
-        codes = _q5_0_codes(b).to(torch.int8) - 16
+        codes = q5_0_codes(b).to(torch.int8) - 16
     return codes.reshape(len(rows), -1).contiguous(), d.reshape(len(rows), -1).contiguous()
 
 
@@ -230,6 +223,9 @@ def gguf_linear(
     # (torch's int8 kernels take one scale a row: where llmarch's native kernels are not built,
     # one a row keeps decoding on them rather than on float32 copies of the weights)
     grouped = grouped and shape[1] % GROUP == 0 and native.library() is not None
+    if grouped and qtype == Q.Q5_0 and mode == "compact":  # the file's codes and scales, 5.5 bits a weight
+        return Q5Linear.from_gguf(torch.from_numpy(np.ascontiguousarray(read(), dtype=np.uint8)).reshape(shape[0], -1),
+                                  shape[1], bias)
 
     def compute():
         return int8_weights(read(), qtype, shape, grouped)
@@ -272,6 +268,10 @@ def resolve_quant(checkpoint: GGUFCheckpoint | HFDirectory, quant: str, group_si
     types = set(checkpoint.tensor_types().values()) - FLOAT_TYPES if isinstance(checkpoint, GGUFCheckpoint) else set()
     if quant == "auto":
         return "auto" if types else "none"
+    if quant == "compact" and not types:
+        where = checkpoint.path.name if isinstance(checkpoint, GGUFCheckpoint) else str(checkpoint.path)
+        raise ConfigError(f"--quant compact keeps a GGUF file's quantised matrices in their own codes; {where} has "
+                          "none: use --quant auto, int8 or int4")
     if quant == "int4" and types:
         wider = types - {t.name for t in INT4_TYPES}
         if wider:

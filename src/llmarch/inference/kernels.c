@@ -10,6 +10,9 @@
  *                       270M's 262k x 640 head at about 10 GB/s on 2 cores of AVX-512, this loop
  *                       at 30-35 GB/s (the memory's rate), on 16-bit activation codes with
  *                       exact integer sums.
+ *                       With a float16 scale per 32 weights of a row it reads a GGUF file's
+ *                       Q8_0 blocks; llmarch_q5_0_linear reads Q5_0 codes, re-laid (22 bytes
+ *                       per 32 weights as in the file, not 34 as int8), with the same sums.
  *   llmarch_q4_linear   the same for torch's packed int4 CPU layout (4-bit codes, a bfloat16 scale
  *                       and zero per group of inputs), read in place: torch's
  *                       _weight_int4pack_mm_for_cpu takes 61 us for Gemma 3 270M's 640 x 1024
@@ -50,7 +53,7 @@
 enum { F32 = 0, BF16 = 1 };
 
 /* bumped whenever a signature changes: native.py refuses a library of another version */
-int llmarch_abi_version(void) { return 12; }
+int llmarch_abi_version(void) { return 13; }
 
 /* the vector instructions this build's kernels use (reported by native.py): 2 AVX-512, 1 AVX2
  * with FMA, 0 the portable loops */
@@ -274,6 +277,133 @@ static float dot_grouped_row(const int16_t *q, const int8_t *w, const uint16_t *
 #endif
 }
 
+/* GGUF's Q5_0 weights: 32 of a row share a float16 scale d, w = d * (code - 16), code in 0..31.
+ * llmarch holds them as the file's codes re-laid for the vector loops (llmarch.inference.quant.
+ * Q5Linear; 5.5 bits a weight, as in the file): the scales in their own (N, K / 32) array, as the
+ * grouped int8 layout has them, and per block of 32 weights 20 bytes:
+ *   bytes 0-3   the fifth bits: bit t of byte r is weight 4t + r's (byte lane i of a vector
+ *               holding these 4 bytes in every dword reads its bit with one AND: bit i / 4);
+ *   bytes 4-19  the low 4 bits as the file has them: weight j < 16 in byte j's low nibble,
+ *               weight j + 16 in its high nibble. */
+#define Q5_0_BYTES 20
+
+/* a block's 32 weights as int8 codes - 16, in order */
+static inline void q5_0_codes(const uint8_t *b, int8_t *out) {
+    for (int j = 0; j < 16; j++) {
+        int lo = j, hi = j + 16;
+        out[lo] = (int8_t)((int)((b[4 + j] & 15) | (((b[lo & 3] >> (lo >> 2)) & 1) << 4)) - 16);
+        out[hi] = (int8_t)((int)((b[4 + j] >> 4) | (((b[hi & 3] >> (hi >> 2)) & 1) << 4)) - 16);
+    }
+}
+
+#if defined(LLMARCH_AVX512) || defined(LLMARCH_AVX2)
+/* the same 32 codes in one vector: the 16 bytes in both halves, the high half shifted down 4
+ * (its high nibbles), masked to 4 bits; each byte or-ed with 0xF0 (minus 16) where its fifth
+ * bit is clear */
+static inline __m256i q5_0_codes256(const uint8_t *b) {
+    __m256i qs = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 4)));
+    __m256i nib = _mm256_and_si256(_mm256_srlv_epi64(qs, _mm256_set_epi64x(4, 4, 0, 0)), _mm256_set1_epi8(15));
+    int32_t qh;
+    memcpy(&qh, b, 4);
+    const __m256i bit = _mm256_set_epi64x(0x8080808040404040LL, 0x2020202010101010LL, 0x0808080804040404LL,
+                                          0x0202020201010101LL); /* byte lane i: 1 << (i / 4) */
+    __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_set1_epi32(qh), bit), bit);
+    return _mm256_or_si256(nib, _mm256_andnot_si256(set, _mm256_set1_epi8((char)0xF0)));
+}
+#endif
+
+/* dot_grouped_row for a row of re-laid Q5_0 codes and its float16 scales: the same sums in the
+ * same order (so the same bits as dot_grouped_row on the same codes and scales) */
+static float dot_q5_0_row(const int16_t *q, const uint8_t *w, const uint16_t *scale, int64_t K) {
+    float sc[SCALE_CHUNK];
+    int64_t G = K / 32;
+#if defined(LLMARCH_AVX512) || defined(LLMARCH_AVX2)
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#define LLMARCH_Q5_FMA(g, a)                                                                             \
+    {                                                                                                    \
+        const int16_t *qg = q + (g) * 32;                                                                \
+        __m256i c = q5_0_codes256(w + (g) * Q5_0_BYTES);                                                 \
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(c));                                    \
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(c, 1));                               \
+        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)qg)),    \
+                                     _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(qg + 16)))); \
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(sc + (g) - g0), a);               \
+    }
+    for (int64_t g0 = 0; g0 < G; g0 += SCALE_CHUNK) { /* as dot_grouped_row: the sets stay g % 4 */
+        int64_t g1 = G - g0 < SCALE_CHUNK ? G : g0 + SCALE_CHUNK, g = g0;
+#ifdef __F16C__
+        for (; g + 8 <= g1; g += 8)
+            _mm256_storeu_ps(sc + g - g0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g))));
+#endif
+        for (; g < g1; g++) sc[g - g0] = f16_to_f32(scale[g]);
+        for (g = g0; g + 4 <= g1; g += 4) {
+            LLMARCH_Q5_FMA(g, a0)
+            LLMARCH_Q5_FMA(g + 1, a1)
+            LLMARCH_Q5_FMA(g + 2, a2)
+            LLMARCH_Q5_FMA(g + 3, a3)
+        }
+        if (g < g1) LLMARCH_Q5_FMA(g, a0)
+        if (g + 1 < g1) LLMARCH_Q5_FMA(g + 1, a1)
+        if (g + 2 < g1) LLMARCH_Q5_FMA(g + 2, a2)
+    }
+#undef LLMARCH_Q5_FMA
+    __m256 v = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    v = _mm256_hadd_ps(v, v);
+    v = _mm256_hadd_ps(v, v);
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+#else
+    float acc[4][8] = {{0}};
+    int8_t wg[32];
+    for (int64_t g0 = 0; g0 < G; g0 += SCALE_CHUNK) {
+        int64_t g1 = G - g0 < SCALE_CHUNK ? G : g0 + SCALE_CHUNK;
+        for (int64_t g = g0; g < g1; g++) sc[g - g0] = f16_to_f32(scale[g]);
+        for (int64_t g = g0; g < g1; g++) {
+            const int16_t *qg = q + g * 32;
+            q5_0_codes(w + g * Q5_0_BYTES, wg);
+            for (int l = 0; l < 8; l++) {
+                int32_t p = (int32_t)qg[2 * l] * wg[2 * l] + (int32_t)qg[2 * l + 1] * wg[2 * l + 1] +
+                            (int32_t)qg[16 + 2 * l] * wg[16 + 2 * l] + (int32_t)qg[17 + 2 * l] * wg[17 + 2 * l];
+                acc[g & 3][l] = fmaf((float)p, sc[g - g0], acc[g & 3][l]);
+            }
+        }
+    }
+    float v[8];
+    for (int l = 0; l < 8; l++) v[l] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+#endif
+}
+
+/* Rows [r0, r1) of a matrix of re-laid Q5_0 codes (rows ldw bytes apart) and its float16 scales
+ * (N, K / 32) as float32 (r1 - r0, K): d * (code - 16), exact in float32. */
+int llmarch_q5_0_dequant(const uint8_t *w, int64_t ldw, const uint16_t *scale, int64_t K, int64_t r0, int64_t r1,
+                         float *out) {
+    if (K % 32 || r0 < 0 || r1 < r0) return -1;
+    int64_t G = K / 32;
+#pragma omp parallel for schedule(static) if ((r1 - r0) * K >= (1 << 16))
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = w + r * ldw;
+        float *o = out + (r - r0) * K;
+        for (int64_t g = 0; g < G; g++) {
+            const uint8_t *bg = row + g * Q5_0_BYTES;
+            float d = f16_to_f32(scale[r * G + g]);
+#if defined(LLMARCH_AVX512) || defined(LLMARCH_AVX2)
+            __m256i c = q5_0_codes256(bg);
+            __m256 vd = _mm256_set1_ps(d);
+            __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+            _mm256_storeu_ps(o + g * 32, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), vd));
+            _mm256_storeu_ps(o + g * 32 + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), vd));
+            _mm256_storeu_ps(o + g * 32 + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), vd));
+            _mm256_storeu_ps(o + g * 32 + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), vd));
+#else
+            int8_t c[32];
+            q5_0_codes(bg, c);
+            for (int j = 0; j < 32; j++) o[g * 32 + j] = d * (float)c[j];
+#endif
+        }
+    }
+    return 0;
+}
+
 /* y (M, N) = x (M, K) W^T * scale + bias, on 16-bit codes of each row of x (see above):
  *   y[m, n] = (float)(sx[m] * sum_k qx[m, k] w[n, k] * scale[n]) + bias[n], the sum exact.
  *   x: float32 or bfloat16 (x_dtype), rows ldx apart; W: int8 (N, K), rows ldw >= K apart;
@@ -282,10 +412,12 @@ static float dot_grouped_row(const int16_t *q, const int8_t *w, const uint16_t *
  * of float16 (a GGUF block's own scale type), one per 32 inputs of a row (K a multiple of 32), y[m, n] = (float)(sx[m] * dot_grouped_row);
  * group 0: one scale a row, as above. Returns 0, or -1 when the codes' buffer cannot be allocated
  * or the group is neither. */
-int llmarch_q8_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_t K,
-                      const int8_t *w, int64_t ldw, int64_t N, const uint16_t *scale, int64_t group,
-                      const void *bias, int bias_dtype, void *y, int y_dtype) {
-    if (!(group == 0 || (group == 32 && K % 32 == 0))) return -1;
+#define W_Q5_0 (-5) /* codes16_linear's weights as Q5_0 blocks (else an int8 group: 0 or 32) */
+
+static int codes16_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_t K, const void *wv,
+                          int64_t ldw, int64_t N, const uint16_t *scale, int64_t group, const void *bias,
+                          int bias_dtype, void *y, int y_dtype) {
+    if (!(group == 0 || ((group == 32 || group == W_Q5_0) && K % 32 == 0))) return -1;
     float *xf = (float *)malloc((size_t)(K > 0 ? K : 1) * sizeof(float));
     int16_t *q = (int16_t *)malloc((size_t)(M * K > 0 ? M * K : 1) * sizeof(int16_t));
     double *sx = (double *)malloc((size_t)(M > 0 ? M : 1) * sizeof(double));
@@ -301,12 +433,13 @@ int llmarch_q8_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_
     /* one thread for small matrices: a parallel region costs a few microseconds */
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 18))
     for (int64_t n = 0; n < N; n++) {
-        const int8_t *wn = w + n * ldw;
+        const int8_t *wn = (const int8_t *)wv + n * ldw;
         double sc = group ? 1.0 : bf16_to_f32(scale[n]);
         float b = bias ? load_value(bias, bias_dtype, n) : 0.f;
         for (int64_t m = 0; m < M; m++) {
-            double dot = group ? (double)dot_grouped_row(q + m * K, wn, scale + n * (K / 32), K)
-                               : (double)dot_q16_q8(q + m * K, wn, K);
+            double dot = group == W_Q5_0 ? (double)dot_q5_0_row(q + m * K, (const uint8_t *)wn, scale + n * (K / 32), K)
+                         : group       ? (double)dot_grouped_row(q + m * K, wn, scale + n * (K / 32), K)
+                                       : (double)dot_q16_q8(q + m * K, wn, K);
             float v = (float)(dot * sx[m] * sc) + b;
             if (y_dtype == BF16)
                 ((uint16_t *)y)[m * N + n] = f32_to_bf16(v);
@@ -317,6 +450,23 @@ int llmarch_q8_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_
     free(q);
     free(sx);
     return 0;
+}
+
+int llmarch_q8_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_t K,
+                      const int8_t *w, int64_t ldw, int64_t N, const uint16_t *scale, int64_t group,
+                      const void *bias, int bias_dtype, void *y, int y_dtype) {
+    if (group != 0 && group != 32) return -1;
+    return codes16_linear(x, x_dtype, ldx, M, K, w, ldw, N, scale, group, bias, bias_dtype, y, y_dtype);
+}
+
+/* llmarch_q8_linear for W as re-laid Q5_0 codes (rows ldw bytes apart) and float16 scales (N, K / 32):
+ * the same 16-bit codes of x, and each group's sums as dot_grouped_row makes them (the same bits
+ * as llmarch_q8_linear with group 32 on the same codes and scales), reading 22 bytes per 32
+ * weights instead of 34. */
+int llmarch_q5_0_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_t K, const uint8_t *w,
+                        int64_t ldw, int64_t N, const uint16_t *scale, const void *bias, int bias_dtype, void *y,
+                        int y_dtype) {
+    return codes16_linear(x, x_dtype, ldx, M, K, w, ldw, N, scale, W_Q5_0, bias, bias_dtype, y, y_dtype);
 }
 
 static inline void store_value(void *p, int dtype, int64_t i, float v) {
@@ -872,13 +1022,13 @@ void llmarch_w8a8_combine(const int32_t *acc, const float *s1, const float *s2, 
  * units in float32's last place (a bfloat16 result can land on the other side of a rounding).
  * ------------------------------------------------------------------------------------------- */
 
-enum { LIN_Q8 = 1, LIN_Q4 = 2 };
+enum { LIN_Q8 = 1, LIN_Q4 = 2, LIN_Q5_0 = 3 };
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
 
 /* a linear layer: y[out_off : out_off + n] = x W^T (+ bias) */
 typedef struct {
-    const void *w;      /* int8 (n, ldw), or int4 in torch's packing (npad, k / 2) */
-    const void *scales; /* int8: bfloat16 (n,); int4: scales and zeros (k / group, npad, 2) */
+    const void *w;      /* int8 (n, ldw); re-laid Q5_0 codes, rows ldw bytes apart; int4 in torch's packing (npad, k / 2) */
+    const void *scales; /* int8: bfloat16 (n,) or float16 (n, k / 32); Q5_0: float16 (n, k / 32); int4: scales and zeros (k / group, npad, 2) */
     const void *bias;   /* NULL, or (n,) of bias_dtype */
     int64_t n, k, ldw, npad, group, br, out_off;
     int32_t kind, bias_dtype;
@@ -912,6 +1062,9 @@ static int run_linear(const llm_linear *l, const void *x, int dtype, void *out) 
     if (l->kind == LIN_Q8)
         return llmarch_q8_linear(x, dtype, l->k, 1, l->k, (const int8_t *)l->w, l->ldw, l->n,
                                  (const uint16_t *)l->scales, l->group, l->bias, l->bias_dtype, y, dtype);
+    if (l->kind == LIN_Q5_0)
+        return llmarch_q5_0_linear(x, dtype, l->k, 1, l->k, (const uint8_t *)l->w, l->ldw, l->n,
+                                   (const uint16_t *)l->scales, l->bias, l->bias_dtype, y, dtype);
     if (l->kind == LIN_Q4)
         return llmarch_q4_linear(x, dtype, l->k, 1, l->k, (const uint8_t *)l->w, l->n, l->npad,
                                  (const uint16_t *)l->scales, l->group, l->br, l->bias, l->bias_dtype, y, dtype);

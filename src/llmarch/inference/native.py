@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ABI_VERSION = 12
+ABI_VERSION = 13
 # -ffp-contract=off: a * b + c rounds twice, as torch's separate operations do (the kernels'
 # explicit fused multiply-adds are unaffected)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11")
@@ -110,6 +110,10 @@ def _open(path: Path) -> ctypes.CDLL | None:
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.llmarch_q8_linear.argtypes = [P, I, I64, I64, I64, P, I64, I64, P, I64, P, I, P, I]
     lib.llmarch_q8_linear.restype = I
+    lib.llmarch_q5_0_linear.argtypes = [P, I, I64, I64, I64, P, I64, I64, P, P, I, P, I]
+    lib.llmarch_q5_0_linear.restype = I
+    lib.llmarch_q5_0_dequant.argtypes = [P, I64, P, I64, I64, I64, P]
+    lib.llmarch_q5_0_dequant.restype = I
     lib.llmarch_q4_linear.argtypes = [P, I, I64, I64, I64, P, I64, I64, P, I64, I64, P, I, P, I]
     lib.llmarch_q4_linear.restype = I
     lib.llmarch_rms_norm.argtypes = [P, I, I64, I64, I64, I, P, I, I64, I, ctypes.c_float, P, P, P, I, I64]
@@ -217,6 +221,67 @@ def q8_linear(x: torch.Tensor, weight: torch.Tensor, in_features: int, scales: t
     return y
 
 
+#: bytes of kernels.c's re-laid Q5_0 block of Q8_GROUP weights (4 of fifth bits, 16 of low nibbles;
+#: the float16 scales apart): see :class:`llmarch.inference.quant.Q5Linear`
+Q5_0_BLOCK_BYTES = 20
+
+
+def _q5_0_weight(blocks: torch.Tensor, scales: torch.Tensor, in_features: int) -> bool:
+    """Whether ``blocks`` is a CPU (n, in_features / 32 * 20) uint8 matrix of contiguous rows and
+    ``scales`` its contiguous (n, in_features / 32) float16 scales."""
+    n, g = blocks.shape[0], in_features // Q8_GROUP
+    return (blocks.dtype == torch.uint8 and blocks.dim() == 2 and blocks.device.type == "cpu"
+            and blocks.stride(1) == 1 and in_features % Q8_GROUP == 0 and blocks.shape[1] == g * Q5_0_BLOCK_BYTES
+            and scales.dtype == torch.float16 and scales.shape == (n, g) and scales.is_contiguous()
+            and scales.device.type == "cpu")
+
+
+def q5_0_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, in_features: int,
+                bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x (m, k) float32/bfloat16 times a weight held as re-laid Q5_0 codes (``blocks`` (n, k / 32 *
+    20) uint8, ``scales`` (n, k / 32) float16; see :class:`llmarch.inference.quant.Q5Linear`), plus
+    ``bias``: (m, n) in x's dtype, the bits of :func:`q8_linear` on the same codes and scales;
+    None where the kernel does not apply."""
+    lib = library()
+    if lib is None:
+        return None
+    n = blocks.shape[0]
+    xd, bd = _activations(x, in_features), _bias(bias, n)
+    if xd is None or bd is None or not _q5_0_weight(blocks, scales, in_features):
+        return None
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    rc = lib.llmarch_q5_0_linear(x.data_ptr(), xd, x.stride(0), x.shape[0], in_features, blocks.data_ptr(),
+                                 blocks.stride(0), n, scales.data_ptr(), None if bias is None else bias.data_ptr(),
+                                 bd, y.data_ptr(), xd)
+    if rc != 0:
+        raise MemoryError("llmarch_q5_0_linear: could not allocate the activations' codes")
+    return y
+
+
+def _out(buf: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+    """A float32 tensor of ``shape``: the start of ``buf`` (flat, contiguous float32) where it is
+    large enough, else a new one."""
+    n = shape[0] * shape[1]
+    if buf is not None and buf.dtype == torch.float32 and buf.dim() == 1 and buf.is_contiguous() and buf.numel() >= n:
+        return buf[:n].view(shape)
+    return torch.empty(shape, dtype=torch.float32)
+
+
+def q5_0_dequant(blocks: torch.Tensor, scales: torch.Tensor, in_features: int, rows: tuple[int, int],
+                 buf: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Rows ``rows`` = (start, end) of a weight held as re-laid Q5_0 codes (as for :func:`q5_0_linear`)
+    as float32 (end - start, in_features), exactly (in ``buf`` where it is large enough, see
+    :func:`_out`); None where the kernel does not apply."""
+    lib = library()
+    start, end = rows
+    if lib is None or not _q5_0_weight(blocks, scales, in_features) or not 0 <= start <= end <= blocks.shape[0]:
+        return None
+    out = _out(buf, (end - start, in_features))
+    rc = lib.llmarch_q5_0_dequant(blocks.data_ptr(), blocks.stride(0), scales.data_ptr(), in_features, start, end,
+                                  out.data_ptr())
+    return out if rc == 0 else None
+
+
 def _activations(x: torch.Tensor, in_features: int) -> int | None:
     """kernels.c's dtype code of x when it is a CPU (rows, in_features) matrix of contiguous rows
     in a dtype the kernels read, else None."""
@@ -282,11 +347,12 @@ def q4_linear(x: torch.Tensor, packed: torch.Tensor, in_features: int, out_featu
 
 
 def q4_dequant_t(packed: torch.Tensor, in_features: int, scales_and_zeros: torch.Tensor, group_size: int,
-                 rows: tuple[int, int]) -> torch.Tensor | None:
+                 rows: tuple[int, int], buf: torch.Tensor | None = None) -> torch.Tensor | None:
     """Rows ``rows`` = (start, end) of an int4 weight in torch's packed CPU layout (as for
     :func:`q4_linear`), dequantised and transposed: (in_features, end - start) float32, the values
     of ``Int4Linear.rows`` to the bit; start and end multiples of :func:`int4_block_rows` (end may
-    be the padded row count). None where the kernel does not apply."""
+    be the padded row count); in ``buf`` where it is large enough (see :func:`_out`). None where
+    the kernel does not apply."""
     lib = library()
     br = int4_block_rows() if lib is not None else None
     npad = packed.shape[0]
@@ -296,7 +362,7 @@ def q4_dequant_t(packed: torch.Tensor, in_features: int, scales_and_zeros: torch
             or not 0 <= start <= end <= npad or scales_and_zeros.dtype != torch.bfloat16
             or not scales_and_zeros.is_contiguous() or scales_and_zeros.shape != (in_features // group_size, npad, 2)):
         return None
-    out = torch.empty(in_features, end - start, dtype=torch.float32)
+    out = _out(buf, (in_features, end - start))
     rc = lib.llmarch_q4_dequant_t(packed.data_ptr(), in_features, npad, scales_and_zeros.data_ptr(), group_size,
                                   br, start // br, end // br, out.data_ptr())
     return out if rc == 0 else None

@@ -15,8 +15,8 @@ bound to each new :class:`~llmarch.model.cache.KVCache`. It applies to a CPU mod
 :func:`~llmarch.inference.packed.pack_linears` whose layers all are: pre-, post- or sandwich-norm
 RMSNorm blocks (no AltUp, LAuReL or per-layer inputs); grouped-query attention with head or no
 QK-norm, half-layout RoPE or none, no soft-cap, temperature tuning or KV sharing, on a full or
-ring cache; a SiLU or tanh-GELU gated FFN; every projection an :class:`~llmarch.inference.quant.Int8Linear`
-or :class:`~llmarch.inference.quant.Int4Linear` on its native kernel. One sequence, one token,
+ring cache; a SiLU or tanh-GELU gated FFN; every projection an :class:`~llmarch.inference.quant.Int8Linear`,
+:class:`~llmarch.inference.quant.Q5Linear` or :class:`~llmarch.inference.quant.Int4Linear` on its native kernel. One sequence, one token,
 outside autograd and compilation; anything else runs the modules.
 
 The results are the modules' own (the same kernels on the same roundings) except the FFN's
@@ -37,13 +37,13 @@ from ..model.attention import Attention
 from ..model.cache import FullCache, RingCache
 from ..model.decoder import Block
 from . import native
-from .quant import FusedInt8, Int4Linear, Int8Linear
+from .quant import FusedInt8, Int4Linear, Int8Linear, Q5Linear
 
 #: switch the native decoding step off (the modules run every layer)
 enabled = True
 
 _I64, _I32, _P, _F = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float
-_LIN_Q8, _LIN_Q4 = 1, 2
+_LIN_Q8, _LIN_Q4, _LIN_Q5_0 = 1, 2, 3
 _ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 
 
@@ -191,8 +191,16 @@ def _linear(rec: _Recorder, layer: nn.Module, in_features: int, out_off: int) ->
             raise Unsupported("an int4 weight the native kernel does not read")
         out.kind, out.w, out.scales, out.n, out.k = _LIN_Q4, w.data_ptr(), sz.data_ptr(), n, in_features
         out.npad, out.group, out.br = w.shape[0], g, br
+    elif type(layer) is Q5Linear:
+        w, s = rec.tensor(layer, "blocks"), rec.tensor(layer, "scales")
+        if not rec.setting(layer, "native") or rec.setting(layer, "w8a8_min_rows") <= 1:
+            raise Unsupported("a Q5_0 layer set to another kernel (batch invariance)")
+        if layer.in_features != in_features or not native._q5_0_weight(w, s, in_features):
+            raise Unsupported("Q5_0 codes the native kernel does not read")
+        out.kind, out.w, out.ldw, out.scales = _LIN_Q5_0, w.data_ptr(), w.stride(0), s.data_ptr()
+        out.n, out.k = layer.out_features, in_features
     else:
-        raise Unsupported(f"a {type(layer).__name__} projection (the native step runs int8 and int4 ones)")
+        raise Unsupported(f"a {type(layer).__name__} projection (the native step runs int8, Q5_0 and int4 ones)")
     _bias(rec, layer, out, out.n)
     return out
 

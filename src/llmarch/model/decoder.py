@@ -178,11 +178,16 @@ class Decoder(nn.Module):
                 x, positions, ropes[i], cache.layers[i] if cache else None, shared_kv,
                 per_layer[:, :, i] if per_layer is not None else None,
             )
+            self.after_layer(x)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         if self.altup_unembed_projections is not None:
             x = merge_streams(x, self.altup_unembed_projections)
         return self.norm(x)
+
+    def after_layer(self, x: torch.Tensor) -> None:
+        """Called with each layer's output; nothing here (an inference subclass,
+        :class:`llmarch.inference.packed.PackedDecoder`, returns freed memory there)."""
 
     @staticmethod
     def default_positions(input_ids: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
