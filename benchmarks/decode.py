@@ -27,6 +27,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,27 +201,44 @@ def bench(alias: str, dtype: torch.dtype, args) -> list[tuple]:
     return rows
 
 
+# Started by a small interpreter (python -S, about 10 MB): a child's peak RSS as the kernel counts
+# it includes the memory of the process that forked it (Linux keeps the larger high-water mark
+# across exec), so a command started straight from this process, which holds torch, would never
+# count less than this process does (`import torch` measured 227 MiB this way, 218 on its own).
+_LAUNCH = """import os, sys
+fd = int(sys.argv[1])
+pid = os.fork()
+if pid == 0:
+    os.close(fd)
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+os.write(fd, b"%d %d" % (os.waitstatus_to_exitcode(status), usage.ru_maxrss))
+"""
+
+
 def _first_output(cmd: list[str]) -> tuple[float, float, int]:
     """Run ``cmd``; seconds to its first byte on stdout, seconds to its exit, and its peak RSS
-    (bytes, from the kernel's accounting of that one child)."""
+    (bytes, from the kernel's accounting of that one child, started by a small launcher)."""
+    r, w = os.pipe()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCH, str(w), *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, pass_fds=(w,))
+    os.close(w)
     proc.stdout.read(1)
     first = time.perf_counter() - t0
     proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} exited with {proc.returncode}")
-    return first, time.perf_counter() - t0, usage.ru_maxrss * 1024
+    proc.wait()
+    with os.fdopen(r, "rb") as f:
+        code, maxrss = (int(v) for v in f.read().split())
+    if code != 0 or proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} exited with {code}")
+    return first, time.perf_counter() - t0, maxrss * 1024
 
 
 def startup(alias: str, args) -> None:
     """A warm start as a user sees it: ``llmarch generate`` with the CLI's defaults, one new token,
     a second run after a first that fills the caches (tokenizer, int8 requantisations); against
     ``python -c "import torch"`` (the runtime's own start and base memory), alternating."""
-    import sys
-
     path = resolve_model(alias)
     llmarch = [sys.executable, "-m", "llmarch.cli", "generate", args.prompt, "--model", alias,
                "--max-new-tokens", "1", "--ignore-eos", "--threads", str(args.threads)]
