@@ -50,10 +50,12 @@ class QuantizedTensor:
         return dequantize(self.data, self.qtype, tuple(self.shape), name=self.name, dtype=dtype)
 
     def __getitem__(self, rows: torch.Tensor) -> QuantizedTensor:
-        """The rows ``rows`` (a 1-D integer tensor) in that order: the blocks of each row moved whole."""
+        """The rows ``rows`` (a 1-D integer tensor) in that order: the blocks of each row moved whole
+        (when the result's :attr:`data` is first used: a cache hit reads neither)."""
         if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.is_floating_point():
             raise TypeError(f"a QuantizedTensor ({self.name}) can only be indexed by a 1-D integer tensor of rows")
-        return QuantizedTensor(self.data[rows.numpy()], self.qtype, tuple(self.shape), self.name)
+        index = rows.numpy().copy()
+        return QuantizedTensor(lambda: self.data[index], self.qtype, tuple(self.shape), self.name)
 
     def __repr__(self) -> str:
         return f"QuantizedTensor({self.name!r}, {self.qtype.name}, shape={tuple(self.shape)})"
