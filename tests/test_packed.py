@@ -169,3 +169,33 @@ def test_load_holds_the_weights_once(real_paths):
     blocks = sum(p.numel() for n, p in kept.named_parameters() if n.startswith("layers.")) * size
     assert abs(_held_bytes(model) - (plain + head)) < 0.01 * plain
     assert abs(_held_bytes(kept) - (plain + head + blocks)) < 0.01 * plain
+
+
+def test_a_prefill_returns_freed_memory_when_it_grows(model, monkeypatch):
+    """A forward of many rows returns the allocator's freed memory after a layer that took the
+    process past the most it held earlier in that forward by more than release_growth (a first
+    prefill after loading spreads its temporaries over the heap's holes), and not after a layer
+    that only faulted back what it held before (each release would make the next layer fault
+    its temporaries in again); a decoding step of one row never."""
+    from llmarch.inference import packed
+
+    model = pack_linears(copy.deepcopy(model))
+    layers = len(model.layers)
+    assert layers >= 2
+    grow = packed.PackedDecoder.release_growth
+    rss, released = [], []
+    monkeypatch.setattr(packed, "resident_bytes", lambda: rss.pop(0) if rss else 0)
+    monkeypatch.setattr(packed, "release_free_memory", lambda: released.append(True))
+    monkeypatch.setattr(packed.PackedDecoder, "release_min_rows", 4)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    # the start, then after each layer: growing past the mark, back below it, up again past it
+    levels = [100 << 20, (100 << 20) + 2 * grow] + [(100 << 20) + grow] * (layers - 2) + [(100 << 20) + 4 * grow]
+    rss[:] = levels[: layers + 1]
+    with torch.no_grad():
+        model(ids)
+    assert len(released) == 2
+    released.clear()
+    rss[:] = [0, 10 * grow] + [10 * grow] * layers
+    with torch.no_grad():
+        model(ids[:, :3])  # fewer rows than release_min_rows
+    assert released == []

@@ -49,7 +49,7 @@ from ..model.ffn import GLU
 from ..model.layers import RMSNorm, apply_rope, rms_normalize
 from ..model.moe import Experts
 from . import native
-from .device import release_free_memory
+from .device import release_free_memory, resident_bytes
 from .quant import FusedInt8
 
 PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
@@ -454,12 +454,17 @@ class PackedDecoder(Decoder):
     def prepare_packing(self) -> None:
         pass
 
-    #: after each layer of a forward of this many rows or more (a prefill), the C allocator's
+    #: in a forward of this many rows or more (a prefill), after a layer that left the process
+    #: ``release_growth`` bytes above the most it held before in this forward, the C allocator's
     #: freed memory goes back to the system (:func:`llmarch.inference.device.release_free_memory`,
-    #: about a millisecond): otherwise each layer's temporaries land in other holes of the heap
-    #: a load leaves, and the pages they touched stay resident. Gemma 3 270M, a 34-token prompt
-    #: after loading: 16-50 MB more at the peak, varying from run to run, against 3-5 MB.
+    #: about a millisecond). Otherwise a first forward after loading puts each layer's
+    #: temporaries in other holes of the heap the load left, and every page they touched stays
+    #: resident: Gemma 3 270M, a 34-token prompt, 16-50 MB more at the peak, varying from run to
+    #: run. Measured against the forward's own high-water mark, not the last release: after every
+    #: layer, the next one faults the same temporaries' pages in again (a 512-token prefill a
+    #: fifth slower).
     release_min_rows = 32
+    release_growth = 2 << 20
 
     def hidden_states(self, input_ids, positions=None, cache=None):
         if cache is not None and input_ids.numel() == 1:
@@ -468,11 +473,17 @@ class PackedDecoder(Decoder):
             x = step.decode(self, input_ids, positions, cache)
             if x is not None:
                 return self.norm(x)
+        self._resident = resident_bytes()
         return super().hidden_states(input_ids, positions, cache)
 
     def after_layer(self, x: torch.Tensor) -> None:
-        if x.device.type == "cpu" and x.numel() >= self.release_min_rows * x.shape[-1]:
+        mark = self.__dict__.get("_resident")
+        if mark is None or x.device.type != "cpu" or x.numel() < self.release_min_rows * x.shape[-1]:
+            return
+        now = resident_bytes()
+        if now - mark > self.release_growth:
             release_free_memory()
+        self._resident = max(mark, now)
 
 
 # the model's modules and their inference versions (subclasses: the same parameters)
