@@ -240,8 +240,16 @@ def gguf_linear(
     # one a row keeps decoding on them rather than on float32 copies of the weights)
     grouped = grouped and shape[1] % GROUP == 0 and native.library() is not None
     if grouped and qtype == Q.Q5_0 and mode == "compact":  # the file's codes and scales, 5.5 bits a weight
-        return Q5Linear.from_gguf(torch.from_numpy(np.ascontiguousarray(read(), dtype=np.uint8)).reshape(shape[0], -1),
-                                  shape[1], bias)
+        def relay():
+            layer = Q5Linear.from_gguf(torch.from_numpy(np.ascontiguousarray(read(), dtype=np.uint8)).reshape(shape[0], -1),
+                                       shape[1])
+            return layer.blocks, layer.scales
+
+        blocks, scales = relay() if store is None else store[0].get(f"{store[1]} Q5_0 {shape[0]}x{shape[1]} relaid", relay)
+        if (blocks.dtype != torch.uint8 or tuple(blocks.shape) != (shape[0], shape[1] // GROUP * native.Q5_0_BLOCK_BYTES)
+                or scales.dtype != torch.float16 or tuple(scales.shape) != (shape[0], shape[1] // GROUP)):
+            blocks, scales = relay()  # an entry of another layout: never trusted over the file
+        return Q5Linear(blocks, scales, shape[1], bias)
 
     def compute():
         return int8_weights(read(), qtype, shape, grouped)
