@@ -473,13 +473,19 @@ class PackedDecoder(Decoder):
             x = step.decode(self, input_ids, positions, cache)
             if x is not None:
                 return self.norm(x)
-        self._resident = resident_bytes()
+        if self._releases(input_ids.numel(), input_ids.device):
+            self._resident = resident_bytes()
         return super().hidden_states(input_ids, positions, cache)
 
+    def _releases(self, rows: int, device: torch.device) -> bool:
+        """Whether a forward of ``rows`` rows returns freed memory (never inside a compiled graph:
+        reading /proc would break it; a decoding step never reaches the check)."""
+        return rows >= self.release_min_rows and device.type == "cpu" and not torch.compiler.is_compiling()
+
     def after_layer(self, x: torch.Tensor) -> None:
-        mark = self.__dict__.get("_resident")
-        if mark is None or x.device.type != "cpu" or x.numel() < self.release_min_rows * x.shape[-1]:
+        if not self._releases(x.numel() // x.shape[-1], x.device):
             return
+        mark = self.__dict__.get("_resident", 0)
         now = resident_bytes()
         if now - mark > self.release_growth:
             release_free_memory()
