@@ -767,7 +767,8 @@ class Q5Linear(nn.Module):
     kernels are built (:func:`llmarch.inference.gguf_quant.gguf_linear`; without them every product
     would be the float32 one). Measured on a 2-core AVX2 EPYC, its decoding is compute-bound where
     the int8 layout's is bound by memory (unpacking the fifth bits: 17 vector instructions per 32
-    weights against 9): Gemma 3 270M 3% and Qwen2.5-0.5B 15% slower, for 27 and 90 MB less."""
+    weights against 9): Gemma 3 270M 3-9% and Qwen2.5-0.5B 8-15% slower, for 28 and 102 MiB less
+    at ``llmarch generate``'s peak."""
 
     #: batch invariance (see :func:`batch_invariant`) sets 1: the native kernel at every row count
     w8a8_min_rows = W8A8_MIN_ROWS
