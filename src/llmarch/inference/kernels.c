@@ -210,73 +210,6 @@ static inline float f16_to_f32(uint16_t h) {
 
 #define SCALE_CHUNK 256 /* groups whose float32 scales are converted at a time (on the stack) */
 
-/* sum_g scale[g] * sum_{k in group g} q[k] * w[k] over groups of 32 (K a multiple of 32; scale
- * float16): each group's sums exact in eight int32 lanes (lane l: inputs 2l, 2l + 1, 16 + 2l,
- * 17 + 2l; at most 4 * 32767 * 128 < 2^24, so exact in float32 too), scaled into four sets of
- * eight float32 lanes (group g into set g % 4: four fused multiply-adds in flight) by one fused
- * multiply-add a group; at the end the sets added lane by lane, (s0 + s1) + (s2 + s3), and the
- * lanes in the tree ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)): the same bits on every
- * build (AVX-512 builds run the 256-bit loop). The scales are converted to float32 SCALE_CHUNK
- * at a time. */
-static float dot_grouped_row(const int16_t *q, const int8_t *w, const uint16_t *scale, int64_t K) {
-    float sc[SCALE_CHUNK];
-    int64_t G = K / 32;
-#if defined(LLMARCH_AVX512) || defined(LLMARCH_AVX2)
-    /* four named accumulators (an indexed array would live in memory) */
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-#define LLMARCH_GROUP_FMA(g, a)                                                                          \
-    {                                                                                                    \
-        const int8_t *wg = w + (g) * 32;                                                                 \
-        const int16_t *qg = q + (g) * 32;                                                                \
-        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wg));                        \
-        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + 16)));                  \
-        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)qg)),    \
-                                     _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(qg + 16)))); \
-        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(sc + (g) - g0), a);               \
-    }
-    for (int64_t g0 = 0; g0 < G; g0 += SCALE_CHUNK) { /* SCALE_CHUNK is a multiple of 4: sets stay g % 4 */
-        int64_t g1 = G - g0 < SCALE_CHUNK ? G : g0 + SCALE_CHUNK, g = g0;
-#ifdef __F16C__
-        for (; g + 8 <= g1; g += 8)
-            _mm256_storeu_ps(sc + g - g0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g))));
-#endif
-        for (; g < g1; g++) sc[g - g0] = f16_to_f32(scale[g]);
-        for (g = g0; g + 4 <= g1; g += 4) {
-            LLMARCH_GROUP_FMA(g, a0)
-            LLMARCH_GROUP_FMA(g + 1, a1)
-            LLMARCH_GROUP_FMA(g + 2, a2)
-            LLMARCH_GROUP_FMA(g + 3, a3)
-        }
-        if (g < g1) LLMARCH_GROUP_FMA(g, a0)
-        if (g + 1 < g1) LLMARCH_GROUP_FMA(g + 1, a1)
-        if (g + 2 < g1) LLMARCH_GROUP_FMA(g + 2, a2)
-    }
-#undef LLMARCH_GROUP_FMA
-    __m256 v = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    v = _mm256_hadd_ps(v, v); /* (l0 + l1), (l2 + l3), ... within each half */
-    v = _mm256_hadd_ps(v, v); /* ((l0 + l1) + (l2 + l3)) in the low half, ((l4 + l5) + (l6 + l7)) in the high */
-    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
-#else
-    float acc[4][8] = {{0}};
-    for (int64_t g0 = 0; g0 < G; g0 += SCALE_CHUNK) {
-        int64_t g1 = G - g0 < SCALE_CHUNK ? G : g0 + SCALE_CHUNK;
-        for (int64_t g = g0; g < g1; g++) sc[g - g0] = f16_to_f32(scale[g]);
-        for (int64_t g = g0; g < g1; g++) {
-            const int8_t *wg = w + g * 32;
-            const int16_t *qg = q + g * 32;
-            for (int l = 0; l < 8; l++) {
-                int32_t p = (int32_t)qg[2 * l] * wg[2 * l] + (int32_t)qg[2 * l + 1] * wg[2 * l + 1] +
-                            (int32_t)qg[16 + 2 * l] * wg[16 + 2 * l] + (int32_t)qg[17 + 2 * l] * wg[17 + 2 * l];
-                acc[g & 3][l] = fmaf((float)p, sc[g - g0], acc[g & 3][l]);
-            }
-        }
-    }
-    float v[8];
-    for (int l = 0; l < 8; l++) v[l] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
-    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-#endif
-}
-
 /* GGUF's Q5_0 weights: 32 of a row share a float16 scale d, w = d * (code - 16), code in 0..31.
  * llmarch holds them as the file's codes re-laid for the vector loops (llmarch.inference.quant.
  * Q5Linear; 5.5 bits a weight, as in the file): the scales in their own (N, K / 32) array, as the
@@ -312,24 +245,40 @@ static inline __m256i q5_0_codes256(const uint8_t *b) {
 }
 #endif
 
-/* dot_grouped_row for a row of re-laid Q5_0 codes and its float16 scales: the same sums in the
- * same order (so the same bits as dot_grouped_row on the same codes and scales) */
-static float dot_q5_0_row(const int16_t *q, const uint8_t *w, const uint16_t *scale, int64_t K) {
+/* sum_g scale[g] * sum_{k in group g} q[k] * w[k] over groups of 32 (K a multiple of 32; scale
+ * float16): each group's sums exact in eight int32 lanes (lane l: inputs 2l, 2l + 1, 16 + 2l,
+ * 17 + 2l; at most 4 * 32767 * 128 < 2^24, so exact in float32 too), scaled into four sets of
+ * eight float32 lanes (group g into set g % 4: four fused multiply-adds in flight) by one fused
+ * multiply-add a group; at the end the sets added lane by lane, (s0 + s1) + (s2 + s3), and the
+ * lanes in the tree ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)): the same bits on every
+ * build (AVX-512 builds run the 256-bit loop). The scales are converted to float32 SCALE_CHUNK
+ * at a time. The weights: int8 codes, 32 bytes a group (q5 0), or re-laid Q5_0 codes, Q5_0_BYTES
+ * a group (q5 1: the same sums of the same codes, so the same bits); q5 is a constant in each
+ * caller, so each gets its own loop. */
+static inline __attribute__((always_inline)) float dot_groups(const int16_t *q, const uint8_t *w,
+                                                              const uint16_t *scale, int64_t K, const int q5) {
     float sc[SCALE_CHUNK];
     int64_t G = K / 32;
 #if defined(LLMARCH_AVX512) || defined(LLMARCH_AVX2)
+    /* four named accumulators (an indexed array would live in memory) */
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-#define LLMARCH_Q5_FMA(g, a)                                                                             \
+#define LLMARCH_GROUP_FMA(g, a)                                                                          \
     {                                                                                                    \
         const int16_t *qg = q + (g) * 32;                                                                \
-        __m256i c = q5_0_codes256(w + (g) * Q5_0_BYTES);                                                 \
-        __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(c));                                    \
-        __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(c, 1));                               \
+        __m256i w0, w1;                                                                                  \
+        if (q5) {                                                                                        \
+            __m256i c = q5_0_codes256(w + (g) * Q5_0_BYTES);                                             \
+            w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(c));                                        \
+            w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(c, 1));                                   \
+        } else {                                                                                         \
+            w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (g) * 32)));                 \
+            w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (g) * 32 + 16)));            \
+        }                                                                                                \
         __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)qg)),    \
                                      _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(qg + 16)))); \
         a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(sc + (g) - g0), a);               \
     }
-    for (int64_t g0 = 0; g0 < G; g0 += SCALE_CHUNK) { /* as dot_grouped_row: the sets stay g % 4 */
+    for (int64_t g0 = 0; g0 < G; g0 += SCALE_CHUNK) { /* SCALE_CHUNK is a multiple of 4: sets stay g % 4 */
         int64_t g1 = G - g0 < SCALE_CHUNK ? G : g0 + SCALE_CHUNK, g = g0;
 #ifdef __F16C__
         for (; g + 8 <= g1; g += 8)
@@ -337,29 +286,33 @@ static float dot_q5_0_row(const int16_t *q, const uint8_t *w, const uint16_t *sc
 #endif
         for (; g < g1; g++) sc[g - g0] = f16_to_f32(scale[g]);
         for (g = g0; g + 4 <= g1; g += 4) {
-            LLMARCH_Q5_FMA(g, a0)
-            LLMARCH_Q5_FMA(g + 1, a1)
-            LLMARCH_Q5_FMA(g + 2, a2)
-            LLMARCH_Q5_FMA(g + 3, a3)
+            LLMARCH_GROUP_FMA(g, a0)
+            LLMARCH_GROUP_FMA(g + 1, a1)
+            LLMARCH_GROUP_FMA(g + 2, a2)
+            LLMARCH_GROUP_FMA(g + 3, a3)
         }
-        if (g < g1) LLMARCH_Q5_FMA(g, a0)
-        if (g + 1 < g1) LLMARCH_Q5_FMA(g + 1, a1)
-        if (g + 2 < g1) LLMARCH_Q5_FMA(g + 2, a2)
+        if (g < g1) LLMARCH_GROUP_FMA(g, a0)
+        if (g + 1 < g1) LLMARCH_GROUP_FMA(g + 1, a1)
+        if (g + 2 < g1) LLMARCH_GROUP_FMA(g + 2, a2)
     }
-#undef LLMARCH_Q5_FMA
+#undef LLMARCH_GROUP_FMA
     __m256 v = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    v = _mm256_hadd_ps(v, v);
-    v = _mm256_hadd_ps(v, v);
+    v = _mm256_hadd_ps(v, v); /* (l0 + l1), (l2 + l3), ... within each half */
+    v = _mm256_hadd_ps(v, v); /* ((l0 + l1) + (l2 + l3)) in the low half, ((l4 + l5) + (l6 + l7)) in the high */
     return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
 #else
     float acc[4][8] = {{0}};
-    int8_t wg[32];
+    int8_t codes[32];
     for (int64_t g0 = 0; g0 < G; g0 += SCALE_CHUNK) {
         int64_t g1 = G - g0 < SCALE_CHUNK ? G : g0 + SCALE_CHUNK;
         for (int64_t g = g0; g < g1; g++) sc[g - g0] = f16_to_f32(scale[g]);
         for (int64_t g = g0; g < g1; g++) {
             const int16_t *qg = q + g * 32;
-            q5_0_codes(w + g * Q5_0_BYTES, wg);
+            const int8_t *wg = (const int8_t *)w + g * 32;
+            if (q5) {
+                q5_0_codes(w + g * Q5_0_BYTES, codes);
+                wg = codes;
+            }
             for (int l = 0; l < 8; l++) {
                 int32_t p = (int32_t)qg[2 * l] * wg[2 * l] + (int32_t)qg[2 * l + 1] * wg[2 * l + 1] +
                             (int32_t)qg[16 + 2 * l] * wg[16 + 2 * l] + (int32_t)qg[17 + 2 * l] * wg[17 + 2 * l];
@@ -371,6 +324,14 @@ static float dot_q5_0_row(const int16_t *q, const uint8_t *w, const uint16_t *sc
     for (int l = 0; l < 8; l++) v[l] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 #endif
+}
+
+static float dot_grouped_row(const int16_t *q, const int8_t *w, const uint16_t *scale, int64_t K) {
+    return dot_groups(q, (const uint8_t *)w, scale, K, 0);
+}
+
+static float dot_q5_0_row(const int16_t *q, const uint8_t *w, const uint16_t *scale, int64_t K) {
+    return dot_groups(q, w, scale, K, 1);
 }
 
 /* Rows [r0, r1) of a matrix of re-laid Q5_0 codes (rows ldw bytes apart) and its float16 scales
