@@ -218,6 +218,7 @@ def gguf_linear(
     when needed). ``store``: a cache and this tensor's name in it, for the int8 requantisation and
     the int4 packing (Qwen2.5-0.5B's twelve Q4_K matrices: 0.3 s to repack at every start)."""
     read = data if callable(data) else lambda: data
+    n, k = shape
     if qtype in INT4_TYPES and mode != "int8":
         def pack():
             codes, scales, zeros = int4_codes(read(), qtype, shape)
@@ -225,45 +226,44 @@ def gguf_linear(
                                           None, GROUP)
             return layer.weight_int4pack, layer.scales_and_zeros
 
-        if store is None:
-            packed, sz = pack()
-        else:  # torch's packing differs by CPU capability (rows interleaved by 64 on AVX-512, 32 on AVX2)
-            cache, name = store
-            kind = f"int4 {torch.backends.cpu.get_cpu_capability()}"
-            packed, sz = cache.get(f"{name} {qtype.name} {shape[0]}x{shape[1]} {kind}", pack)
-            npad = shape[0] + -shape[0] % ROW_BLOCK
-            if (packed.dtype != torch.uint8 or tuple(packed.shape) != (npad, shape[1] // 2) or sz.dtype != KERNEL_DTYPE
-                    or tuple(sz.shape) != (shape[1] // GROUP, npad, 2)):
-                packed, sz = pack()  # an entry of another layout: never trusted over the file
-        return Int4Linear(packed, sz, GROUP, shape[0], bias)
+        npad = n + -n % ROW_BLOCK
+        # torch's packing differs by CPU capability (rows interleaved by 64 on AVX-512, 32 on AVX2)
+        packed, sz = _derived(store, f"{qtype.name} {n}x{k} int4 {torch.backends.cpu.get_cpu_capability()}", pack,
+                              lambda p, z: p.dtype == torch.uint8 and tuple(p.shape) == (npad, k // 2)
+                              and z.dtype == KERNEL_DTYPE and tuple(z.shape) == (k // GROUP, npad, 2))
+        return Int4Linear(packed, sz, GROUP, n, bias)
     # (torch's int8 kernels take one scale a row: where llmarch's native kernels are not built,
     # one a row keeps decoding on them rather than on float32 copies of the weights)
-    grouped = grouped and shape[1] % GROUP == 0 and native.library() is not None
+    grouped = grouped and k % GROUP == 0 and native.library() is not None
     if grouped and qtype == Q.Q5_0 and mode == "compact":  # the file's codes and scales, 5.5 bits a weight
         def relay():
-            layer = Q5Linear.from_gguf(torch.from_numpy(np.ascontiguousarray(read(), dtype=np.uint8)).reshape(shape[0], -1),
-                                       shape[1])
+            layer = Q5Linear.from_gguf(torch.from_numpy(np.ascontiguousarray(read(), dtype=np.uint8)).reshape(n, -1), k)
             return layer.blocks, layer.scales
 
-        blocks, scales = relay() if store is None else store[0].get(f"{store[1]} Q5_0 {shape[0]}x{shape[1]} relaid", relay)
-        if (blocks.dtype != torch.uint8 or tuple(blocks.shape) != (shape[0], shape[1] // GROUP * native.Q5_0_BLOCK_BYTES)
-                or scales.dtype != torch.float16 or tuple(scales.shape) != (shape[0], shape[1] // GROUP)):
-            blocks, scales = relay()  # an entry of another layout: never trusted over the file
-        return Q5Linear(blocks, scales, shape[1], bias)
+        blocks, scales = _derived(store, f"Q5_0 {n}x{k} relaid", relay,
+                                  lambda b, s: b.dtype == torch.uint8 and tuple(b.shape) == (n, k // GROUP * native.Q5_0_BLOCK_BYTES)
+                                  and s.dtype == torch.float16 and tuple(s.shape) == (n, k // GROUP))
+        return Q5Linear(blocks, scales, k, bias)
 
-    def compute():
-        return int8_weights(read(), qtype, shape, grouped)
+    def fits(q, scales):  # (a grouped one may have fallen back to one scale a row)
+        return q.dtype == torch.int8 and tuple(q.shape) == (n, k) and (
+            (scales.dtype == torch.float16 and tuple(scales.shape) == (n, k // GROUP))
+            or (scales.dtype == KERNEL_DTYPE and tuple(scales.shape) == (n,)))
 
-    if store is None:
-        return Int8Linear(*compute(), bias)
-    cache, name = store
-    layout = f"g{GROUP}" if grouped else "rows"
-    q, scales = cache.get(f"{name} {qtype.name} {shape[0]}x{shape[1]} {layout}", compute)
-    fits = (scales.dtype == torch.float16 and tuple(scales.shape) == (shape[0], shape[1] // GROUP)) or (
-        scales.dtype == KERNEL_DTYPE and tuple(scales.shape) == (shape[0],))  # (a grouped one may fall back to rows)
-    if q.dtype != torch.int8 or tuple(q.shape) != tuple(shape) or not fits:
-        q, scales = compute()  # an entry from another layout: never trusted over the file
+    q, scales = _derived(store, f"{qtype.name} {n}x{k} {f'g{GROUP}' if grouped else 'rows'}",
+                         lambda: int8_weights(read(), qtype, shape, grouped), fits)
     return Int8Linear(q, scales, bias)
+
+
+def _derived(store: tuple[DerivedTensors, str] | None, what: str, compute, fits) -> tuple[torch.Tensor, ...]:
+    """``compute()``, or the tensors ``store`` (a cache and the GGUF tensor's name) keeps under
+    that name and ``what`` (what they are: type, shape, layout), computed and kept on a miss; an
+    entry that does not ``fits(*tensors)`` (another layout) is never trusted over the file."""
+    if store is None:
+        return compute()
+    cache, name = store
+    got = cache.get(f"{name} {what}", compute)
+    return got if fits(*got) else compute()
 
 
 def gguf_embedding(

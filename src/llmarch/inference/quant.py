@@ -358,6 +358,31 @@ def w8a8_mm(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) ->
     return (acc[:m].mul_(s1) + acc[m:].mul_(s2)).mul_(scales.float())
 
 
+def _float_step(in_features: int) -> int:
+    """Rows of a weight :func:`float_product` dequantises at a time (FLOAT_CHUNK_ELEMENTS weights)."""
+    return max(1, FLOAT_CHUNK_ELEMENTS // in_features)
+
+
+def _grouped_product(layer: nn.Module, x: torch.Tensor, x2: torch.Tensor, native_product) -> torch.Tensor:
+    """The product of a layer with one scale per INT8_GROUP inputs (a grouped :class:`Int8Linear`,
+    a :class:`Q5Linear`): few rows through llmarch's native kernel (``native_product(x2)``, None
+    where it does not apply; exact sums per group), more rows the float32 product on the
+    dequantised weight (``layer._float_rows``); a batch-invariant layer (``w8a8_min_rows`` 1)
+    takes the native kernel at every row count, or, where it is not built, one float32 product a row."""
+    rows, invariant = x2.shape[0], layer.w8a8_min_rows <= 1
+    if layer.native and x2.device.type == "cpu" and not torch.compiler.is_compiling() and (
+            invariant or rows < W8A8_MIN_ROWS):
+        y = native_product(x2)
+        if y is not None:
+            return y.view(*x.shape[:-1], layer.out_features)
+    step = _float_step(layer.in_features)
+    if invariant and rows > 1:  # each row its own product: no row depends on the others
+        y = torch.cat([float_product(x2[i : i + 1], layer.out_features, layer._float_rows, step) for i in range(rows)])
+    else:
+        y = float_product(x2, layer.out_features, layer._float_rows, step)
+    return _linear_out(layer, x, y)
+
+
 class Int8Linear(nn.Module):
     """y = x W^T + b with W = int8 (out, in) * a per-output-channel scale (bfloat16 (out,)), or
     * a float16 scale per INT8_GROUP inputs of a row ((out, in / INT8_GROUP): :attr:`grouped`,
@@ -425,7 +450,8 @@ class Int8Linear(nn.Module):
                 return y.view(*x.shape[:-1], self.out_features)
         if (self.float_rows and x2.shape[0] >= FLOAT_MIN_ROWS and x2.device.type == "cpu"
                 and many_rows_in_float()):
-            return _linear_out(self, x, float_product(x2, self.out_features, self._float_rows, self._float_step()))
+            y = float_product(x2, self.out_features, self._float_rows, _float_step(self.in_features))
+            return _linear_out(self, x, y)
         if self.pad:
             x2 = torch.nn.functional.pad(x2, (0, self.pad))
         if x2.shape[0] >= self.w8a8_min_rows and x2.device.type == "cpu":
@@ -440,23 +466,9 @@ class Int8Linear(nn.Module):
         return _linear_out(self, x, y)
 
     def _grouped_forward(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """One scale per INT8_GROUP inputs: torch's int8 kernels take one a row, so few rows run
-        llmarch's native kernel (exact sums per group), more rows the float32 product on the
-        dequantised weight; a batch-invariant layer (``w8a8_min_rows`` 1) takes the native
-        kernel at every row count, or, where it is not built, one float32 product a row."""
-        rows = x2.shape[0]
-        invariant = self.w8a8_min_rows <= 1
-        if self.native and x2.device.type == "cpu" and not torch.compiler.is_compiling() and (
-                invariant or rows < W8A8_MIN_ROWS):
-            y = native.q8_linear(x2, self.weight_int8, self.in_features, self.scales, self.bias)
-            if y is not None:
-                return y.view(*x.shape[:-1], self.out_features)
-        if invariant and rows > 1:  # each row its own product: no row depends on the others
-            y = torch.cat([float_product(x2[i : i + 1], self.out_features, self._float_rows, self._float_step())
-                           for i in range(rows)])
-        else:
-            y = float_product(x2, self.out_features, self._float_rows, self._float_step())
-        return _linear_out(self, x, y)
+        """One scale per INT8_GROUP inputs: torch's int8 kernels take one a row (see :func:`_grouped_product`)."""
+        return _grouped_product(self, x, x2, lambda rows: native.q8_linear(rows, self.weight_int8, self.in_features,
+                                                                           self.scales, self.bias))
 
     def _float_rows(self, a: int, b: int, buf: torch.Tensor | None = None) -> torch.Tensor:
         """Rows a..b of the weight, float32 (b - a, in), in ``buf`` (flat float32) where given."""
@@ -468,9 +480,6 @@ class Int8Linear(nn.Module):
         else:
             out.mul_(self.scales[a:b].float()[:, None])
         return out
-
-    def _float_step(self) -> int:
-        return max(1, FLOAT_CHUNK_ELEMENTS // self.in_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -812,19 +821,8 @@ class Q5Linear(nn.Module):
         return (codes * self.scales[ids].float()[..., None]).view(len(ids), -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        rows, invariant = x2.shape[0], self.w8a8_min_rows <= 1
-        if self.native and x2.device.type == "cpu" and not torch.compiler.is_compiling() and (
-                invariant or rows < W8A8_MIN_ROWS):
-            y = native.q5_0_linear(x2, self.blocks, self.scales, self.in_features, self.bias)
-            if y is not None:
-                return y.view(*x.shape[:-1], self.out_features)
-        step = max(1, FLOAT_CHUNK_ELEMENTS // self.in_features)
-        if invariant and rows > 1:  # each row its own product: no row depends on the others
-            y = torch.cat([float_product(x2[i : i + 1], self.out_features, self._float_rows, step) for i in range(rows)])
-        else:
-            y = float_product(x2, self.out_features, self._float_rows, step)
-        return _linear_out(self, x, y)
+        return _grouped_product(self, x, x.reshape(-1, self.in_features), lambda rows: native.q5_0_linear(
+            rows, self.blocks, self.scales, self.in_features, self.bias))
 
     def _float_rows(self, a: int, b: int, buf: torch.Tensor | None = None) -> torch.Tensor:
         w = native.q5_0_dequant(self.blocks, self.scales, self.in_features, (a, b), buf)
