@@ -61,6 +61,7 @@ def _same(a: Tokenizer, b: Tokenizer) -> None:
     assert a.encode(SAMPLE) == b.encode(SAMPLE)
     assert a.decode(a.encode(SAMPLE)) == b.decode(b.encode(SAMPLE))
     assert repr(a) == repr(b) and a.eos_token_ids == b.eos_token_ids
+    assert a.backend.to_str() == b.backend.to_str()  # the whole state: vocabulary, merges, added tokens, ids
     for field in ("bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token", "add_eos_token",
                   "chat_template"):
         assert getattr(a, field) == getattr(b, field), field
@@ -93,6 +94,16 @@ def test_second_load_is_a_cache_hit(tmp_path, cache_root, monkeypatch):
     _same(first, second)
     assert second.encode("Hello world")[0] == 2  # BOS from the cached fields
     assert 5 in second.eos_token_ids  # <end_of_turn>, used by the chat template
+
+
+def test_entry_of_another_model_type_reads_back(tmp_path):
+    """An entry whose model is not a BPE (the fast path hands only a BPE's tables over as Python
+    objects) is read as the JSON it is."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import WordLevel
+
+    backend = Backend(WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    assert cache._backend(backend.to_str().encode()).to_str() == backend.to_str()
 
 
 def test_key_follows_the_tokenizer_metadata_and_quirks(tmp_path, cache_root):
