@@ -178,6 +178,13 @@ def test_settings_hooks_and_weights_are_rechecked_every_step():
     ours, _ = _steps(model, ids, 3, True)
     theirs, _ = _steps(model, ids, 3, False)
     assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    # a weight replaced by another tensor: the description points at the new one
+    o_proj = model.layers[0].attn.o_proj
+    before, _ = _steps(model, ids, 3, True)
+    o_proj.weight_int8 = o_proj.weight_int8.flip(0).contiguous()
+    ours, _ = _steps(model, ids, 3, True)
+    theirs, _ = _steps(model, ids, 3, False)
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max() and not torch.allclose(ours, before)
     # batch invariance (a server's model) keeps int8 activations for every row count: not this kernel
     batch_invariant(model)
     assert not _decodes(model) and "another kernel" in step.why_not(model)
