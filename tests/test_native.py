@@ -232,6 +232,10 @@ def test_every_build_computes_the_same_products(march, simd, tmp_path, native_ke
                                      layer.bias.data_ptr(), 0, y.data_ptr(), 0) == 0
         ref = native.q4_linear(x, layer.weight_int4pack, 256, 100, layer.scales_and_zeros, 64, layer.bias)
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4)
+    for x in _argmax_cases():  # argmax: the same index
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        lib.llmarch_argmax(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
+        assert torch.equal(out, x.argmax(-1))
     for dtype in (torch.float32, torch.bfloat16):  # norms and attention: the same loops, other vectors
         x, scale = _norm_case(3, 640, dtype, "fp32")
         y = torch.empty_like(x)
@@ -247,6 +251,35 @@ def test_every_build_computes_the_same_products(march, simd, tmp_path, native_ke
                                       1, 4, 2, 300, 64, 0.125, out.data_ptr()) == 0
         ref = native.attend_one(q, kk, v, mask, 0.125)
         assert torch.allclose(out.float(), ref.float(), rtol=2 * BF16 if dtype == torch.bfloat16 else 1e-4, atol=1e-5)
+
+
+def _argmax_cases():
+    """Rows whose first largest value is hard to find: ties (first one wins), NaNs (the first
+    counts as the largest, before or after a tie), infinities, signed zeros, lengths around the
+    vector widths, a vocabulary's length, strided rows."""
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for n in (1, 2, 7, 8, 9, 31, 32, 33, 63, 64, 65, 100, 1000, 262144):
+        x = torch.randn(6, n, generator=g)
+        x[1] = torch.randint(-3, 3, (n,), generator=g).float()  # many ties
+        x[2] = float("-inf")
+        x[3, n // 2] = float("nan")
+        x[4, n - 1] = float("nan")
+        x[4, n // 3] = x[4].nan_to_num(nan=-1e30).max() if n > 1 else x[4, 0]
+        x[5] = 0.0
+        x[5, n // 2:] = -0.0
+        cases.append(x)
+    wide = torch.randn(3, 300, generator=g)
+    wide[1, 5] = float("inf")
+    cases.append(wide[:, :257])  # rows of 257 values, 300 apart
+    return cases
+
+
+def test_argmax_is_torch_argmax(native_kernels):
+    for x in _argmax_cases():
+        assert torch.equal(native.argmax(x), x.argmax(-1)), x.shape
+    assert native.argmax(torch.randn(2, 5, dtype=torch.bfloat16)) is None  # float32 only
+    assert native.argmax(torch.randn(5, 2).t()) is None  # rows not contiguous
 
 
 def test_q8_linear_zero_and_non_finite_rows(native_kernels):

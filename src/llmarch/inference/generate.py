@@ -37,6 +37,7 @@ import torch
 
 from ..checkpoints.tokenizer import StreamDecoder
 from ..errors import GenerationError
+from . import native
 
 Prompt = str | Sequence[int]
 
@@ -176,7 +177,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """Next token ids (B,)."""
         if self.config.greedy and self.seen is None:
-            return logits.max(-1).indices  # the first maximum, as argmax; no float32 copy of the logits
+            picked = native.argmax(logits)  # torch's own takes 0.3 ms for 262k logits, 2-3% of a token
+            return picked if picked is not None else logits.max(-1).indices  # the first maximum, as argmax
         logits = self.distribution(logits)
         if self.config.greedy:
             return logits.argmax(-1)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ABI_VERSION = 13
+ABI_VERSION = 14
 # -ffp-contract=off: a * b + c rounds twice, as torch's separate operations do (the kernels'
 # explicit fused multiply-adds are unaffected)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11")
@@ -126,6 +126,8 @@ def _open(path: Path) -> ctypes.CDLL | None:
     lib.llmarch_int8_mm.restype = I
     lib.llmarch_w8a8_combine.argtypes = [P, P, P, P, I64, I64, P]
     lib.llmarch_w8a8_combine.restype = None
+    lib.llmarch_argmax.argtypes = [P, I64, I64, I64, P]
+    lib.llmarch_argmax.restype = None
     lib.llmarch_layer_struct_size.argtypes = []
     lib.llmarch_layer_struct_size.restype = I64
     lib.llmarch_decode_layers.argtypes = [P, I64, P, I, I64, I64, P, P, ctypes.c_float]
@@ -405,6 +407,21 @@ def w8a8_combine(acc: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, scales: 
     y = torch.empty(m, n, dtype=torch.float32)
     lib.llmarch_w8a8_combine(acc.data_ptr(), s1.data_ptr(), s2.data_ptr(), scales.data_ptr(), m, n, y.data_ptr())
     return y
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor | None:
+    """The index of the first largest value of each row of a float32 (rows, n) tensor on the CPU, a
+    NaN counting as the largest: ``x.argmax(-1)``'s result (int64, (rows,)), about 10x faster for
+    a 262k-token vocabulary; None where the kernel does not apply."""
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] < 1 or x.stride(1) != 1
+            or x.requires_grad):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    lib.llmarch_argmax(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
+    return out
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor | None, scale_f32: bool, eps: float,
