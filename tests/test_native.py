@@ -453,8 +453,8 @@ def _attention_case(b, h, kv, s, d, dtype, masked, seed=0):
     return q, cache_k[:, :, :s], cache_v[:, :, :s], mask
 
 
-@pytest.mark.parametrize("b, h, kv", [(1, 4, 1), (2, 8, 2), (1, 4, 4)])
-@pytest.mark.parametrize("s, d", [(1, 16), (7, 100), (300, 64), (40, 256)])
+@pytest.mark.parametrize("b, h, kv", [(1, 4, 1), (2, 8, 2), (1, 4, 4), (1, 14, 2)])
+@pytest.mark.parametrize("s, d", [(1, 16), (7, 100), (300, 64), (40, 256), (600, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])
 def test_attend_one_against_float64(b, h, kv, s, d, dtype, masked, native_kernels):
@@ -479,6 +479,31 @@ def test_attend_one_against_float64(b, h, kv, s, d, dtype, masked, native_kernel
     with native.disabled():
         torch_out = single_query_attention(q, k, v, mask, d**-0.5)
     assert ((out.double() - torch_out.double()).abs() <= 2 * tol).all()
+
+
+def test_attend_one_chunks_whole_masked_spans_and_threads(native_kernels):
+    """Keys are taken in fixed chunks, each head's combined in order: a span of keys hidden
+    across whole chunks (a sliding window's past, a sequence's padding) counts nothing, the
+    chunks' order and the thread count change no bit, and every key hidden is torch's NaN."""
+    q, k, v, _ = _attention_case(2, 4, 1, 700, 64, torch.float32, False, seed=5)
+    mask = torch.zeros(2, 1, 1, 700)
+    mask[0, ..., :400] = float("-inf")  # whole chunks of -inf (the kernel skips them)
+    mask[1, ..., 300:] = torch.finfo(torch.float32).min  # whole chunks of the float minimum
+    out = native.attend_one(q, k, v, mask, 0.125)
+    ref = (q.double() @ k.double().transpose(-1, -2) * 0.125 + mask.double()).softmax(-1) @ v.double()
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(native.attend_one(q, k, v, mask, 0.125), out)
+    finally:
+        torch.set_num_threads(threads)
+    mask[0] = float("-inf")
+    assert torch.isnan(native.attend_one(q, k, v, mask, 0.125)[0]).all()
+    with native.disabled():
+        from llmarch.inference.packed import single_query_attention
+
+        assert torch.isnan(single_query_attention(q, k, v, mask, 0.125)[0]).all()
 
 
 def test_attend_one_declines_what_it_does_not_take(native_kernels):

@@ -480,6 +480,8 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
             or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1):
         return None
     kv, s = k.shape[1], k.shape[2]
+    if s < 1:
+        return None
     msb, md = 0, 0
     if mask is not None:
         md = _DTYPES.get(mask.dtype)
