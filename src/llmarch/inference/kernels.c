@@ -9,7 +9,8 @@
  *                       weight to bfloat16 and rounds the sums to bfloat16; it reads Gemma 3
  *                       270M's 262k x 640 head at about 10 GB/s on 2 cores of AVX-512, this loop
  *                       at 30-35 GB/s (the memory's rate), on 16-bit activation codes with
- *                       exact integer sums.
+ *                       exact integer sums; on 2 AVX2 cores 27 GB/s with the hardware's prefetch
+ *                       alone, 31-32 with each row asked for 6 KB ahead (PREFETCH_BYTES).
  *                       With a float16 scale per 32 weights of a row it reads a GGUF file's
  *                       Q8_0 blocks; llmarch_q5_0_linear reads Q5_0 codes, re-laid (22 bytes
  *                       per 32 weights as in the file, not 34 as int8), with the same sums.
@@ -383,6 +384,15 @@ int llmarch_q5_0_dequant(const uint8_t *w, int64_t ldw, const uint16_t *scale, i
  * or the group is neither. */
 #define W_Q5_0 (-5) /* codes16_linear's weights as Q5_0 blocks (else an int8 group: 0 or 32) */
 
+/* Weight rows are asked for this far ahead of the row being summed. The hardware's own prefetch
+ * alone kept Gemma 3's 262k x 640 head at 27 GB/s on 2 AVX2 cores (the memory gives 31-33): each
+ * row's sum and store stall the stream; asked for 6 KB ahead it reads at 31-32 GB/s. */
+#define PREFETCH_BYTES 6144
+
+static inline void prefetch_row(const char *row, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(row + o, 0, 3);
+}
+
 static int codes16_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, int64_t K, const void *wv,
                           int64_t ldw, int64_t N, const uint16_t *scale, int64_t group, const void *bias,
                           int bias_dtype, void *y, int y_dtype) {
@@ -399,10 +409,13 @@ static int codes16_linear(const void *x, int x_dtype, int64_t ldx, int64_t M, in
         sx[m] = codes16(xf, K, q + m * K);
     }
     free(xf);
+    int64_t ahead = ldw > 0 ? (PREFETCH_BYTES + ldw - 1) / ldw : 1;
     /* one thread for small matrices: a parallel region costs a few microseconds */
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 18))
     for (int64_t n = 0; n < N; n++) {
         const int8_t *wn = (const int8_t *)wv + n * ldw;
+        if (n + ahead < N)
+            prefetch_row((const char *)wv + (n + ahead) * ldw, ldw);
         double sc = group ? 1.0 : bf16_to_f32(scale[n]);
         float b = bias ? load_value(bias, bias_dtype, n) : 0.f;
         for (int64_t m = 0; m < M; m++) {
