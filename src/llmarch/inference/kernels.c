@@ -730,6 +730,8 @@ int llmarch_attend_one(const void *q, int q_dtype, int64_t qsb, int64_t qsh, con
         for (int64_t j = 0; j < g; j++) ml[j] = -INFINITY;
         for (int64_t s = 0; s < n; s++) {
             int64_t ko = b * ksb + kh * ksh + (s0 + s) * kss;
+            if (s + 4 < n)
+                prefetch_row((const char *)k + (ko + 4 * kss) * (kv_dtype == BF16 ? 2 : 4), D * (kv_dtype == BF16 ? 2 : 4));
             float m = mask ? load_value(mask, mask_dtype, b * msb + s0 + s) : 0.f;
             for (int64_t j = 0; j < g; j++) { /* the key's row, read once, stays in L1 for the other heads */
                 float sc = dot_key(qf + j * D, k, kv_dtype, ko, D) * scale + m;
@@ -742,6 +744,8 @@ int llmarch_attend_one(const void *q, int q_dtype, int64_t qsb, int64_t qsh, con
         for (int64_t x = 0; x < g * D; x++) acc[x] = 0.f;
         for (int64_t s = 0; s < n; s++) {
             int64_t vo = b * vsb + kh * vsh + (s0 + s) * vss;
+            if (s + 4 < n)
+                prefetch_row((const char *)v + (vo + 4 * vss) * (kv_dtype == BF16 ? 2 : 4), D * (kv_dtype == BF16 ? 2 : 4));
             for (int64_t j = 0; j < g; j++)
                 if (ml[j] != -INFINITY) add_value(acc + j * D, p[j * C + s], v, kv_dtype, vo, D);
         }
