@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from llmarch.inference import native
-from llmarch.inference.quant import W8A8_MIN_ROWS, Int8Linear
+from llmarch.inference.quant import (
+    NATIVE_ROWS_WITHOUT_AVX512,
+    W8A8_MIN_ROWS,
+    Int8Linear,
+    batch_invariant,
+    many_rows_in_float,
+    native_rows,
+)
 
 EPS32 = 2.0**-24
 BF16 = 2.0**-8
@@ -308,8 +315,9 @@ def test_q8_linear_long_rows_sum_exactly(native_kernels):
 
 
 def test_int8_linear_takes_the_native_kernel_for_few_rows(native_kernels, monkeypatch):
-    """Fewer than W8A8_MIN_ROWS rows: the native kernel, not torch's (whose results it matches
-    within their bfloat16 rounding); from W8A8_MIN_ROWS rows on: the int8-activation product."""
+    """Fewer than native_rows rows (W8A8_MIN_ROWS; on a CPU without AVX-512, where there is no
+    int8 GEMM, NATIVE_ROWS_WITHOUT_AVX512): the native kernel, not torch's (whose results it
+    matches within their bfloat16 rounding); from there on another product."""
     g = torch.Generator().manual_seed(3)
     layer = Int8Linear.from_float(torch.randn(200, 100, generator=g), torch.randn(200, generator=g))
     x = torch.randn(2, 3, 100, generator=g).to(torch.bfloat16)
@@ -324,8 +332,14 @@ def test_int8_linear_takes_the_native_kernel_for_few_rows(native_kernels, monkey
     monkeypatch.undo()
     calls.clear()
     monkeypatch.setattr(native, "q8_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    layer(torch.randn(W8A8_MIN_ROWS, 100))
-    assert calls == []
+    limit = native_rows(layer)
+    assert limit == (NATIVE_ROWS_WITHOUT_AVX512 if many_rows_in_float() else W8A8_MIN_ROWS)
+    layer(torch.randn(limit - 1, 100))
+    layer(torch.randn(limit, 100))
+    assert calls == [limit - 1]
+    batch_invariant(layer)  # one path for every row count: never this kernel, whose rows would differ
+    layer(torch.randn(3, 100))
+    assert calls == [limit - 1]
 
 
 @pytest.fixture
