@@ -457,7 +457,7 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.grouped:
             return self._grouped_forward(x, x2)
-        if self.native and x2.shape[0] < native_rows(self) and not torch.compiler.is_compiling():
+        if self.native and not torch.compiler.is_compiling() and x2.shape[0] < native_rows(self):
             # few rows: llmarch's own kernel (see the module docstring), where it is built (a
             # compiled graph keeps torch's: a ctypes call cannot be traced)
             y = native.q8_linear(x2, self.weight_int8, self.in_features, self.scales, self.bias)
