@@ -718,6 +718,7 @@ int llmarch_attend_one(const void *q, int q_dtype, int64_t qsb, int64_t qsh, con
     if (S < 1 || KV < 1 || H % KV) return -2;
     int64_t g = H / KV, C = S < ATTEND_CHUNK ? S : ATTEND_CHUNK, nc = (S + C - 1) / C, tasks = B * KV * nc;
     int64_t per = g * (C + 2 * D + 2); /* a task's scores, query rows, weighted values, m and l */
+    int64_t esz = kv_dtype == BF16 ? 2 : 4; /* bytes of a key's or value's element */
     float *buf = (float *)malloc((size_t)(tasks * per + 1) * sizeof(float));
     if (!buf) return -1;
 #pragma omp parallel for schedule(static) if (B * H * S * D >= (1 << 16))
@@ -731,7 +732,7 @@ int llmarch_attend_one(const void *q, int q_dtype, int64_t qsb, int64_t qsh, con
         for (int64_t s = 0; s < n; s++) {
             int64_t ko = b * ksb + kh * ksh + (s0 + s) * kss;
             if (s + 4 < n)
-                prefetch_row((const char *)k + (ko + 4 * kss) * (kv_dtype == BF16 ? 2 : 4), D * (kv_dtype == BF16 ? 2 : 4));
+                prefetch_row((const char *)k + (ko + 4 * kss) * esz, D * esz);
             float m = mask ? load_value(mask, mask_dtype, b * msb + s0 + s) : 0.f;
             for (int64_t j = 0; j < g; j++) { /* the key's row, read once, stays in L1 for the other heads */
                 float sc = dot_key(qf + j * D, k, kv_dtype, ko, D) * scale + m;
@@ -745,7 +746,7 @@ int llmarch_attend_one(const void *q, int q_dtype, int64_t qsb, int64_t qsh, con
         for (int64_t s = 0; s < n; s++) {
             int64_t vo = b * vsb + kh * vsh + (s0 + s) * vss;
             if (s + 4 < n)
-                prefetch_row((const char *)v + (vo + 4 * vss) * (kv_dtype == BF16 ? 2 : 4), D * (kv_dtype == BF16 ? 2 : 4));
+                prefetch_row((const char *)v + (vo + 4 * vss) * esz, D * esz);
             for (int64_t j = 0; j < g; j++)
                 if (ml[j] != -INFINITY) add_value(acc + j * D, p[j * C + s], v, kv_dtype, vo, D);
         }
