@@ -28,7 +28,8 @@ not depend on the others in its batch.
 The output head is the largest product of a decoding step (262k x 640 for Gemma 3 270M, 45% of
 the step) and ``_weight_int8pack_mm`` converts each int8 weight to bfloat16 before its
 multiply-add and rounds its sums to bfloat16, reading only about 10 GB/s. So products of fewer
-than ``W8A8_MIN_ROWS`` rows go through llmarch's own kernel where it could be built
+than ``W8A8_MIN_ROWS`` rows (:func:`native_rows`: fewer than ``NATIVE_ROWS_WITHOUT_AVX512`` on
+a CPU without AVX-512, which has no int8 GEMM) go through llmarch's own kernel where it could be built
 (:func:`llmarch.inference.native.q8_linear`: AVX-512 loops compiled on first use; each row of x
 as 16-bit codes, ``x ~= sx * qx`` with ``sx = max|x| / 32767``, multiplied by the int8 weights in
 exact integer sums, then one scale per row and the bias before the one rounding to the output's
